@@ -1,0 +1,147 @@
+"""The Python API behind the CLI: select a coreset into a run, evaluate a run, quickstart."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifact import DistilledSet
+from .data import load_dataset
+from .evaluation import EvalResult, evaluate, resolve_device
+from .io import atomic_write_json
+from .report import save_grid
+from .runs import Run, resolve_artifact
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    method: str
+    num_images: int
+    bytes_on_disk: int
+    raw_bytes: int
+    seconds: float
+    skipped: bool = False
+
+    def summary(self) -> str:
+        state = "already done (use --force to redo)" if self.skipped else f"{self.seconds:.1f}s"
+        return (f"{self.method}: {self.num_images} images -> {self.path}  "
+                f"{self.bytes_on_disk:,} B on disk, {self.raw_bytes:,} B raw  [{state}]")
+
+
+def _summary(run: Run, skipped: bool) -> RunSummary:
+    dset = DistilledSet.load(run.artifact_dir)
+    st = dset.storage(run.artifact_dir)
+    seconds = float(dset.meta.get("seconds", 0.0))
+    return RunSummary(run.path, dset.method, len(dset), st["bytes_on_disk"]["total"], st["raw_bytes"]["total"],
+                      seconds, skipped)
+
+
+def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 0, embed: str = "random",
+           embed_model: str = "convnet", embed_epochs: int = 5, data_root: str | None = None,
+           download: bool = False, device: str = "auto", resume: bool = False, force: bool = False,
+           progress: bool = True, config: dict[str, Any] | None = None) -> RunSummary:
+    """Select ``ipc`` real images per class with a coreset rule and save them as a run."""
+    from .methods.coreset import select_coreset
+
+    config = config or dict(method=method, dataset=dataset, ipc=ipc, seed=seed, embed=embed,
+                            embed_model=embed_model, embed_epochs=embed_epochs)
+    run = Run.open(out, config, resume=resume, force=force)
+    if run.done:
+        return _summary(run, skipped=True)
+    data = load_dataset(dataset, root=data_root, download=download)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    idx = select_coreset(data, method, ipc, seed=seed, embed=embed, model=embed_model, embed_epochs=embed_epochs,
+                         device=dev, progress=progress)
+    seconds = time.perf_counter() - t0
+    dset = DistilledSet(info=data.info, images=data.train.images[idx], labels=data.train.labels[idx],
+                        method=f"coreset-{method}", config=config,
+                        meta=dict(ipc=ipc, seed=seed, seconds=round(seconds, 3), source_indices=idx.tolist()))
+    dset.save(run.artifact_dir, overwrite=True)
+    save_grid(dset.images, dset.labels, run.path / "grid.png")
+    run.log(event="selected", method=method, ipc=ipc, seconds=round(seconds, 3), num_images=len(dset))
+    run.finish()
+    return _summary(run, skipped=False)
+
+
+def eval_filename(protocol: str, model: str, epochs: int, baseline: str | None) -> str:
+    return f"eval-{protocol}-{model}-e{epochs}{'-random' if baseline else ''}.json"
+
+
+def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, seed: int = 0,
+                 model: str | None = None, epochs: int | None = None, baseline: str | None = None,
+                 engine: str = "auto", device: str = "auto", data_root: str | None = None,
+                 resume: bool = False, force: bool = False, progress: bool = True,
+                 chunk: int | None = None) -> EvalResult:
+    """Evaluate a run (or artifact) and store ``eval-*.json`` in the run directory.
+
+    Accuracies are written after every chunk of students (``partial: true``), so ``--resume``
+    continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
+    """
+    from .evaluation import protocol_config
+
+    art = resolve_artifact(path)
+    cfg = protocol_config(protocol, model=model, epochs=epochs)
+    run_dir = art.parent if art.name == "artifact" else None
+    target = run_dir / eval_filename(protocol, cfg["model"], cfg["epochs"], baseline) if run_dir else None
+    state: dict[str, list[float]] = {}
+    if target is not None and target.exists() and not force:
+        saved = json.loads(target.read_text())
+        same = saved.get("seed") == seed and saved.get("requested_runs") == runs
+        if not saved.get("partial") and same:
+            return _result_from_dict(saved)
+        if saved.get("partial") and not resume:
+            raise RuntimeError(f"{target} holds an interrupted evaluation; pass --resume to continue it "
+                               "or --force to start over")
+        if saved.get("partial") and same:
+            state = saved.get("state", {})
+
+    def checkpoint(st: dict[str, list[float]]) -> None:
+        if target is not None:
+            atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, state=st))
+
+    result = evaluate(art, protocol, runs=runs, seed=seed, data_root=data_root, device=device, engine=engine,
+                      baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
+                      model=model, epochs=epochs)
+    if target is not None:
+        atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs))
+        Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
+                         std=result.std, runs=runs, seconds=round(result.seconds, 2))
+    return result
+
+
+def _result_from_dict(d: dict[str, Any]) -> EvalResult:
+    keys = ("protocol", "model", "accuracies", "bytes_on_disk", "raw_bytes", "seconds", "num_images", "engine",
+            "epochs", "extra")
+    base = _result_from_dict(d["baseline"]) if d.get("baseline") else None
+    return EvalResult(**{k: d[k] for k in keys}, baseline=base)
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """Manifest summary, storage breakdown and integrity problems (empty list when intact)."""
+    art = resolve_artifact(path)
+    problems = DistilledSet.verify(art)
+    m = json.loads((art / "manifest.json").read_text())
+    return dict(path=str(art), method=m.get("method"), dataset=m["dataset"]["name"],
+                num_images=m.get("num_images"), counts_per_class=m.get("counts_per_class"),
+                image_storage=m.get("image_storage"), storage=m.get("storage"), problems=problems)
+
+
+def quickstart(out: str | Path = "runs/quickstart", method: str = "herding", ipc: int = 2, runs: int = 3,
+               epochs: int = 300, device: str = "auto", force: bool = False, progress: bool = True) -> EvalResult:
+    """Distil the offline ``digits`` default, evaluate it against random real of equal storage."""
+    t0 = time.perf_counter()
+    s = select(method, dataset="digits", ipc=ipc, out=out, device=device, force=force, progress=progress)
+    print(s.summary())
+    r = evaluate_run(out, protocol="fast", runs=runs, epochs=epochs, baseline="random", device=device,
+                     force=force, progress=progress)
+    print(r.summary(method))
+    if r.baseline is not None:
+        print(r.baseline.summary("random real"))
+        print(f"improvement over random real of equal storage: {100 * (r.mean - r.baseline.mean):+.2f} points")
+    print(f"quickstart done in {time.perf_counter() - t0:.0f}s; run directory: {out}")
+    return r

@@ -1,0 +1,193 @@
+"""``decoct`` command line: a thin layer over the Python API.
+
+Every command takes ``--config FILE.yaml`` and ``--set key=value`` (see :mod:`decoct.config`);
+the resolved config is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config import ConfigError, load_yaml, merge, parse_overrides
+
+META_KEYS = {"command", "config", "set", "func", "resume", "force", "progress"}
+
+
+def _common(p: argparse.ArgumentParser, *, run: bool = True) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--config", help="YAML file of key: value presets (keys as the long flags, '-' -> '_')")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable); applied after --config and flags")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    g.add_argument("--data-root", default=None,
+                   help="directory (or archive, for imagefolder) holding the dataset; also $DECOCT_DATA")
+    g.add_argument("--download", action="store_true", help="download the dataset if missing (torchvision sets)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    if run:
+        g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        g.add_argument("--force", action="store_true", help="start over even if the run directory holds a run")
+
+
+def _resolve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse twice: defaults <- YAML <- typed flags <- --set, with every key validated."""
+    args = parser.parse_args(argv)
+    sub = args._sub
+    known = {a.dest: a.default for a in sub._actions if a.dest not in ("help",) and a.dest not in META_KEYS}
+    typed = vars(args)
+    if args.config:
+        preset = merge(known, load_yaml(args.config), f"--config {args.config}")
+        for key, value in preset.items():
+            # a preset only replaces values the user did not type on the command line
+            if typed.get(key) == known[key]:
+                typed[key] = value
+    overrides = merge({k: typed[k] for k in known}, parse_overrides(args.set), "--set")
+    typed.update(overrides)
+    return args
+
+
+def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in META_KEYS and not k.startswith("_")}
+
+
+# ----------------------------------------------------------------------------------------------
+def cmd_select(args: argparse.Namespace) -> int:
+    from .api import select
+
+    out = select(args.method, dataset=args.dataset, ipc=args.ipc, out=args.out, seed=args.seed,
+                 embed=args.embed, embed_model=args.embed_model, embed_epochs=args.embed_epochs,
+                 data_root=args.data_root, download=args.download, device=args.device,
+                 resume=args.resume, force=args.force, progress=args.progress, config=resolved_config(args))
+    print(out.summary())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import evaluate_run
+
+    result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
+                          epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
+                          data_root=args.data_root, resume=args.resume, force=args.force,
+                          progress=args.progress)
+    print(result.summary("set"))
+    if result.baseline is not None:
+        print(result.baseline.summary(f"random ipc{result.baseline.extra['ipc']}"))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .api import quickstart
+
+    quickstart(out=args.out, method=args.method, ipc=args.ipc, runs=args.runs, epochs=args.epochs,
+               device=args.device, force=args.force, progress=args.progress)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .api import info
+
+    print(json.dumps(info(args.path), indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .artifact import DistilledSet
+    from .runs import resolve_artifact
+
+    dset = DistilledSet.load(resolve_artifact(args.path))
+    dset.export_imagefolder(args.imagefolder)
+    print(f"wrote {len(dset)} images as an ImageFolder tree to {args.imagefolder}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    md = write_report(args.paths, args.out)
+    print(f"wrote {md}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from .methods.coreset import CORESET_METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="decoct", description="Dataset distillation with exact storage accounting.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, run: bool = True):
+        p = subs.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func, _sub=p)
+        _common(p, run=run)
+        return p
+
+    p = add("quickstart", cmd_quickstart,
+            "Offline demo: distil the bundled 8x8 digits with the best available method, evaluate it "
+            "against random real images of equal storage, print accuracy and bytes (< 3 min on a CPU).")
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--method", default="herding", choices=CORESET_METHODS)
+    p.add_argument("--ipc", type=int, default=2, help="images per class")
+    p.add_argument("--runs", type=int, default=3, help="students trained per set")
+    p.add_argument("--epochs", type=int, default=300, help="student epochs (the fast protocol)")
+
+    p = add("select", cmd_select, "Select a coreset of real images (random, herding, k-center, graph-cut).")
+    p.add_argument("method", choices=CORESET_METHODS)
+    p.add_argument("--dataset", required=True, help="registered dataset name (decoct info --datasets)")
+    p.add_argument("--ipc", type=int, required=True, help="images per class")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embed", default="random", choices=["random", "trained"],
+                   help="embedding net for herding/k-center/graph-cut: freshly initialised or trained on real data")
+    p.add_argument("--embed-model", default="convnet", help="model used for embeddings")
+    p.add_argument("--embed-epochs", type=int, default=5, help="epochs of real-data training when --embed trained")
+
+    p = add("evaluate", cmd_evaluate, "Train students on a distilled set; report accuracy mean ± std and bytes.")
+    p.add_argument("path", help="run directory or artifact directory")
+    p.add_argument("--protocol", default="classic", choices=["classic", "fast"])
+    p.add_argument("--model", default=None, help="student model (default: the protocol's ConvNet)")
+    p.add_argument("--runs", type=int, default=5, help="students (independent initialisations and augmentations)")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", default=None, choices=["random"],
+                   help="also evaluate random real images of equal storage")
+    p.add_argument("--engine", default="auto", choices=["auto", "sequential", "vmap", "grouped"],
+                   help="multi-student engine")
+
+    p = add("info", cmd_info, "Show a distilled set's manifest summary, storage and integrity.", run=False)
+    p.add_argument("path", help="run directory or artifact directory")
+
+    p = add("export", cmd_export, "Export a distilled set as a plain ImageFolder tree.", run=False)
+    p.add_argument("path", help="run directory or artifact directory")
+    p.add_argument("--imagefolder", required=True, help="output directory")
+
+    p = add("report", cmd_report, "Markdown table and accuracy-vs-bytes plot for a set of runs.", run=False)
+    p.add_argument("paths", nargs="+", help="run directories")
+    p.add_argument("--out", default="report", help="output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    t0 = time.perf_counter()
+    try:
+        args = _resolve(parser, argv)
+        return args.func(args)
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"decoct {argv[0] if argv else ''}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {time.perf_counter() - t0:.0f}s; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Dataset registry: ``load_dataset(name)`` returns whole splits as uint8 tensors.
+
+Names: ``digits`` (scikit-learn's bundled 8x8 digits, the offline default), ``cifar10``
+(the shared ImageFolder archive when present, else torchvision's files, downloaded only with
+``download=True``), ``cifar100`` (torchvision), ``tinyimagenet10`` (the shared archive),
+``tinyimagenet`` and ``imagefolder`` (``root`` = a directory or ``.tar``/``.tar.gz`` archive
+holding ``[prefix/]train/<class>/<file>`` and ``test/<class>/<file>``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..registry import Registry
+from .sources import DataNotFoundError, cached, data_roots, read_imagefolder
+from .types import Dataset, DatasetInfo, ImageSplit, denormalize, normalize, to_uint8
+
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _split(t: dict[str, torch.Tensor], name: str) -> ImageSplit:
+    return ImageSplit(t[f"{name}_images"], t[f"{name}_labels"])
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.double().div(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+def _from_imagefolder(
+    source: Path, name: str, mean=None, std=None, image_size: int | None = None, channels: int = 3
+) -> Dataset:
+    def build() -> dict[str, torch.Tensor]:
+        classes, splits = read_imagefolder(source, channels=channels, image_size=image_size)
+        t = {"classes": torch.tensor(list("\n".join(classes).encode()), dtype=torch.uint8)}
+        for s, (x, y) in splits.items():
+            t[f"{s}_images"], t[f"{s}_labels"] = x, y
+        return t
+
+    t = cached(source, "imagefolder", {"image_size": image_size, "channels": channels}, build)
+    classes = tuple(bytes(t["classes"].tolist()).decode().split("\n"))
+    train, test = _split(t, "train"), _split(t, "test")
+    if mean is None:
+        mean, std = _channel_stats(train.images)
+    c, h, w = train.images.shape[1:]
+    info = DatasetInfo(name, classes, c, h, w, tuple(mean), tuple(std))
+    return Dataset(info, train, test)
+
+
+def _find(candidates: list[str], root: str | None) -> tuple[Path | None, list[Path]]:
+    tried = []
+    for r in data_roots(root):
+        for c in candidates:
+            p = r / c
+            tried.append(p)
+            if p.exists():
+                return p, tried
+    return None, tried
+
+
+def _not_found(name: str, tried: list[Path], fix: str) -> DataNotFoundError:
+    listing = "\n  ".join(str(p) for p in tried)
+    return DataNotFoundError(f"dataset {name!r} not found; tried:\n  {listing}\n{fix}")
+
+
+@DATASETS.register("digits")
+def _digits(root: str | None = None, download: bool = False, **_) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images); fixed stratified split, 360 test images."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    idx_train, idx_test = train_test_split(
+        np.arange(len(images)), test_size=360, random_state=0, stratify=d.target
+    )
+    idx_train.sort()
+    idx_test.sort()
+    x = torch.from_numpy(images)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    train = ImageSplit(x[idx_train], y[idx_train])
+    mean, std = _channel_stats(train.images)
+    info = DatasetInfo("digits", tuple(str(i) for i in range(10)), 1, 8, 8, mean, std)
+    return Dataset(info, train, ImageSplit(x[idx_test], y[idx_test]))
+
+
+def _torchvision_cifar(name: str, cls_name: str, folder: str, mean, std, root, download) -> Dataset:
+    import torchvision
+
+    roots = data_roots(root)
+    tried = [r / folder for r in roots]
+    base = next((r for r in roots if (r / folder).exists()), None)
+    if base is None and not download:
+        raise _not_found(
+            name,
+            tried,
+            "Fix: pass --data-root DIR (or set $DECOCT_DATA) to a directory holding it, "
+            "or add --download to fetch it from the internet.",
+        )
+    base = base or roots[0]
+    cls = getattr(torchvision.datasets, cls_name)
+
+    def build() -> dict[str, torch.Tensor]:
+        t = {}
+        for split, train in (("train", True), ("test", False)):
+            ds = cls(str(base), train=train, download=download)
+            t[f"{split}_images"] = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+            t[f"{split}_labels"] = torch.tensor(ds.targets, dtype=torch.long)
+        t["classes"] = torch.tensor(list("\n".join(ds.classes).encode()), dtype=torch.uint8)
+        return t
+
+    if download:
+        cls(str(base), train=True, download=True)
+        cls(str(base), train=False, download=True)
+    t = cached(base / folder, name, {}, build)
+    classes = tuple(bytes(t["classes"].tolist()).decode().split("\n"))
+    info = DatasetInfo(name, classes, 3, 32, 32, mean, std)
+    return Dataset(info, _split(t, "train"), _split(t, "test"))
+
+
+@DATASETS.register("cifar10")
+def _cifar10(root: str | None = None, download: bool = False, **_) -> Dataset:
+    """CIFAR-10: the shared ImageFolder archive when present, else torchvision's files."""
+    archive, _ = _find(["cifar10.tar.gz", "cifar10"], root)
+    if archive is not None and (archive.is_file() or (archive / "train").exists()):
+        return _from_imagefolder(archive, "cifar10", CIFAR10_MEAN, CIFAR10_STD)
+    return _torchvision_cifar("cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD, root, download)
+
+
+@DATASETS.register("cifar100")
+def _cifar100(root: str | None = None, download: bool = False, **_) -> Dataset:
+    return _torchvision_cifar("cifar100", "CIFAR100", "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD, root, download)
+
+
+@DATASETS.register("tinyimagenet10")
+def _tiny10(root: str | None = None, download: bool = False, **_) -> Dataset:
+    """The shared 10-class Tiny-ImageNet (64x64), ImageNet normalisation as DC/MTT use."""
+    path, tried = _find(["tinyimagenet10.tar.gz", "tinyimagenet10"], root)
+    if path is None:
+        raise _not_found("tinyimagenet10", tried, "Fix: pass --data-root DIR or set $DECOCT_DATA.")
+    return _from_imagefolder(path, "tinyimagenet10", IMAGENET_MEAN, IMAGENET_STD)
+
+
+@DATASETS.register("tinyimagenet")
+def _tiny(root: str | None = None, download: bool = False, **_) -> Dataset:
+    """Full Tiny-ImageNet as an ImageFolder tree with train/ and test/ (the val set re-foldered)."""
+    path, tried = _find(["tinyimagenet.tar.gz", "tinyimagenet", "tiny-imagenet-200"], root)
+    if path is None:
+        raise _not_found(
+            "tinyimagenet", tried,
+            "Fix: pass --data-root DIR holding tinyimagenet/{train,test}/<class>/ (no automatic download).",
+        )
+    return _from_imagefolder(path, "tinyimagenet", IMAGENET_MEAN, IMAGENET_STD)
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(root: str | None = None, download: bool = False, image_size: int | None = None,
+                 channels: int = 3, **_) -> Dataset:
+    """Any ``train/<class>/`` + ``test/<class>/`` tree (directory or tar archive); mean/std from train."""
+    if not root:
+        raise ValueError("dataset 'imagefolder' needs --data-root PATH (a directory or .tar/.tar.gz archive)")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise _not_found("imagefolder", [path], "Fix: pass --data-root to an existing directory or archive.")
+    return _from_imagefolder(path, path.name.split(".")[0] or "imagefolder", image_size=image_size, channels=channels)
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False, **kwargs) -> Dataset:
+    """Load a registered dataset as whole uint8 splits (see the module docstring for names)."""
+    factory = DATASETS.get(name)
+    return factory(root=str(root) if root is not None else None, download=download, **kwargs)
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+__all__ = [
+    "DATASETS", "DataNotFoundError", "Dataset", "DatasetInfo", "ImageSplit",
+    "denormalize", "list_datasets", "load_dataset", "normalize", "to_uint8",
+]

@@ -1,0 +1,231 @@
+"""Evaluation protocols and multi-run evaluation of a distilled set.
+
+Protocols (DESIGN §4):
+
+* ``classic`` — the matching family's recipe with hard labels: ConvNet (depth from the image
+  size: D3 for 32x32, D4 for 64x64, D5 for 128x128; D2 for 8x8 digits), width 128, instance
+  norm, SGD momentum 0.9, lr 0.01, weight decay 5e-4, 1000 epochs with lr x0.1 at half,
+  batch 256, DSA augmentation; ZCA when the artifact carries one. Final-epoch accuracy.
+* ``fast`` — the same recipe with 300 epochs, for CPU smoke runs; always labelled as such and
+  never to be compared with paper numbers.
+
+The set evaluated is always what was saved (uint8 or palette pixels decoded from the PNGs),
+never float tensors from memory. ``baseline='random'`` evaluates, under the same protocol and
+seeds, a random real subset of equal storage: as many real full-colour images per class as
+fit in the set's raw information size (images + palettes + labels), at least one per class.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import DistilledSet
+from .augment import DSA, ZCA
+from .data import Dataset, load_dataset, normalize
+from .models import model_for
+from .train import TrainConfig, train_students
+
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "classic": dict(epochs=1000, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
+                    augment="dsa", model="convnet", model_kwargs=dict(width=128, norm="instance")),
+    "fast": dict(epochs=300, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
+                 augment="dsa", model="convnet", model_kwargs=dict(width=128, norm="instance")),
+}
+
+
+@dataclass
+class EvalResult:
+    """Accuracy over several students plus the storage they were trained from."""
+
+    protocol: str
+    model: str
+    accuracies: list[float]
+    bytes_on_disk: int
+    raw_bytes: int
+    seconds: float
+    num_images: int
+    engine: str
+    epochs: int
+    baseline: EvalResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        n = len(self.accuracies)
+        if n < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(sum((a - m) ** 2 for a in self.accuracies) / (n - 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = self.mean, self.std
+        d["baseline"] = self.baseline.to_dict() if self.baseline else None
+        return d
+
+    def summary(self, label: str = "set") -> str:
+        return (f"{label:<12} {100 * self.mean:6.2f} ± {100 * self.std:5.2f} %  "
+                f"({len(self.accuracies)} runs, {self.protocol}, {self.model})  "
+                f"{self.num_images} images, {self.bytes_on_disk:,} B on disk, {self.raw_bytes:,} B raw")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but CUDA is not available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def protocol_config(protocol: str, **overrides: Any) -> dict[str, Any]:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    cfg = dict(PROTOCOLS[protocol])
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in cfg:
+            raise ValueError(f"protocol option {k!r} does not exist; known: {', '.join(cfg)}")
+        cfg[k] = v
+    return cfg
+
+
+def _train_eval(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zca: ZCA | None,
+                cfg: dict[str, Any], runs: int, seed: int, device: torch.device, engine: str,
+                progress: bool, done: list[float] | None = None, chunk: int | None = None,
+                on_progress: Callable[[list[float]], None] | None = None) -> tuple[list[float], str]:
+    """Train students with seeds ``seed .. seed+runs-1``, ``chunk`` at a time, skipping the
+    ``done`` ones (their accuracies are kept), calling ``on_progress`` after each chunk."""
+    info = dataset.info
+    x = normalize(images, info, device)
+    xt = normalize(dataset.test.images, info, device)
+    if zca is not None:
+        x, xt = zca.transform(x), zca.transform(xt)
+    model_kwargs = dict(cfg["model_kwargs"])
+    if cfg["model"] not in ("convnet", "convnetd3", "convnetd4", "convnetd5", "convnet_bn", "resnet18_ap", "mlp"):
+        model_kwargs = {}
+
+    def factory() -> torch.nn.Module:
+        return model_for(cfg["model"], info, **model_kwargs)
+
+    tcfg = TrainConfig(epochs=cfg["epochs"], lr=cfg["lr"], momentum=cfg["momentum"],
+                       weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"], schedule=cfg["schedule"],
+                       channels_last=device.type == "cuda")
+    augment = None
+    if cfg["augment"] == "dsa":
+        dsa = DSA()
+        augment = lambda xb, gen: dsa(xb, generator=gen)  # noqa: E731
+    elif cfg["augment"] != "none":
+        raise ValueError(f"unknown augment {cfg['augment']!r}; known: dsa, none")
+    accs = list(done or [])
+    chunk = max(1, chunk or runs)
+    y, yt = labels.to(device), dataset.test.labels.to(device)
+    while len(accs) < runs:
+        seeds = [seed + r for r in range(len(accs), min(runs, len(accs) + chunk))]
+        accs += [float(a) for a in train_students(factory, x, y, xt, yt, tcfg, seeds=seeds, augment=augment,
+                                                  engine=engine, device=device, progress=progress)]
+        if on_progress is not None:
+            on_progress(accs)
+    return accs, engine
+
+
+def random_baseline_indices(dataset: Dataset, per_class: int, seed: int) -> torch.Tensor:
+    """``per_class`` random training images of every class (a seeded torch.Generator)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(dataset.info.num_classes):
+        idx = dataset.train.class_indices(c)
+        if per_class > len(idx):
+            raise ValueError(f"random baseline needs {per_class} images of class {c}, it has {len(idx)}")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(out)
+
+
+def equal_storage_ipc(dset: DistilledSet, raw_total: int) -> int:
+    """Full-colour real images per class that fit in the set's raw storage (at least 1)."""
+    c, h, w = dset.info.image_shape
+    return max(1, raw_total // (dset.info.num_classes * c * h * w))
+
+
+def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, runs: int = 5, seed: int = 0,
+             dataset: Dataset | None = None, data_root: str | None = None, device: str = "auto",
+             engine: str = "auto", baseline: str | None = None, progress: bool = True,
+             chunk: int | None = None, state: dict[str, list[float]] | None = None,
+             on_progress: Callable[[dict[str, list[float]]], None] | None = None,
+             **overrides: Any) -> EvalResult:
+    """Train ``runs`` students on a saved distilled set and report final-epoch test accuracy.
+
+    ``overrides`` may set any protocol field (epochs, lr, model, ...). ``state`` holds the
+    accuracies of students already trained (``{"set": [...], "baseline": [...]}``, as passed to
+    ``on_progress`` after every ``chunk`` students), so an interrupted evaluation resumes. With an in-memory
+    ``DistilledSet`` the set is saved to a temporary directory and reloaded first, so the
+    pixels evaluated are exactly what a user would load.
+    """
+    import tempfile
+
+    dev = resolve_device(device)
+    cfg = protocol_config(protocol, **overrides)
+    if baseline not in (None, "random"):
+        raise ValueError(f"unknown baseline {baseline!r}; known: random")
+    if isinstance(artifact, DistilledSet):
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact.save(Path(tmp) / "set")
+            return evaluate(Path(tmp) / "set", protocol, runs=runs, seed=seed, dataset=dataset,
+                            data_root=data_root, device=device, engine=engine, baseline=baseline,
+                            progress=progress, chunk=chunk, state=state, on_progress=on_progress,
+                            **overrides)
+    path = Path(artifact)
+    dset = DistilledSet.load(path)
+    storage = dset.storage(path)
+    if dataset is None:
+        dataset = load_dataset(dset.info.name, root=data_root)
+    if dataset.info.image_shape != dset.info.image_shape or dataset.info.num_classes != dset.info.num_classes:
+        raise ValueError(f"artifact is for {dset.info.name} {dset.info.image_shape} with {dset.info.num_classes} "
+                         f"classes; dataset {dataset.info.name} is {dataset.info.image_shape} with "
+                         f"{dataset.info.num_classes}")
+    zca = ZCA.from_state_dict(dset.attachments["zca"]) if "zca" in dset.attachments else None
+    state = {k: list(v) for k, v in (state or {}).items()}
+
+    def report(key: str) -> Callable[[list[float]], None]:
+        def cb(accs: list[float]) -> None:
+            state[key] = list(accs)
+            if on_progress is not None:
+                on_progress(state)
+        return cb
+
+    t0 = time.perf_counter()
+    accs, used = _train_eval(dset.images, dset.labels, dataset, zca, cfg, runs, seed, dev, engine, progress,
+                             state.get("set"), chunk, report("set"))
+    result = EvalResult(protocol, cfg["model"], accs, storage["bytes_on_disk"]["total"],
+                        storage["raw_bytes"]["total"], time.perf_counter() - t0, len(dset), used, cfg["epochs"])
+    if baseline == "random":
+        ipc = equal_storage_ipc(dset, result.raw_bytes)
+        idx = random_baseline_indices(dataset, ipc, seed)
+        base = DistilledSet(info=dataset.info, images=dataset.train.images[idx], labels=dataset.train.labels[idx],
+                            method="random", config={"ipc": ipc, "seed": seed})
+        with tempfile.TemporaryDirectory() as tmp:
+            base.save(Path(tmp) / "random")
+            base_storage = base.storage(Path(tmp) / "random")
+        t1 = time.perf_counter()
+        baccs, bused = _train_eval(base.images, base.labels, dataset, zca, cfg, runs, seed, dev, engine, progress,
+                                   state.get("baseline"), chunk, report("baseline"))
+        result.baseline = EvalResult(protocol, cfg["model"], baccs, base_storage["bytes_on_disk"]["total"],
+                                     base_storage["raw_bytes"]["total"], time.perf_counter() - t1, len(base),
+                                     bused, cfg["epochs"], extra={"ipc": ipc})
+    return result
+
+
+__all__ = ["EvalResult", "PROTOCOLS", "evaluate", "protocol_config", "resolve_device"]

@@ -1,0 +1,101 @@
+"""Image grids, accuracy-vs-bytes plots and the markdown report of a set of runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .io import atomic_write_text
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, max_per_class: int = 10) -> Path:
+    """One row per class (up to ``max_per_class`` images), uint8 (N,C,H,W) in, PNG out."""
+    import torchvision.utils as vutils
+    from PIL import Image
+
+    rows = []
+    classes = sorted(set(labels.tolist()))
+    width = min(max_per_class, max(int((labels == c).sum()) for c in classes))
+    for c in classes:
+        x = images[labels == c][:width]
+        if len(x) < width:
+            x = torch.cat([x, torch.zeros(width - len(x), *x.shape[1:], dtype=x.dtype)])
+        rows.append(x)
+    grid = vutils.make_grid(torch.cat(rows).float() / 255, nrow=width, padding=1, pad_value=1.0)
+    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    scale = max(1, 64 // images.shape[-1])  # make 8x8 digits visible
+    img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def collect(paths: list[str | Path]) -> list[dict]:
+    """One row per (run, evaluation) with method, IPC, accuracy and bytes."""
+    rows = []
+    for p in map(Path, paths):
+        manifest_path = p / "artifact" / "manifest.json" if (p / "artifact").exists() else p / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{p}: no artifact manifest found (is it a decoct run directory?)")
+        m = json.loads(manifest_path.read_text())
+        counts = m.get("counts_per_class", [])
+        for ev in sorted(p.glob("eval-*.json")):
+            r = json.loads(ev.read_text())
+            if r.get("partial"):
+                continue
+            row = dict(run=p.name, path=str(p), method=m.get("method", "?"), dataset=m["dataset"]["name"],
+                       ipc=round(sum(counts) / max(1, len(counts)), 2), protocol=r["protocol"], model=r["model"],
+                       epochs=r.get("epochs"), runs=len(r["accuracies"]), mean=r["mean"], std=r["std"],
+                       bytes=r["bytes_on_disk"], raw_bytes=r["raw_bytes"], seconds=r.get("seconds"))
+            b = r.get("baseline")
+            if b:
+                row.update(baseline_mean=b["mean"], baseline_std=b["std"], baseline_bytes=b["bytes_on_disk"])
+            rows.append(row)
+    return rows
+
+
+def write_report(paths: list[str | Path], out: str | Path) -> Path:
+    """``report.md`` (table) + ``accuracy_vs_bytes.png`` + copies of the runs' grids in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = collect(paths)
+    if not rows:
+        raise ValueError("no evaluated runs found (run `decoct evaluate RUN` first)")
+    lines = ["| run | method | dataset | IPC | protocol | model | accuracy (%) | bytes on disk | raw bytes | "
+             "random real, equal storage (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = f"{100 * r['baseline_mean']:.2f} ± {100 * r['baseline_std']:.2f}" if "baseline_mean" in r else "–"
+        lines.append(f"| {r['run']} | {r['method']} | {r['dataset']} | {r['ipc']:g} | {r['protocol']} "
+                     f"({r['epochs']} ep, {r['runs']} runs) | {r['model']} | {100 * r['mean']:.2f} ± "
+                     f"{100 * r['std']:.2f} | {r['bytes']:,} | {r['raw_bytes']:,} | {base} |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.errorbar(r["bytes"], 100 * r["mean"], yerr=100 * r["std"], fmt="o", capsize=3)
+        ax.annotate(r["run"], (r["bytes"], 100 * r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes on disk (images + labels)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
+    plt.close(fig)
+    lines += ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", ""]
+    for p in map(Path, paths):
+        if (p / "grid.png").exists():
+            target = out / f"grid-{p.name}.png"
+            target.write_bytes((p / "grid.png").read_bytes())
+            lines.append(f"### {p.name}\n\n![{p.name}]({target.name})\n")
+    md = out / "report.md"
+    atomic_write_text(md, "\n".join(lines) + "\n")
+    return md
