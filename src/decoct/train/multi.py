@@ -10,7 +10,7 @@ that student's generator. The engines differ only in how the R forward/backward 
 * ``vmap``: ``torch.func.stack_module_state`` + ``vmap(functional_call)``: one batched
   forward/backward for all students (any model without running-stat buffers).
 * ``grouped``: ConvNet only: :class:`GroupedConvNet` packs R ConvNets into grouped
-  convolutions (student r's images in channel block r), the fastest engine on CPU.
+  convolutions (student r's images in channel block r): plain modules, no functorch.
 
 The stacked engines optimise the *sum* of the per-student losses, so each student's
 gradient is exactly its own, and use one ``torch.optim`` optimizer over the stacked
@@ -74,9 +74,9 @@ class GroupedConvNet(nn.Module):
 
     Input (B, R*C, H, W) holds student r's images in channel block r; conv weights are
     (R*W, C, 3, 3) with ``groups=R`` and instance norm is ``GroupNorm(R*W, R*W)``, both
-    per channel, hence per student. One big call per layer instead of R small ones is what
-    makes this faster than R separate ConvNets on CPU, where small convolutions are
-    dominated by per-call overhead.
+    per channel, hence per student. One call per layer instead of R pays off where per-call
+    overhead dominates (small batches on a GPU); on a 2-core CPU it measured 12-23% slower
+    than R separate ConvNets, which is why ``engine='auto'`` does not pick it there.
     """
 
     def __init__(self, nets: Sequence[ConvNet]) -> None:
@@ -183,23 +183,25 @@ def _check_vmap_supported(model: nn.Module) -> None:
 def resolve_engine(engine: str, model: nn.Module, device: torch.device | str) -> str:
     """The concrete engine for ``engine`` given a sample student and the device.
 
-    ``auto``: on CPU, ``grouped`` for ConvNet students with instance/no norm (measured
-    1.3-2.2x faster than sequential for R=5 at IPC 1 and 10, benchmarks/bench_multi_student.py),
-    else ``sequential``; on CUDA, ``vmap`` for models without running-stat buffers (one
-    batched kernel per layer instead of R small launches), else ``sequential``.
+    ``auto``: on CUDA, ``vmap`` for models without running-stat buffers (one batched kernel
+    per layer instead of R small launches), else ``sequential``. On CPU always
+    ``sequential``: CPU training of these students is compute/memory bound, not call-overhead
+    bound, so batching students buys nothing, and oneDNN's grouped convolutions are slower
+    than R plain ones (benchmarks/bench_multi_student.py, 2-core Xeon, R=5 ConvNet-D3 with
+    DSA: grouped 0.77-0.88x and vmap 0.48-0.66x the speed of sequential at IPC 1 and 10,
+    with or without channels_last).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        try:
-            _check_vmap_supported(model)
-        except ValueError:
-            return "sequential"
-        return "vmap"
-    return "grouped" if _grouped_supported(model) else "sequential"
+    if torch.device(device).type != "cuda":
+        return "sequential"
+    try:
+        _check_vmap_supported(model)
+    except ValueError:
+        return "sequential"
+    return "vmap"
 
 
 # --------------------------------------------------------------------------------------
@@ -295,7 +297,8 @@ def _fit_vmap(
             x = x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
         return batched(params, buffers, x)
 
-    _fit_stacked(forward, list(params.values()), base.train, images, targets, cfg, seeds, augment, dev, progress)
+    trainable = [p for p in params.values() if p.requires_grad]
+    _fit_stacked(forward, trainable, base.train, images, targets, cfg, seeds, augment, dev, progress)
     with torch.no_grad():
         for name, p in params.items():
             for r, m in enumerate(models):
@@ -322,13 +325,12 @@ def _fit_grouped(
             x = x.contiguous(memory_format=torch.channels_last)
         return net(x)
 
-    _fit_stacked(forward, list(net.parameters()), net.train, images, targets, cfg, seeds, augment, dev, progress)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    _fit_stacked(forward, trainable, net.train, images, targets, cfg, seeds, augment, dev, progress)
     net.copy_to([m.to(dev) for m in models])
 
     def predict(x: Tensor) -> Tensor:
         net.eval()
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         return net.forward_shared(x)
 
     return _Fitted(models, predict)
@@ -381,6 +383,8 @@ def _evaluate_all(
     correct = torch.zeros(R, dtype=torch.long, device=dev)
     for start, stop in minibatches(len(images), cfg.eval_batch_size):
         xb = images[start:stop].to(dev, torch.float32)
+        if cfg.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(cfg, dev):
             pred = predict(xb).argmax(dim=-1)  # (R, B)
         correct += (pred == labels[start:stop].to(dev)).sum(dim=1)
