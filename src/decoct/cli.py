@@ -113,6 +113,31 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+PLUGINS = ("decoct.cli_matching", "decoct.cli_decoupled")
+"""Modules that add commands: each defines ``register(cli: CommandAdder) -> None``."""
+
+
+class CommandAdder:
+    """Handed to plugin modules so they add top-level commands and ``distill`` methods."""
+
+    def __init__(self, add: Callable[..., argparse.ArgumentParser], distill_subs: Any) -> None:
+        self._add = add
+        self._distill = distill_subs
+
+    def command(self, name: str, func: Callable[[argparse.Namespace], int], help: str,
+                run: bool = True) -> argparse.ArgumentParser:
+        """A top-level command ``decoct <name>`` with the common flags."""
+        return self._add(name, func, help, run)
+
+    def distill(self, method: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        """A method of ``decoct distill <method>`` with the common flags."""
+        p = self._distill.add_parser(method, help=help, description=help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(func=func, _sub=p)
+        _common(p, run=True)
+        return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods.coreset import CORESET_METHODS
 
@@ -169,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, "Markdown table and accuracy-vs-bytes plot for a set of runs.", run=False)
     p.add_argument("paths", nargs="+", help="run directories")
     p.add_argument("--out", default="report", help="output directory")
+
+    distill = subs.add_parser("distill", help="Distil a dataset with an iterative method (see decoct distill -h).",
+                              description="Distil a dataset into a few synthetic images per class.")
+    dsubs = distill.add_subparsers(dest="method", required=True, metavar="METHOD")
+    adder = CommandAdder(add, dsubs)
+    import importlib
+
+    for mod in PLUGINS:
+        importlib.import_module(mod).register(adder)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""The interface every iterative distillation method implements, and the one loop that runs it.
+
+A method is an object with::
+
+    name: str                                   # e.g. "dm", "tm", "sre2l"
+    iterations: int                             # total steps of a full run
+    init(dataset, device) -> None               # build the synthetic set (e.g. from real images)
+    step(it) -> dict[str, float]                # one optimisation step; returns metrics ("loss", ...)
+    state_dict() -> dict[str, Any]              # tensors / numbers only (loaded with weights_only=True)
+    load_state_dict(state) -> None              # restore exactly what state_dict saved
+    result() -> DistilledSet                    # the set as it would be stored
+
+:func:`run_method` gives every method resume, checkpoints, a JSON-lines log, a progress bar
+(iteration, loss, images/s), the artifact and its grid for free, so a new method is one file
+plus a registry line. Resuming restores the method state *and* the global torch RNG states, so an
+interrupted run that is resumed ends with the same result as an uninterrupted run of the same seed
+(methods that keep their own ``torch.Generator`` put its state in ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..artifact import DistilledSet
+from ..data import Dataset
+from ..registry import Registry
+from ..report import save_grid
+from ..runs import Run, progress
+
+METHODS: Registry[Any] = Registry("distillation method")
+"""name -> factory ``(config: dict) -> DistillMethod``; filled by each method module."""
+
+
+@runtime_checkable
+class DistillMethod(Protocol):
+    name: str
+    iterations: int
+
+    def init(self, dataset: Dataset, device: torch.device) -> None: ...
+
+    def step(self, it: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def result(self) -> DistilledSet: ...
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_method(method: DistillMethod, run: Run, dataset: Dataset, device: torch.device, *,
+               seed: int = 0, checkpoint_every: int = 100, log_every: int = 10, show_progress: bool = True,
+               images_per_step: int | None = None, stop_after: int | None = None) -> DistilledSet:
+    """Run ``method`` to ``method.iterations`` in ``run``; resume from ``run``'s checkpoint if any.
+
+    ``stop_after`` ends the loop early after that many iterations *of this call*, with a checkpoint
+    written, as an interruption would (used by tests and by ``--max-iterations``); the run then stays
+    unfinished and ``--resume`` continues it.
+    """
+    torch.manual_seed(seed)
+    method.init(dataset, device)
+    start, elapsed = 0, 0.0
+    ckpt = run.load_checkpoint()
+    if ckpt is not None:
+        method.load_state_dict(ckpt["method"])
+        _set_rng_state(ckpt["rng"])
+        start = int(ckpt["iteration"])
+        elapsed = float(ckpt.get("elapsed", 0.0))
+        run.log(event="resumed", iteration=start)
+    else:
+        run.log(event="start", method=method.name, iterations=method.iterations)
+
+    def checkpoint(it: int) -> None:
+        run.save_checkpoint({"iteration": it, "method": method.state_dict(), "rng": _rng_state(),
+                             "elapsed": elapsed + time.perf_counter() - t0})
+
+    t0 = time.perf_counter()
+    bar = progress(total=method.iterations, initial=start, desc=method.name, enabled=show_progress)
+    done_here = 0
+    it = start
+    for it in range(start, method.iterations):
+        ts = time.perf_counter()
+        metrics = method.step(it)
+        dt = time.perf_counter() - ts
+        post = {k: f"{v:.4g}" for k, v in metrics.items()}
+        if images_per_step:
+            post["img/s"] = f"{images_per_step / max(dt, 1e-9):.0f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+        if (it + 1) % log_every == 0 or it + 1 == method.iterations:
+            run.log(event="step", iteration=it + 1, seconds=round(dt, 4), **{k: float(v) for k, v in metrics.items()})
+        done_here += 1
+        if (it + 1) % checkpoint_every == 0 and it + 1 < method.iterations:
+            checkpoint(it + 1)
+        if stop_after is not None and done_here >= stop_after and it + 1 < method.iterations:
+            checkpoint(it + 1)
+            bar.close()
+            run.log(event="stopped", iteration=it + 1)
+            return method.result()
+    bar.close()
+    seconds = elapsed + time.perf_counter() - t0
+    dset = method.result()
+    dset.meta.setdefault("seconds", round(seconds, 3))
+    dset.save(run.artifact_dir, overwrite=True)
+    save_grid(dset.images, dset.labels, run.path / "grid.png")
+    run.log(event="finished", iterations=method.iterations, seconds=round(seconds, 3), num_images=len(dset))
+    run.finish()
+    return dset
+
+
+__all__ = ["METHODS", "DistillMethod", "run_method"]
