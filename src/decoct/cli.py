@@ -113,7 +113,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-PLUGINS = ("decoct.cli_matching", "decoct.cli_decoupled")
+PLUGINS = ("decoct.cli_dm", "decoct.cli_tm", "decoct.cli_decoupled", "decoct.cli_labels")
 """Modules that add commands: each defines ``register(cli: CommandAdder) -> None``."""
 
 

@@ -1,4 +1,4 @@
-"""Commands of the decoupled family: ``squeeze``, ``distill sre2l|dwa|lpld``, ``relabel``."""
+"""Commands of the decoupled family: ``squeeze``, ``distill sre2l|dwa|lpld``."""
 
 from __future__ import annotations
 

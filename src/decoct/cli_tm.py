@@ -1,4 +1,4 @@
-"""Commands of the matching family: ``distill dm|tm``, ``experts``, ``quantize``."""
+"""Commands of trajectory matching: ``experts``, ``distill tm``."""
 
 from __future__ import annotations
 

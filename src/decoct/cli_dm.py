@@ -1,0 +1,9 @@
+"""Commands of DM and the quantiser baselines: ``distill dm``, ``quantize``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(cli: Any) -> None:
+    """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
