@@ -36,3 +36,24 @@ def make_param(init: Tensor, labels: Tensor, zca: ZCA | None = None, palette: in
     if palette == 0:
         return PixelParam(init, labels, zca)
     raise NotImplementedError("--palette is not implemented yet")
+
+
+def init_indices(dataset: Any, ipc: int, palette: int = 0, method: str = "real", seed: int = 0,
+                 device: Any = "cpu") -> Tensor:
+    """Training-set indices of the real images that initialise ``ipc`` synthetic images per class.
+
+    ``real``: uniformly random per class (seeded). ``graphcut`` (AutoPalette's colour-guided
+    init) arrives with the palette work.
+    """
+    import torch
+
+    if method != "real":
+        raise NotImplementedError(f"init {method!r} is not implemented yet")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(dataset.info.num_classes):
+        idx = dataset.train.class_indices(c)
+        if ipc > len(idx):
+            raise ValueError(f"--ipc {ipc} asks for more images than class {c} has ({len(idx)})")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
+    return torch.cat(out)
