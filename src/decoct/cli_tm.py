@@ -1,9 +1,151 @@
-"""Commands of trajectory matching: ``experts``, ``distill tm``."""
+"""Commands of trajectory matching: ``experts``, ``distill tm``.
+
+Thin: argument parsing only; the work is :func:`decoct.methods.experts.train_experts` and
+:func:`decoct.methods.tm.distill_tm` (the Python API).
+"""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
+
+CONVNET_MODELS = ("convnet", "convnetd3", "convnetd4", "convnetd5", "convnet_bn")
+
+
+def _model_kwargs(model: str, width: int, norm: str) -> dict[str, Any]:
+    """Options of the expert architecture (width/norm apply to the ConvNet family, width to MLP)."""
+    name = model.lower()
+    if name in CONVNET_MODELS:
+        return {"width": width, "norm": norm} if name != "convnet_bn" else {"width": width}
+    if name == "mlp":
+        return {"width": width}
+    if (width, norm) != (128, "instance"):
+        raise ValueError(f"--width/--norm apply to the ConvNet family and mlp, not to --model {model}")
+    return {}
+
+
+def cmd_experts(args: argparse.Namespace) -> int:
+    from .methods.experts import describe, train_experts
+
+    es = train_experts(args.dataset, args.out, num_experts=args.num_experts, epochs=args.epochs, model=args.model,
+                       model_kwargs=_model_kwargs(args.model, args.width, args.norm), lr=args.lr,
+                       momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                       zca=args.zca, augment=args.augment, seed=args.seed, device=args.device,
+                       data_root=args.data_root, download=args.download, amp=args.amp,
+                       channels_last=args.channels_last, force=args.force, progress=args.progress)
+    print(describe(es))
+    print(f"experts in {args.out}; use them with: decoct distill tm --dataset {args.dataset} --experts {args.out} "
+          "--ipc N --out RUN")
+    return 0
+
+
+def _palette_keys(p: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in p._actions}
+
+
+def cmd_distill_tm(args: argparse.Namespace) -> int:
+    from .cli import resolved_config
+    from .methods.tm import TMConfig, distill_tm
+
+    # --max-iterations only says where this call stops; it is not part of the run's identity
+    config = {k: v for k, v in resolved_config(args).items() if k != "max_iterations"}
+    flags = {k: config[k] for k in args._palette_keys if k != "palette" and k in config}
+    tm_config = TMConfig.from_dict({**config, "palette_flags": flags})
+    dset = distill_tm(args.dataset, args.out, args.experts, config=tm_config, run_config=config,
+                      device=args.device, data_root=args.data_root, download=args.download, resume=args.resume,
+                      force=args.force, progress=args.progress, checkpoint_every=args.checkpoint_every,
+                      stop_after=args.max_iterations)
+    from .runs import Run
+
+    run = Run(args.out)
+    if not run.done:
+        ckpt = run.load_checkpoint()
+        print(f"tm: stopped at iteration {ckpt['iteration'] if ckpt else '?'} of {tm_config.iterations} "
+              f"(checkpointed); continue with the same command plus --resume")
+        return 0
+    st = dset.storage(run.artifact_dir)
+    print(f"tm: {len(dset)} images -> {args.out}  {st['raw_bytes']['total']:,} B raw; learned step size "
+          f"{dset.meta.get('syn_lr', float('nan')):.4g}; evaluate with: decoct evaluate {args.out}")
+    return 0
 
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
+    from .augment.dsa import DEFAULT_STRATEGY
+    from .palette import INIT_METHODS, add_palette_args
+
+    p = cli.command("experts", cmd_experts,
+                    "Train expert trajectories for trajectory matching (MTT buffer.py recipe): N networks on "
+                    "the full training set, parameters saved after every epoch (safetensors). Reusable; "
+                    "rerunning continues an interrupted set or extends it to more experts.", run=False)
+    p.add_argument("--dataset", required=True, help="registered dataset name")
+    p.add_argument("--out", required=True, help="expert directory (created, or continued when it holds experts "
+                                                "with the same settings)")
+    p.add_argument("--num-experts", type=int, default=10, help="number of experts (the papers use 100)")
+    p.add_argument("--epochs", type=int, default=50, help="epochs per expert (the papers use 50)")
+    p.add_argument("--model", default="convnet", help="expert (and student) architecture")
+    p.add_argument("--width", type=int, default=128, help="ConvNet/MLP width")
+    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"], help="ConvNet norm")
+    p.add_argument("--lr", type=float, default=0.01, help="teacher SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.0, help="teacher SGD momentum (MTT: 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="teacher weight decay (MTT: 0)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
+                   help="ZCA-whiten the data (default: on for cifar10/cifar100, as the papers)")
+    p.add_argument("--augment", default=DEFAULT_STRATEGY, help="DSA strategy during expert training, or 'none'")
+    p.add_argument("--seed", type=int, default=0, help="expert k uses seed + k")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    p.add_argument("--force", action="store_true", help="delete the experts already in --out and start over")
+
+    p = cli.distill("tm", cmd_distill_tm,
+                    "Trajectory matching (MTT) against stored experts, with an exact constant-activation-memory "
+                    "gradient (or TESLA's identity, or the unrolled reference). Needs `decoct experts` first.")
+    p.add_argument("--dataset", required=True, help="registered dataset name")
+    p.add_argument("--ipc", type=int, default=1, help="images per class (the budget; AutoPalette fits more)")
+    p.add_argument("--experts", default=None, help="expert directory made by `decoct experts`")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--syn-steps", type=int, default=20, help="student steps on synthetic data per iteration (N)")
+    p.add_argument("--expert-epochs", type=int, default=2, help="expert epochs matched (M)")
+    p.add_argument("--max-start-epoch", type=int, default=20, help="start epoch drawn from [min, max)")
+    p.add_argument("--min-start-epoch", type=int, default=0)
+    p.add_argument("--current-max-start-epoch", type=int, default=0,
+                   help="DATM: initial upper bound of the start window, growing to --max-start-epoch (0 = off)")
+    p.add_argument("--expansion-end-epoch", type=int, default=0,
+                   help="DATM: iteration at which the start window reaches --max-start-epoch")
+    p.add_argument("--lr-img", type=float, default=1000.0, help="SGD lr of the synthetic images")
+    p.add_argument("--lr-lr", type=float, default=1e-5, help="SGD lr of the learnable step size")
+    p.add_argument("--lr-teacher", type=float, default=0.01, help="initial synthetic step size")
+    p.add_argument("--batch-syn", type=int, default=0, help="synthetic minibatch (0 = all images)")
+    p.add_argument("--iterations", type=int, default=5000)
+    p.add_argument("--grad", default="exact", choices=["exact", "tesla", "unrolled"],
+                   help="exact: adjoint sweep, constant activation memory, equals unrolled; tesla: TESLA's "
+                        "first-order identity, constant memory; unrolled: MTT's graph (memory grows with steps)")
+    p.add_argument("--unrolled", dest="grad", action="store_const", const="unrolled", default="exact",
+                   help="shorthand for --grad unrolled (MTT's reference implementation)")
+    p.add_argument("--snapshot-every", type=int, default=1,
+                   help="exact grad: keep the student parameters every K steps, recompute the rest "
+                        "(1 = keep all, 0 = sqrt(syn-steps))")
+    p.add_argument("--soft-labels", action="store_true",
+                   help="learnable soft labels initialised from an expert's logits (DATM/AutoPalette)")
+    p.add_argument("--lr-labels", type=float, default=2.0, help="SGD lr of the soft labels (DATM lr_y)")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="DATM: skip updates when the matching loss exceeds this (0 = off)")
+    p.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
+                   help="require experts trained with (or without) ZCA; default: whatever the experts used")
+    p.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy in the student steps, or 'none'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast in the student forwards (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last student inputs (CUDA only)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="stop after this many iterations of this call (checkpointed; --resume continues)")
+    before = _palette_keys(p)
+    add_palette_args(p)
+    after = _palette_keys(p)
+    if "palette_aux_images" in after:
+        p.set_defaults(palette_aux_images=50)  # AutoPalette's TM code uses 50 images (DM 64)
+    if "--init" not in p._option_string_actions:
+        p.add_argument("--init", default="real", choices=list(INIT_METHODS),
+                       help="initial images without --palette: random real, or graph cut on 8-bit images")
+    p.set_defaults(_palette_keys=sorted(after - before - {"init"}))

@@ -1,54 +1,203 @@
 """AutoPalette (palette network, losses, colour-guided init) and classic quantisers.
 
-Shared entry points used by DM and TM (owned by the AutoPalette work; DM/TM only call these):
+Shared entry points used by DM and TM (they only call these):
 
 * ``add_palette_args(parser)``: the ``--palette K`` family of flags on ``distill dm|tm``.
-* ``effective_ipc(ipc, palette)``: the paper's storage-budget rule (images per class that fit).
+* ``effective_ipc(ipc, palette)``: the paper's storage-budget rule (images per class distilled).
+* ``palette_budget(ipc, palette, image_shape)``: that rule next to the true bit count.
 * ``make_param(init, labels, zca, palette, **options) -> ImageParam``: pixels when
-  ``palette == 0``, the AutoPalette parameterisation otherwise.
+  ``palette == 0``, :class:`~decoct.palette.param.PaletteParam` otherwise.
+* ``palette_options(config, info=...)``: the parsed flags -> ``make_param`` keyword options.
+* ``init_indices(dataset, ipc, palette, method, seed, device, **options)`` and
+  ``init_options(config)``: which real images initialise the synthetic set (``real`` or
+  AutoPalette's ``graphcut``).
+
+Typical use in a method (``cfg`` = the resolved config / argparse namespace)::
+
+    n = effective_ipc(cfg.ipc, cfg.palette)
+    idx = init_indices(dataset, n, cfg.palette, seed=seed, device=dev, **init_options(cfg))
+    param = make_param(init, labels, zca, cfg.palette, **palette_options(cfg, info=dataset.info))
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..augment import ZCA
+from ..data import DatasetInfo
 from ..methods.param import ImageParam, PixelParam
+from .param import PaletteParam, index_bits
+
+INIT_METHODS: tuple[str, ...] = ("real", "graphcut")
+
+# flag dest -> make_param keyword (PaletteParam option)
+_PARAM_KEYS = {
+    "lr_palette": "lr_palette",
+    "palette_alpha": "alpha",
+    "palette_beta": "beta",
+    "palette_gamma": "gamma",
+    "palette_conf": "conf",
+    "palette_sample_ratio": "sample_ratio",
+    "palette_aux_images": "aux_images",
+    "palette_quantizer": "quantizer",
+}
+# flag dest -> init_indices keyword
+_INIT_KEYS = {
+    "palette_init": "method",
+    "palette_init_epochs": "epochs",
+    "palette_init_lr": "lr",
+    "palette_init_similarity": "similarity",
+    "palette_init_greedy": "greedy",
+}
 
 
 def add_palette_args(p: argparse.ArgumentParser) -> None:
+    """Add the AutoPalette flags (defaults: the paper's CIFAR values, except the init epochs)."""
+    from .init import SIMILARITIES
+    from .quantize import QUANTIZERS
+
     g = p.add_argument_group("AutoPalette")
     g.add_argument("--palette", type=int, default=0,
-                   help="K colours per synthetic image (AutoPalette); 0 = full-colour pixels")
+                   help="K colours per synthetic image (AutoPalette); 0 = full-colour pixels. The images "
+                        "per class become IPC x 2^(8 - ceil(log2 K)) (the paper's budget rule)")
+    g.add_argument("--lr-palette", type=float, default=0.05, help="palette network SGD lr (ImageNette: 0.01)")
+    g.add_argument("--palette-alpha", type=float, default=1.0, help="weight of L_m, the maximum-colour loss")
+    g.add_argument("--palette-beta", type=float, default=1.0, help="weight of L_b, the palette-balance loss")
+    g.add_argument("--palette-gamma", type=float, default=3.0, help="weight of L_a, the median-cut alignment loss")
+    g.add_argument("--palette-conf", type=float, default=0.0,
+                   help="weight of the per-pixel confidence loss (code only, not in the paper)")
+    g.add_argument("--palette-sample-ratio", type=float, default=0.3, help="fraction of pixels L_a compares")
+    g.add_argument("--palette-aux-images", type=int, default=64,
+                   help="random detached images per step for the auxiliary losses (DM 64, TM 50)")
+    g.add_argument("--palette-quantizer", default="mediancut", choices=QUANTIZERS,
+                   help="reference quantiser of L_a and of the graph-cut init")
+    g.add_argument("--palette-init", default="graphcut", choices=INIT_METHODS,
+                   help="initial real images with --palette: random real, or graph cut on quantised images")
+    g.add_argument("--palette-init-epochs", type=int, default=1,
+                   help="epochs of the init's selection ConvNet on the quantised set (paper 50; small for CPU)")
+    g.add_argument("--palette-init-lr", type=float, default=0.1, help="lr of the init's selection ConvNet")
+    g.add_argument("--palette-init-similarity", default="features", choices=SIMILARITIES,
+                   help="graph-cut kernel: penultimate features (code) or last-layer gradients (paper Eq. 10)")
+    g.add_argument("--palette-init-greedy", default="exact", choices=("exact", "stochastic"),
+                   help="exact greedy (paper Alg. 1) or stochastic greedy eps=0.9 (code)")
+
+
+def _get(config: Mapping[str, Any] | argparse.Namespace) -> Mapping[str, Any]:
+    return vars(config) if isinstance(config, argparse.Namespace) else config
+
+
+def palette_options(config: Mapping[str, Any] | argparse.Namespace, info: DatasetInfo | None = None
+                    ) -> dict[str, Any]:
+    """The ``make_param`` options held in a parsed config (keys absent there keep their defaults)."""
+    cfg = _get(config)
+    out = {key: cfg[dest] for dest, key in _PARAM_KEYS.items() if dest in cfg}
+    if info is not None:
+        out["info"] = info
+    return out
+
+
+def init_options(config: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    """The ``init_indices`` keywords (``method`` included) held in a parsed config.
+
+    With a palette the method is ``palette_init`` (default ``graphcut``); without one (``palette`` 0
+    or absent) it is the config's own ``init`` key, else ``real``. The graph-cut knobs are only
+    returned for ``graphcut`` (``real`` takes none).
+    """
+    cfg = _get(config)
+    method = cfg.get("palette_init", "graphcut") if cfg.get("palette", 0) else cfg.get("init", "real")
+    if method != "graphcut":
+        return {"method": method}
+    out = {key: cfg[dest] for dest, key in _INIT_KEYS.items() if dest in cfg}
+    out["method"] = method
+    if "progress" in cfg:
+        out["progress"] = bool(cfg["progress"])
+    return out
 
 
 def effective_ipc(ipc: int, palette: int) -> int:
+    """Images per class actually distilled: ``ipc x 2^(8 - ceil(log2 K))`` (the code's rule).
+
+    K = 64 -> x4, 32 -> x8, 16 -> x16, 8 -> x32, 4 -> x64, 2 -> x128, 256 -> x1. The paper
+    counts only index bits (palettes, which it treats as free, are charged nowhere); see
+    :func:`palette_budget` for the true bits.
+    """
+    if ipc < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
     if palette == 0:
         return ipc
-    raise NotImplementedError("--palette is not implemented yet")
+    return ipc * 2 ** (8 - index_bits(palette))
+
+
+def palette_budget(ipc: int, palette: int, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The paper's budget rule next to the true information size, per class.
+
+    Budget = ``ipc`` full-colour images (8 bits per channel). A K-colour image costs
+    ``H W ceil(log2 K)`` index bits plus ``K C 8`` palette bits. Returns the paper's image count
+    (``paper_ipc``), the bits it really takes (``paper_bits``, and ``paper_over_budget`` = their ratio
+    to the budget), and how many K-colour images truly fit (``true_ipc``; ``true_ipc_index_only``
+    charges the indices alone, the paper's accounting).
+    """
+    c, h, w = image_shape
+    full = c * h * w * 8
+    budget = ipc * full
+    if palette == 0:
+        return {"colors": 0, "ipc": ipc, "paper_ipc": ipc, "paper_factor": 1, "budget_bits": budget,
+                "bits_per_image": full, "index_bits_per_image": 0, "palette_bits_per_image": 0,
+                "paper_bits": budget, "paper_over_budget": 1.0, "true_ipc": ipc, "true_ipc_index_only": ipc}
+    bits = index_bits(palette)
+    idx_bits, pal_bits = h * w * bits, palette * c * 8
+    per_image = idx_bits + pal_bits
+    paper_ipc = effective_ipc(ipc, palette)
+    return {
+        "colors": palette, "ipc": ipc, "paper_ipc": paper_ipc, "paper_factor": paper_ipc // ipc,
+        "budget_bits": budget, "bits_per_image": per_image, "index_bits_per_image": idx_bits,
+        "palette_bits_per_image": pal_bits, "paper_bits": paper_ipc * per_image,
+        "paper_over_budget": paper_ipc * per_image / budget,
+        "true_ipc": budget // per_image, "true_ipc_index_only": budget // idx_bits,
+    }
 
 
 def make_param(init: Tensor, labels: Tensor, zca: ZCA | None = None, palette: int = 0,
                **options: Any) -> ImageParam:
+    """Pixels (``palette == 0``; palette options are then ignored) or AutoPalette with K = ``palette``.
+
+    Options for the palette (see :class:`~decoct.palette.param.PaletteParam`): ``info``
+    (required), ``lr_palette``, ``palette_momentum``, ``palette_weight_decay``, ``alpha``, ``beta``,
+    ``gamma``, ``conf``, ``sample_ratio``, ``aux_images``, ``quantizer``, ``hidden``, ``soften``.
+    """
     if palette == 0:
         return PixelParam(init, labels, zca)
-    raise NotImplementedError("--palette is not implemented yet")
+    known = {"info", "lr_palette", "palette_momentum", "palette_weight_decay", "alpha", "beta", "gamma", "conf",
+             "sample_ratio", "aux_images", "quantizer", "hidden", "soften"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown palette option(s) {unknown}; known: {sorted(known)}")
+    return PaletteParam(init, labels, zca, palette, **options)
 
 
 def init_indices(dataset: Any, ipc: int, palette: int = 0, method: str = "real", seed: int = 0,
-                 device: Any = "cpu") -> Tensor:
+                 device: Any = "cpu", **options: Any) -> Tensor:
     """Training-set indices of the real images that initialise ``ipc`` synthetic images per class.
 
-    ``real``: uniformly random per class (seeded). ``graphcut`` (AutoPalette's colour-guided
-    init) arrives with the palette work.
+    ``ipc`` is the count actually distilled (pass ``effective_ipc(...)`` for palette runs). Grouped
+    class by class in class order. ``real``: uniformly random per class (seeded). ``graphcut``:
+    AutoPalette's colour-guided init (:func:`decoct.palette.init.colour_guided_indices`) on images
+    quantised to ``palette`` colours (8-bit when 0); ``options``: ``epochs``, ``lr``, ``batch_size``,
+    ``model``, ``similarity``, ``greedy``, ``epsilon``, ``quantizer``, ``progress``.
     """
-    import torch
+    if method not in INIT_METHODS:
+        raise ValueError(f"unknown init method {method!r}; known: {', '.join(INIT_METHODS)}")
+    if method == "graphcut":
+        from .init import colour_guided_indices
 
-    if method != "real":
-        raise NotImplementedError(f"init {method!r} is not implemented yet")
+        return colour_guided_indices(dataset, ipc, palette, seed=seed, device=device, **options)
+    if options:
+        raise ValueError(f"init 'real' takes no options, got {sorted(options)}")
     g = torch.Generator().manual_seed(seed)
     out = []
     for c in range(dataset.info.num_classes):
@@ -57,3 +206,7 @@ def init_indices(dataset: Any, ipc: int, palette: int = 0, method: str = "real",
             raise ValueError(f"--ipc {ipc} asks for more images than class {c} has ({len(idx)})")
         out.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
     return torch.cat(out)
+
+
+__all__ = ["INIT_METHODS", "PaletteParam", "add_palette_args", "effective_ipc", "init_indices", "init_options",
+           "make_param", "palette_budget", "palette_options"]

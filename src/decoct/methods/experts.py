@@ -1,0 +1,482 @@
+"""Expert trajectories for trajectory matching (MTT, Cazenavette et al. 2022): train, store, load.
+
+An *expert* is a network trained on the full real training set; its *trajectory* is its flattened
+parameter vector before training and after every epoch. Trajectory matching (``decoct.methods.tm``)
+starts a student at epoch ``t`` of a random expert and asks the synthetic set to move it, in a few
+steps, to where the expert was at epoch ``t + M``.
+
+Recipe (MTT ``buffer.py``; ``reference/anchors.md`` §1.4): the protocol ConvNet for the image size
+(depth from the size, width 128, instance norm), plain SGD with lr 0.01 (the *teacher lr*),
+momentum 0, weight decay 0, batch 256, no lr decay, DSA augmentation on every minibatch
+(``color_crop_cutout_flip_scale_rotate``, one family per call, per-sample draws), 50 epochs, 100
+experts; ZCA whitening where the papers use it (CIFAR-10/100). Two deliberate differences, both
+recorded in the manifest:
+
+* ZCA is fitted on mean/std-normalised images (this project's convention, the same transform the
+  evaluation applies from the artifact's attachment), whereas MTT fits kornia's ZCA on [0, 1]
+  images. Either way the expert, the distillation and the evaluation share one transform.
+* MTT's ``buffer.py`` draws its randomness from the wall clock; here expert ``k`` is seeded with
+  ``seed + k`` (initialisation, minibatch order, augmentation), so experts are reproducible.
+
+On disk (a directory, reusable across distillation runs)::
+
+    manifest.json                 settings, parameter layout, one entry per finished expert
+                                  (file, seed, sha256, test accuracy per epoch, train loss)
+    zca.safetensors               the ZCA state (only when zca is on)
+    expert_0000.safetensors       {"trajectory": float32 (epochs + 1, num_params)}
+    ...
+
+Everything is written atomically and loaded with safetensors only (no pickle). An interrupted
+``train_experts`` keeps the finished experts: calling it again with the same settings trains the
+missing ones (a half-trained expert restarts from its seed), and a larger ``num_experts`` extends
+the set. Different settings in an existing directory are refused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from ..augment import DSA, ZCA
+from ..augment.dsa import DEFAULT_STRATEGY, parse_strategy
+from ..data import Dataset, DatasetInfo, load_dataset, normalize
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
+from ..models import model_for
+from ..train import evaluate_accuracy, seeded_model
+from ..train.trainer import make_generators, minibatches
+
+FORMAT = "decoct-experts"
+FORMAT_VERSION = 1
+ZCA_DATASETS = ("cifar10", "cifar100")
+"""Datasets on which the trajectory-matching papers whiten with ZCA (the default of ``zca=None``)."""
+DEFAULT_MODEL_KWARGS: dict[str, Any] = {"width": 128, "norm": "instance"}
+PRELOAD_BYTES = 1 << 30
+"""Expert sets up to this size are held in memory by :func:`load_experts`; larger ones are read
+two epochs at a time from the memory-mapped files."""
+
+# Settings that must agree for an existing expert directory to be reused or extended.
+_SETTING_KEYS = ("dataset", "image_shape", "num_classes", "model", "model_kwargs", "zca", "epochs", "lr",
+                 "momentum", "weight_decay", "batch_size", "augment", "seed")
+
+
+class ExpertMismatchError(ValueError):
+    """Experts were trained for another dataset / model / ZCA setting than the one asked for."""
+
+
+# ------------------------------------------------------------------------------------------
+# flat parameter vectors
+# ------------------------------------------------------------------------------------------
+class FlatParams:
+    """Maps a module's parameters to one flat vector and back, for ``functional_call``.
+
+    MTT's ``ReparamModule`` does the same by rewriting the module; here the module is left intact
+    and :meth:`forward` calls it functionally with views of the flat vector, so gradients flow to
+    the vector (and through it to anything it was computed from).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.num_params = sum(self.numels)
+
+    def layout(self) -> list[list[Any]]:
+        """``[[name, shape], ...]`` (JSON-friendly; stored in the expert manifest)."""
+        return [[n, list(s)] for n, s in zip(self.names, self.shapes, strict=True)]
+
+    def flatten(self, module: nn.Module | None = None) -> Tensor:
+        """The parameters of ``module`` (default: the wrapped one), detached, as one vector."""
+        m = module if module is not None else self.model
+        return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        if flat.dim() != 1 or flat.numel() != self.num_params:
+            raise ValueError(f"flat parameters must be a vector of {self.num_params}, got {tuple(flat.shape)}")
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes, strict=True)}
+
+    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
+        """``model(x)`` with the parameters taken from ``flat`` (differentiable in both)."""
+        return torch.func.functional_call(self.model, self.unflatten(flat), (x,))
+
+    __call__ = forward
+
+
+# ------------------------------------------------------------------------------------------
+# the expert set on disk
+# ------------------------------------------------------------------------------------------
+@dataclass
+class ExpertSet:
+    """A directory of expert trajectories (see :func:`load_experts`)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    zca: ZCA | None
+    _cache: dict[int, Tensor]
+
+    # --- description ------------------------------------------------------------------------
+    @property
+    def experts(self) -> list[dict[str, Any]]:
+        return self.manifest["experts"]
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.manifest["settings"]["epochs"])
+
+    @property
+    def num_params(self) -> int:
+        return int(self.manifest["num_params"])
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest["settings"]["model"])
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return dict(self.manifest["settings"]["model_kwargs"])
+
+    @property
+    def info(self) -> DatasetInfo:
+        return DatasetInfo.from_dict(self.manifest["dataset"])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.manifest["settings"])
+
+    def build_model(self) -> nn.Module:
+        """A fresh module of the experts' architecture whose layout matches the stored vectors."""
+        model = model_for(self.model_name, self.info, **self.model_kwargs)
+        layout = FlatParams(model).layout()
+        if layout != self.manifest["param_layout"]:
+            raise ExpertMismatchError(
+                f"the model {self.model_name}({self.model_kwargs}) built here has a different parameter "
+                f"layout than the experts in {self.path} (was the model code changed?)")
+        return model
+
+    def final_accuracy(self) -> float:
+        """Mean final-epoch test accuracy of the experts (a sanity number for logs)."""
+        accs = [e["test_accuracy"][-1] for e in self.experts]
+        return sum(accs) / max(1, len(accs))
+
+    # --- validation -------------------------------------------------------------------------
+    def check(self, info: DatasetInfo | None = None, *, model: str | None = None,
+              model_kwargs: dict[str, Any] | None = None, zca: bool | None = None,
+              min_epochs: int | None = None) -> None:
+        """Raise :class:`ExpertMismatchError` naming every difference from what a run needs."""
+        s = self.manifest["settings"]
+        problems: list[str] = []
+        if info is not None:
+            if info.name != s["dataset"]:
+                problems.append(f"dataset: experts {s['dataset']!r}, run {info.name!r}")
+            if list(info.image_shape) != list(s["image_shape"]) or info.num_classes != s["num_classes"]:
+                problems.append(f"data shape: experts {tuple(s['image_shape'])} x {s['num_classes']} classes, "
+                                f"run {info.image_shape} x {info.num_classes} classes")
+            if info.name == s["dataset"] and (list(info.mean) != list(self.manifest["dataset"]["mean"])
+                                              or list(info.std) != list(self.manifest["dataset"]["std"])):
+                problems.append("normalisation constants (mean/std) differ from the experts' dataset")
+        if model is not None and model.lower() != s["model"]:
+            problems.append(f"model: experts {s['model']!r}, run {model!r}")
+        if model_kwargs is not None and dict(model_kwargs) != dict(s["model_kwargs"]):
+            problems.append(f"model options: experts {s['model_kwargs']}, run {dict(model_kwargs)}")
+        if zca is not None and bool(zca) != bool(s["zca"]):
+            problems.append(f"ZCA: experts were trained {'with' if s['zca'] else 'without'} ZCA, the run asks "
+                            f"{'for' if zca else 'for no'} ZCA")
+        if min_epochs is not None and self.epochs < min_epochs:
+            problems.append(f"epochs: the run needs trajectories of at least {min_epochs} epochs "
+                            f"(max_start_epoch - 1 + expert_epochs), the experts have {self.epochs}")
+        if len(self) == 0:
+            problems.append("the directory holds no finished expert")
+        if problems:
+            name = info.name if info is not None else s["dataset"]
+            hint = experts_command(name, epochs=max(self.epochs, min_epochs or 0),
+                                   zca=s["zca"] if zca is None else zca)
+            raise ExpertMismatchError(f"experts in {self.path} do not fit this run:\n  - " + "\n  - ".join(problems)
+                                      + f"\nTrain matching ones with: {hint}")
+
+    # --- reading ----------------------------------------------------------------------------
+    def _file(self, k: int) -> Path:
+        return self.path / self.experts[k]["file"]
+
+    def trajectory(self, k: int) -> Tensor:
+        """Expert ``k``'s whole trajectory, float32 (epochs + 1, num_params), on the CPU."""
+        if k in self._cache:
+            return self._cache[k]
+        return load_tensors(self._file(k))["trajectory"]
+
+    def params(self, k: int, epochs: Sequence[int]) -> Tensor:
+        """Rows ``epochs`` of expert ``k``'s trajectory, (len(epochs), num_params), reading only them."""
+        if not 0 <= k < len(self):
+            raise IndexError(f"expert {k} out of range (0..{len(self) - 1})")
+        for e in epochs:
+            if not 0 <= e <= self.epochs:
+                raise IndexError(f"epoch {e} out of range (0..{self.epochs})")
+        if k in self._cache:
+            return self._cache[k][list(epochs)]
+        with safe_open(os.fspath(self._file(k)), framework="pt", device="cpu") as f:
+            sl = f.get_slice("trajectory")
+            return torch.stack([sl[e:e + 1][0] for e in epochs])
+
+    def preload(self) -> None:
+        """Hold every trajectory in memory (fast sampling; only for sets that fit)."""
+        for k in range(len(self)):
+            if k not in self._cache:
+                self._cache[k] = load_tensors(self._file(k))["trajectory"]
+
+    def verify(self) -> list[str]:
+        """sha256 of every expert file against the manifest; returns the problems found."""
+        problems = []
+        for e in self.experts:
+            p = self.path / e["file"]
+            if not p.exists():
+                problems.append(f"{p} is missing")
+            elif sha256_file(p) != e["sha256"]:
+                problems.append(f"{p} does not match its sha256 in the manifest")
+        return problems
+
+
+def experts_command(dataset: str, out: str | None = None, epochs: int = 50, zca: bool | None = None) -> str:
+    """The command that trains experts for ``dataset`` (used in error messages)."""
+    out = out or f"experts/{dataset}"
+    flag = "" if zca is None or zca == default_zca(dataset) else (" --zca" if zca else " --no-zca")
+    return f"decoct experts --dataset {dataset} --out {out} --num-experts 10 --epochs {epochs}{flag}"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    m = path / "manifest.json"
+    if not m.exists():
+        raise FileNotFoundError(f"{path} holds no expert manifest (manifest.json); make experts with "
+                                f"`decoct experts --dataset D --out {path} ...`")
+    manifest = json.loads(m.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{m} is not a decoct expert manifest (format {manifest.get('format')!r})")
+    if int(manifest.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{m} has format version {manifest['version']}; this decoct reads up to {FORMAT_VERSION}")
+    return manifest
+
+
+def load_experts(path: str | Path, *, preload: bool | None = None) -> ExpertSet:
+    """Open an expert directory written by :func:`train_experts` (safetensors only, no pickle).
+
+    ``preload=None`` keeps the trajectories in memory when they total at most ``PRELOAD_BYTES``;
+    otherwise each distillation iteration reads just the two epochs it needs.
+    """
+    p = Path(path)
+    manifest = _read_manifest(p)
+    zca = None
+    if manifest["settings"]["zca"]:
+        zf = p / manifest["zca_file"]
+        if not zf.exists():
+            raise FileNotFoundError(f"{zf} is missing: the experts in {p} were trained with ZCA")
+        zca = ZCA.from_state_dict(load_tensors(zf))
+    missing = [e["file"] for e in manifest["experts"] if not (p / e["file"]).exists()]
+    if missing:
+        raise FileNotFoundError(f"expert files listed in {p}/manifest.json are missing: {missing[:5]}")
+    es = ExpertSet(p, manifest, zca, {})
+    total = len(es) * (es.epochs + 1) * es.num_params * 4
+    if preload or (preload is None and total <= PRELOAD_BYTES):
+        es.preload()
+    return es
+
+
+# ------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------
+def default_zca(dataset: str) -> bool:
+    """ZCA where the trajectory-matching papers use it (CIFAR-10/100)."""
+    return dataset.lower() in ZCA_DATASETS
+
+
+def _train_expert(net: FlatParams, model: nn.Module, x: Tensor, y: Tensor, xt: Tensor, yt: Tensor, *,
+                  epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
+                  augment: Callable[[Tensor, torch.Generator], Tensor] | None, seed: int, device: torch.device,
+                  amp: bool, channels_last: bool, progress: Callable[[int, float], None] | None
+                  ) -> tuple[Tensor, list[float], list[float]]:
+    """Train one expert; return (trajectory (E+1, P), test accuracy per saved point, train loss per epoch)."""
+    traj = torch.empty(epochs + 1, net.num_params)
+    traj[0] = net.flatten(model).cpu()
+    accs = [evaluate_accuracy(model, xt, yt, device=device, amp=amp, channels_last=channels_last)]
+    losses: list[float] = []
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    perm_gen, aug_gen = make_generators(seed, device)
+    n = len(x)
+    model.train()
+    for e in range(epochs):
+        perm = torch.randperm(n, generator=perm_gen).to(device)
+        total = torch.zeros((), device=device)
+        steps = 0
+        for start, stop in minibatches(n, batch_size):
+            idx = perm[start:stop]
+            xb = x[idx]
+            if augment is not None:
+                xb = augment(xb, aug_gen)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(xb)
+            loss = F.cross_entropy(out.float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            steps += 1
+        traj[e + 1] = net.flatten(model).cpu()
+        losses.append(total.item() / max(1, steps))
+        accs.append(evaluate_accuracy(model, xt, yt, device=device, amp=amp, channels_last=channels_last))
+        if progress is not None:
+            progress(e + 1, losses[-1])
+    return traj, accs, losses
+
+
+def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, epochs: int = 50,
+                  model: str = "convnet", model_kwargs: dict[str, Any] | None = None, lr: float = 0.01,
+                  momentum: float = 0.0, weight_decay: float = 0.0, batch_size: int = 256,
+                  zca: bool | None = None, augment: str = DEFAULT_STRATEGY, seed: int = 0,
+                  device: str | torch.device = "auto", data_root: str | None = None, download: bool = False,
+                  amp: bool = False, channels_last: bool = False, force: bool = False,
+                  progress: bool = True, log: Callable[[dict[str, Any]], None] | None = None) -> ExpertSet:
+    """Train ``num_experts`` expert trajectories of ``epochs`` epochs into ``out`` (resumable).
+
+    ``dataset``: a registered name or a loaded :class:`~decoct.data.Dataset`. ``zca=None`` means
+    "as the papers" (on for CIFAR-10/100). ``augment``: a DSA strategy or ``"none"``.
+    Already finished experts with the same settings are kept; ``force`` deletes them first.
+    Returns the :class:`ExpertSet` (see :func:`load_experts`).
+    """
+    from ..evaluation import resolve_device
+    from ..runs import progress as progress_bar
+
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if lr <= 0 or momentum < 0 or weight_decay < 0 or batch_size < 1:
+        raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0, batch_size >= 1; got lr={lr}, "
+                         f"momentum={momentum}, weight_decay={weight_decay}, batch_size={batch_size}")
+    parse_strategy(augment)  # a typo fails here, not after the first expert
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, root=data_root, download=download)
+    info = data.info
+    use_zca = default_zca(info.name) if zca is None else bool(zca)
+    kwargs = dict(DEFAULT_MODEL_KWARGS if model_kwargs is None else model_kwargs)
+    model_name = model.lower()
+
+    def factory() -> nn.Module:
+        return model_for(model_name, info, **kwargs)
+
+    net = FlatParams(factory())
+    settings = dict(dataset=info.name, image_shape=list(info.image_shape), num_classes=info.num_classes,
+                    model=model_name, model_kwargs=kwargs, zca=use_zca, epochs=int(epochs), lr=float(lr),
+                    momentum=float(momentum), weight_decay=float(weight_decay), batch_size=int(batch_size),
+                    augment=augment, seed=int(seed))
+    root = Path(out)
+    manifest: dict[str, Any] | None = None
+    if (root / "manifest.json").exists():
+        if force:
+            _remove_experts(root)
+        else:
+            manifest = _read_manifest(root)
+            old = manifest["settings"]
+            changed = [k for k in _SETTING_KEYS if old.get(k) != settings[k]]
+            if changed:
+                diff = ", ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in changed)
+                raise ExpertMismatchError(f"{root} holds experts with other settings ({diff}); use another --out, "
+                                          "or --force to delete them and start over")
+    root.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = dict(format=FORMAT, version=FORMAT_VERSION, dataset=info.to_dict(), settings=settings,
+                        num_params=net.num_params, param_layout=net.layout(),
+                        zca_file="zca.safetensors" if use_zca else None,
+                        notes=("ZCA (eps 0.1) fitted on mean/std-normalised training images; expert k is seeded "
+                               "with seed + k; trajectory row e = parameters after e epochs (row 0 = init)"),
+                        experts=[])
+    x = normalize(data.train.images, info, dev)
+    xt = normalize(data.test.images, info, dev)
+    y, yt = data.train.labels.to(dev), data.test.labels.to(dev)
+    zca_obj: ZCA | None = None
+    if use_zca:
+        zpath = root / "zca.safetensors"
+        if zpath.exists():
+            zca_obj = ZCA.from_state_dict(load_tensors(zpath))
+        else:
+            zca_obj = ZCA().fit(x)
+            atomic_save_tensors(zpath, zca_obj.state_dict())
+        zca_obj.to(dev)
+        x, xt = zca_obj.transform(x), zca_obj.transform(xt)
+    atomic_write_json(root / "manifest.json", manifest)
+
+    dsa = DSA(augment) if parse_strategy(augment) else None
+    aug_fn = (lambda xb, gen: dsa(xb, generator=gen)) if dsa is not None else None  # noqa: E731
+    done = {int(e["index"]) for e in manifest["experts"]}
+    todo = [k for k in range(num_experts) if k not in done]
+    bar = progress_bar(total=len(todo) * epochs, desc="experts", enabled=progress)
+    for k in todo:
+        t0 = time.perf_counter()
+        s = int(seed) + k
+        m = seeded_model(factory, s).to(dev)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+
+        def tick(epoch: int, loss: float, k: int = k) -> None:
+            bar.update(1)
+            bar.set_postfix(expert=k, epoch=epoch, loss=f"{loss:.3f}", refresh=False)
+
+        traj, accs, losses = _train_expert(net, m, x, y, xt, yt, epochs=epochs, lr=lr, momentum=momentum,
+                                           weight_decay=weight_decay, batch_size=batch_size, augment=aug_fn,
+                                           seed=s, device=dev, amp=amp, channels_last=channels_last,
+                                           progress=tick)
+        if not torch.isfinite(traj).all():
+            raise RuntimeError(f"expert {k} diverged (non-finite parameters); lower --lr")
+        fname = f"expert_{k:04d}.safetensors"
+        atomic_save_tensors(root / fname, {"trajectory": traj},
+                            metadata={"format": FORMAT, "index": str(k), "seed": str(s)})
+        entry = dict(index=k, file=fname, seed=s, sha256=sha256_file(root / fname),
+                     test_accuracy=[round(a, 6) for a in accs], train_loss=[round(v, 6) for v in losses],
+                     seconds=round(time.perf_counter() - t0, 3))
+        manifest["experts"] = sorted(manifest["experts"] + [entry], key=lambda e: e["index"])
+        atomic_write_json(root / "manifest.json", manifest)
+        if log is not None:
+            log(dict(event="expert", index=k, final_accuracy=accs[-1], seconds=entry["seconds"]))
+    bar.close()
+    return load_experts(root)
+
+
+def _remove_experts(root: Path) -> None:
+    """Delete what :func:`train_experts` wrote (and nothing else) before a forced restart."""
+    for p in root.glob("expert_*.safetensors"):
+        p.unlink()
+    for name in ("manifest.json", "zca.safetensors"):
+        if (root / name).exists():
+            (root / name).unlink()
+
+
+def expert_size_bytes(num_params: int, epochs: int, num_experts: int) -> int:
+    """Disk size of an expert set (float32 trajectories), for planning."""
+    return int(num_params) * (int(epochs) + 1) * int(num_experts) * 4
+
+
+def describe(es: ExpertSet) -> str:
+    """One line: what the directory holds."""
+    s = es.settings
+    size = expert_size_bytes(es.num_params, es.epochs, len(es))
+    return (f"{len(es)} experts x {s['epochs']} epochs of {s['model']}{s['model_kwargs']} on {s['dataset']} "
+            f"(zca={'on' if s['zca'] else 'off'}, lr {s['lr']}), {es.num_params:,} params each, "
+            f"{size / 2**20:.1f} MiB, mean final test accuracy {100 * es.final_accuracy():.2f}%")
+
+
+__all__ = ["ExpertMismatchError", "ExpertSet", "FlatParams", "ZCA_DATASETS", "default_zca", "describe",
+           "experts_command", "load_experts", "train_experts"]
