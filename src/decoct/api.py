@@ -68,26 +68,28 @@ def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 
     return _summary(run, skipped=False)
 
 
-def eval_filename(protocol: str, model: str, epochs: int, baseline: str | None) -> str:
-    return f"eval-{protocol}-{model}-e{epochs}{'-random' if baseline else ''}.json"
+def eval_filename(protocol: str, model: str, epochs: int | None, baseline: str | None) -> str:
+    return f"eval-{protocol}-{model}-e{epochs if epochs is not None else 'auto'}{'-random' if baseline else ''}.json"
 
 
 def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, seed: int = 0,
                  model: str | None = None, epochs: int | None = None, baseline: str | None = None,
                  engine: str = "auto", device: str = "auto", data_root: str | None = None,
                  resume: bool = False, force: bool = False, progress: bool = True,
-                 chunk: int | None = None) -> EvalResult:
+                 chunk: int | None = None, teacher: str | Path | None = None) -> EvalResult:
     """Evaluate a run (or artifact) and store ``eval-*.json`` in the run directory.
 
     Accuracies are written after every chunk of students (``partial: true``), so ``--resume``
     continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
+    ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store.
     """
     from .evaluation import protocol_config
 
     art = resolve_artifact(path)
     cfg = protocol_config(protocol, model=model, epochs=epochs)
     run_dir = art.parent if art.name == "artifact" else None
-    target = run_dir / eval_filename(protocol, cfg["model"], cfg["epochs"], baseline) if run_dir else None
+    tag = f"{protocol}-online" if teacher is not None else protocol
+    target = run_dir / eval_filename(tag, cfg["model"], cfg["epochs"], baseline) if run_dir else None
     state: dict[str, list[float]] = {}
     if target is not None and target.exists() and not force:
         saved = json.loads(target.read_text())
@@ -106,7 +108,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
 
     result = evaluate(art, protocol, runs=runs, seed=seed, data_root=data_root, device=device, engine=engine,
                       baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
-                      model=model, epochs=epochs)
+                      model=model, epochs=epochs, online_teacher=teacher)
     if target is not None:
         atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs))
         Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,

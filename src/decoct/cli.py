@@ -82,7 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
-                          progress=args.progress)
+                          progress=args.progress, teacher=args.teacher)
     print(result.summary("set"))
     if result.baseline is not None:
         print(result.baseline.summary(f"random ipc{result.baseline.extra['ipc']}"))
@@ -184,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", cmd_evaluate, "Train students on a distilled set; report accuracy mean ± std and bytes.")
     p.add_argument("path", help="run directory or artifact directory")
-    p.add_argument("--protocol", default="classic", choices=["classic", "fast"],
-                   help="classic: 1000 epochs, the matching papers' recipe; fast: 300 epochs for CPU smoke runs")
-    p.add_argument("--model", default=None, help="student model (default: the protocol's ConvNet)")
+    p.add_argument("--protocol", default="classic", choices=["classic", "fast", "soft"],
+                   help="classic: 1000 epochs, the matching papers' recipe; fast: 300 epochs for CPU smoke runs; "
+                        "soft: KD from the set's FKD label store (decoct relabel) with the decoupled papers' recipe")
+    p.add_argument("--model", default=None, help="student model (default: the protocol's: ConvNet for classic/fast, ResNet-18 for soft)")
     p.add_argument("--runs", type=int, default=5, help="students (independent initialisations and augmentations)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the first student (the others follow)")
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate random real images of equal storage")
     p.add_argument("--engine", default="auto", choices=["auto", "sequential", "vmap", "grouped"],
                    help="multi-student engine")
+    p.add_argument("--teacher", default=None,
+                   help="soft protocol only: teacher directory labelling fresh views online (unlimited labels)")
 
     p = add("info", cmd_info, "Show a distilled set's manifest summary, storage and integrity.", run=False)
     p.add_argument("path", help="run directory or artifact directory")

@@ -2,8 +2,80 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def cmd_relabel(args: argparse.Namespace) -> int:
+    from .artifact import DistilledSet
+    from .cli import resolved_config
+    from .labels import LabelStore, prune_labels, relabel
+    from .runs import Run, resolve_artifact
+
+    src = resolve_artifact(args.path)
+    out_run = None
+    out_art = None
+    if args.out:
+        out_run = Run.open(args.out, resolved_config(args), resume=args.resume, force=args.force)
+        out_art = out_run.artifact_dir
+        if out_run.done:
+            print(f"{args.out}: already done (use --force to redo)")
+            return 0
+    if args.teacher is None:
+        if args.prune is None:
+            raise ValueError("relabel needs --teacher DIR (to make a label store) or --prune F (to prune the "
+                             "existing full store)")
+        dst = prune_labels(src, args.prune, out=out_art, force=args.force or out_art is not None)
+    else:
+        if args.epochs is None:
+            raise ValueError("relabel with --teacher needs --epochs E (the number of stored epochs)")
+        dst = relabel(src, args.teacher, args.epochs, args.batch_size, seed=args.seed, device=args.device,
+                      prune=args.prune, out=out_art, force=args.force or out_art is not None,
+                      progress=args.progress)
+    if _rank() != 0:
+        return 0  # rank 0 wrote the artifact and reports it
+    dset = DistilledSet.load(dst)
+    store = LabelStore.from_set(dset)
+    st = dset.storage(dst)
+    h = store.header
+    info = dict(event="relabelled", source=str(src), epochs=h["epochs"], batch=h["batch"],
+                prune=store.prune_factor, stored_batches=store.num_units,
+                label_bytes=st["bytes_on_disk"]["labels"], label_payload_bytes=store.payload_bytes(),
+                image_bytes=st["bytes_on_disk"]["images"])
+    run_dir = out_run.path if out_run is not None else (dst.parent if dst.name == "artifact" else None)
+    if run_dir is not None:
+        Run(run_dir).log(**info)
+    if out_run is not None:
+        out_run.finish()
+    pr = f", pruned {store.prune_factor}x" if store.prune_factor > 1 else ""
+    print(f"label store: {h['epochs']} epochs x batch {h['batch']}{pr}: {store.num_units} stored batches, "
+          f"{st['bytes_on_disk']['labels']:,} B of labels on disk ({store.payload_bytes():,} B payload), "
+          f"{st['bytes_on_disk']['images']:,} B of images -> {dst}")
+    return 0
 
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
+    from .labels.prune import PRUNE_FACTORS
+
+    p = cli.command(
+        "relabel", cmd_relabel,
+        "FKD-style label store for a distilled set: recorded crops/flips/mixes and the teacher's fp16 logits of "
+        "each view, per stored epoch and batch; --prune keeps an LPLD label pool. Without --teacher, --prune "
+        "prunes the set's existing full store. Interrupted runs continue from their finished epochs.")
+    p.add_argument("path", help="run directory or artifact directory to relabel")
+    p.add_argument("--teacher", default=None, help="teacher directory (decoct squeeze)")
+    p.add_argument("--epochs", type=int, default=None, help="stored epochs (LPLD: 300 ImageNet, 100 Tiny)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per stored batch, also the student's batch (default: the dataset's recipe)")
+    p.add_argument("--prune", type=int, default=None, choices=[f for f in PRUNE_FACTORS if f > 1],
+                   help="LPLD pruning factor (10x r=0.9, 20x 0.95, 30x 0.97, 40x 0.975, 50x 0.98, 100x 0.99)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batch orders and views")
+    p.add_argument("--out", default=None,
+                   help="write the relabelled set as a new run directory instead of in place")

@@ -8,6 +8,12 @@ Protocols (DESIGN §4):
   batch 256, DSA augmentation; ZCA when the artifact carries one. Final-epoch accuracy.
 * ``fast`` — the same recipe with 300 epochs, for CPU smoke runs; always labelled as such and
   never to be compared with paper numbers.
+* ``soft`` — the decoupled family's recipe (:mod:`decoct.train.fkd`): a ResNet-18 student
+  distilled with KL at the reference temperature from the artifact's FKD label store (replaying
+  its stored views), or from an online teacher (``online_teacher=``; unlimited labels, reported
+  as protocol ``soft-online``). Optimiser, schedule, epochs, batch and views per dataset from
+  reference/lpld.md and reference/dwa.md; epochs default to the store's. Label bytes are part of
+  ``bytes_on_disk``. A fast variant is ``epochs=`` fewer.
 
 The set evaluated is always what was saved (uint8 or palette pixels decoded from the PNGs),
 never float tensors from memory. ``baseline='random'`` evaluates, under the same protocol and
@@ -18,6 +24,7 @@ fit in the set's raw information size (images + palettes + labels), at least one
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +44,10 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                     augment="dsa", model="convnet", model_kwargs=dict(width=128, norm="instance")),
     "fast": dict(epochs=300, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
                  augment="dsa", model="convnet", model_kwargs=dict(width=128, norm="instance")),
+    # None = from the dataset's reference recipe (decoct.train.fkd.soft_recipe_for) or the label store
+    "soft": dict(epochs=None, lr=None, momentum=None, weight_decay=None, batch_size=None, schedule=None,
+                 optimizer=None, warmup_epochs=None, temperature=None, t2=None, no_decay_1d=None,
+                 granularity="auto", model="resnet18", model_kwargs={}),
 }
 
 
@@ -90,6 +101,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+_CONVNETS = ("convnet", "convnetd3", "convnetd4", "convnetd5")
+
+
+def hard_protocol_storage(dset: DistilledSet, path: Path, storage: dict[str, Any]) -> tuple[int, int]:
+    """(bytes on disk, raw bytes) a hard/soft-label protocol trains from: an FKD label store in
+    ``labels/`` other than ``soft.safetensors`` is not used by ``classic``/``fast``, so not counted."""
+    import json as _json
+
+    files = _json.loads((path / "manifest.json").read_text()).get("files", {})
+    store_bytes = sum(int(e["bytes"]) for rel, e in files.items()
+                      if rel.startswith("labels/") and rel != "labels/soft.safetensors")
+    store_bits = sum(t.numel() * t.element_size() * 8 for ts in dset.label_files.values() for t in ts.values())
+    raw = storage["raw_bytes"]
+    raw_total = math.ceil((raw["images"] + raw["palettes"]) + max(0, raw["labels"] - store_bits / 8))
+    return storage["bytes_on_disk"]["total"] - store_bytes, raw_total
+
+
 def protocol_config(protocol: str, **overrides: Any) -> dict[str, Any]:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -114,9 +142,8 @@ def _train_eval(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zc
     xt = normalize(dataset.test.images, info, device)
     if zca is not None:
         x, xt = zca.transform(x), zca.transform(xt)
-    model_kwargs = dict(cfg["model_kwargs"])
-    if cfg["model"] not in ("convnet", "convnetd3", "convnetd4", "convnetd5", "convnet_bn", "resnet18_ap", "mlp"):
-        model_kwargs = {}
+    # the protocol's width/norm describe its ConvNet; other students keep their own defaults
+    model_kwargs = dict(cfg["model_kwargs"]) if cfg["model"] in _CONVNETS else {}
 
     def factory() -> torch.nn.Module:
         return model_for(cfg["model"], info, **model_kwargs)
@@ -165,14 +192,15 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
              engine: str = "auto", baseline: str | None = None, progress: bool = True,
              chunk: int | None = None, state: dict[str, list[float]] | None = None,
              on_progress: Callable[[dict[str, list[float]]], None] | None = None,
-             **overrides: Any) -> EvalResult:
+             online_teacher: Any = None, **overrides: Any) -> EvalResult:
     """Train ``runs`` students on a saved distilled set and report final-epoch test accuracy.
 
     ``overrides`` may set any protocol field (epochs, lr, model, ...). ``state`` holds the
     accuracies of students already trained (``{"set": [...], "baseline": [...]}``, as passed to
     ``on_progress`` after every ``chunk`` students), so an interrupted evaluation resumes. With an in-memory
     ``DistilledSet`` the set is saved to a temporary directory and reloaded first, so the
-    pixels evaluated are exactly what a user would load.
+    pixels evaluated are exactly what a user would load. ``online_teacher`` (a module or a teacher
+    directory) is for the ``soft`` protocol only: the teacher labels fresh views at every step.
     """
     import tempfile
 
@@ -180,13 +208,15 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     cfg = protocol_config(protocol, **overrides)
     if baseline not in (None, "random"):
         raise ValueError(f"unknown baseline {baseline!r}; known: random")
+    if online_teacher is not None and protocol != "soft":
+        raise ValueError(f"an online teacher applies to the soft protocol only, not {protocol!r}")
     if isinstance(artifact, DistilledSet):
         with tempfile.TemporaryDirectory() as tmp:
             artifact.save(Path(tmp) / "set")
             return evaluate(Path(tmp) / "set", protocol, runs=runs, seed=seed, dataset=dataset,
                             data_root=data_root, device=device, engine=engine, baseline=baseline,
                             progress=progress, chunk=chunk, state=state, on_progress=on_progress,
-                            **overrides)
+                            online_teacher=online_teacher, **overrides)
     path = Path(artifact)
     dset = DistilledSet.load(path)
     storage = dset.storage(path)
@@ -198,6 +228,12 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
                          f"{dataset.info.num_classes}")
     zca = ZCA.from_state_dict(dset.attachments["zca"]) if "zca" in dset.attachments else None
     state = {k: list(v) for k, v in (state or {}).items()}
+    if protocol == "soft":
+        if zca is not None:
+            raise ValueError("the soft protocol does not support ZCA-whitened sets")
+        return _evaluate_soft(dset, storage, dataset, cfg, runs=runs, seed=seed, device=dev, baseline=baseline,
+                              progress=progress, chunk=chunk, state=state, on_progress=on_progress,
+                              online_teacher=online_teacher)
 
     def report(key: str) -> Callable[[list[float]], None]:
         def cb(accs: list[float]) -> None:
@@ -206,11 +242,20 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
                 on_progress(state)
         return cb
 
+    # What the set itself says it should be trained with: TM/DATM sets carry learned soft labels
+    # (logits) and MTT's learned student step size (meta.syn_lr); the papers evaluate with both.
+    base_cfg = dict(cfg)  # the random-real baseline trains with the protocol's own recipe
+    targets = dset.soft_labels if dset.soft_labels is not None else dset.labels
+    extra: dict[str, Any] = {"labels": "soft" if dset.soft_labels is not None else "hard"}
+    if "syn_lr" in dset.meta and overrides.get("lr") is None:
+        cfg["lr"] = float(dset.meta["syn_lr"])
+        extra["lr"] = f"learned syn_lr {cfg['lr']:.4g}"
+    disk_bytes, raw_bytes = hard_protocol_storage(dset, path, storage)
     t0 = time.perf_counter()
-    accs, used = _train_eval(dset.images, dset.labels, dataset, zca, cfg, runs, seed, dev, engine, progress,
+    accs, used = _train_eval(dset.images, targets, dataset, zca, cfg, runs, seed, dev, engine, progress,
                              state.get("set"), chunk, report("set"))
-    result = EvalResult(protocol, cfg["model"], accs, storage["bytes_on_disk"]["total"],
-                        storage["raw_bytes"]["total"], time.perf_counter() - t0, len(dset), used, cfg["epochs"])
+    result = EvalResult(protocol, cfg["model"], accs, disk_bytes, raw_bytes, time.perf_counter() - t0, len(dset),
+                        used, cfg["epochs"], extra=extra)
     if baseline == "random":
         ipc = equal_storage_ipc(dset, result.raw_bytes)
         idx = random_baseline_indices(dataset, ipc, seed)
@@ -220,11 +265,106 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             base.save(Path(tmp) / "random")
             base_storage = base.storage(Path(tmp) / "random")
         t1 = time.perf_counter()
-        baccs, bused = _train_eval(base.images, base.labels, dataset, zca, cfg, runs, seed, dev, engine, progress,
+        baccs, bused = _train_eval(base.images, base.labels, dataset, zca, base_cfg, runs, seed, dev, engine, progress,
                                    state.get("baseline"), chunk, report("baseline"))
         result.baseline = EvalResult(protocol, cfg["model"], baccs, base_storage["bytes_on_disk"]["total"],
                                      base_storage["raw_bytes"]["total"], time.perf_counter() - t1, len(base),
                                      bused, cfg["epochs"], extra={"ipc": ipc})
+    return result
+
+
+def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset, cfg: dict[str, Any], *, runs: int,
+                   seed: int, device: torch.device, baseline: str | None, progress: bool, chunk: int | None,
+                   state: dict[str, list[float]], on_progress: Callable[[dict[str, list[float]]], None] | None,
+                   online_teacher: Any) -> EvalResult:
+    """The ``soft`` protocol: students trained by KD from the label store or an online teacher.
+
+    Everything that can be wrong (no store, a store of another set, a batch size the store was
+    not made with, a teacher of other classes) fails here, before the first student trains.
+    """
+    from .labels.relabel import check_teacher_output, join_torchrun, resolve_teacher
+    from .labels.store import LabelStore
+    from .train.fkd import FKDConfig, fill_value, fit_soft_students, soft_recipe_for
+
+    device = join_torchrun(device)  # under torchrun every student trains with DDP
+    info = dataset.info
+    recipe = soft_recipe_for(info)
+    teacher = None
+    store = None
+    if online_teacher is not None:
+        teacher, tdesc = resolve_teacher(online_teacher, info, device)
+        check_teacher_output(teacher, normalize(dset.images[:2], info, device), info.num_classes)
+        batch = cfg["batch_size"] or min(recipe.batch_size, len(dset))
+        epochs = cfg["epochs"] or recipe.epochs
+        view = recipe.view
+    else:
+        store = LabelStore.from_set(dset)
+        if cfg["batch_size"] is not None and cfg["batch_size"] != store.batch:
+            raise ValueError(f"the label store was made with batch {store.batch}; the soft protocol trains with the "
+                             f"store's batch size (asked for {cfg['batch_size']}); relabel with that batch size")
+        batch = store.batch
+        epochs = cfg["epochs"] or int(store.header["epochs"])
+        view = store.view
+    if baseline == "random" and store is not None:
+        raise ValueError("baseline='random' with stored labels would need the baseline relabelled by the same "
+                         "teacher: select a random run, relabel it, and evaluate it; or pass an online teacher")
+    amp = device.type == "cuda"
+    keys = ("optimizer", "lr", "momentum", "weight_decay", "no_decay_1d", "schedule", "warmup_epochs",
+            "temperature", "t2", "granularity")
+    fcfg = FKDConfig.from_recipe(recipe, epochs=epochs, batch_size=batch, amp=amp, channels_last=amp,
+                                 **{k: cfg[k] for k in keys})
+    fill = fill_value(info, device)
+    xt = normalize(dataset.test.images, info, device)
+    yt = dataset.test.labels.to(device)
+
+    def factory() -> torch.nn.Module:
+        return model_for(cfg["model"], info, **cfg["model_kwargs"])
+
+    def run_students(images: torch.Tensor, key: str) -> list[float]:
+        x = normalize(images, info, device)
+        accs = list(state.get(key) or [])
+        step = max(1, chunk or runs)
+        while len(accs) < runs:
+            seeds = [seed + r for r in range(len(accs), min(runs, len(accs) + step))]
+            accs += fit_soft_students(factory, x, xt, yt, fcfg, seeds=seeds, store=store if key == "set" else None,
+                                      teacher=teacher, view=view, fill=fill, device=device, progress=progress)
+            state[key] = list(accs)
+            if on_progress is not None:
+                on_progress(state)
+        return accs
+
+    t0 = time.perf_counter()
+    accs = run_students(dset.images, "set")
+    extra: dict[str, Any] = dict(recipe=recipe.name, recipe_source=recipe.source, temperature=fcfg.temperature,
+                                 batch_size=batch, image_bytes=storage["bytes_on_disk"]["images"],
+                                 label_bytes=storage["bytes_on_disk"]["labels"], view=view.to_dict())
+    if store is not None:
+        extra.update(label_source="store", unlimited_labels=False, prune_factor=store.prune_factor,
+                     stored_epochs=int(store.header["epochs"]), stored_batches=store.num_units,
+                     label_payload_bytes=store.payload_bytes(),
+                     granularity=fcfg.granularity if fcfg.granularity != "auto" else
+                     ("order" if store.prune_factor == 1 else "batch_to_epoch"))
+        proto = "soft"
+    else:
+        extra.update(label_source="online_teacher", unlimited_labels=True, teacher=tdesc,
+                     note="online teacher: every step labels fresh views; label storage is unlimited and "
+                          "not counted in bytes_on_disk")
+        proto = "soft-online"
+    result = EvalResult(proto, cfg["model"], accs, storage["bytes_on_disk"]["total"], storage["raw_bytes"]["total"],
+                        time.perf_counter() - t0, len(dset), "sequential", epochs, extra=extra)
+    if baseline == "random":
+        ipc = equal_storage_ipc(dset, result.raw_bytes)
+        idx = random_baseline_indices(dataset, ipc, seed)
+        base = DistilledSet(info=info, images=dataset.train.images[idx], labels=dataset.train.labels[idx],
+                            method="random", config={"ipc": ipc, "seed": seed})
+        with tempfile.TemporaryDirectory() as tmp:
+            base.save(Path(tmp) / "random")
+            bst = base.storage(Path(tmp) / "random")
+        t1 = time.perf_counter()
+        baccs = run_students(base.images, "baseline")
+        result.baseline = EvalResult(proto, cfg["model"], baccs, bst["bytes_on_disk"]["total"],
+                                     bst["raw_bytes"]["total"], time.perf_counter() - t1, len(base), "sequential",
+                                     epochs, extra={"ipc": ipc, "label_source": "online_teacher"})
     return result
 
 

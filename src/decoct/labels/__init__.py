@@ -1,0 +1,40 @@
+"""Stored soft labels: the FKD label store, relabel with a teacher, LPLD label pruning."""
+
+from .prune import GRANULARITIES, PRUNE_FACTORS, epoch_plan, kept_units, prune_ratio, prune_store
+from .relabel import prune_labels, relabel, relabel_set, replay_logits, resolve_teacher
+from .store import (
+    FORMAT,
+    VERSION,
+    EpochLabels,
+    LabelStore,
+    LabelStoreError,
+    attach_store,
+    dataset_fingerprint,
+    payload_model,
+    set_fingerprint,
+    strip_store,
+)
+
+__all__ = [
+    "FORMAT",
+    "GRANULARITIES",
+    "PRUNE_FACTORS",
+    "VERSION",
+    "EpochLabels",
+    "LabelStore",
+    "LabelStoreError",
+    "attach_store",
+    "dataset_fingerprint",
+    "epoch_plan",
+    "kept_units",
+    "payload_model",
+    "prune_ratio",
+    "prune_labels",
+    "prune_store",
+    "relabel",
+    "relabel_set",
+    "replay_logits",
+    "resolve_teacher",
+    "set_fingerprint",
+    "strip_store",
+]

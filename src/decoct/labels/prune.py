@@ -1,0 +1,142 @@
+"""LPLD label pruning: keep a label pool, draw each training epoch's batches from it.
+
+reference/lpld.md §5: a store of E epochs x B batches ("units", global id g = epoch*B + batch)
+is pruned at ratio r by keeping the *prefix* of ``floor((1-r) * E * B)`` units (every epoch is an
+independent random draw of views, so a prefix is a random subset). The student still trains all
+E epochs; with the improved label pool (``batch_to_epoch``, what every LPLD script uses) each
+epoch is B unit ids drawn uniformly *with replacement* from the pool. ``epoch`` granularity
+replays one whole stored epoch drawn uniformly from the pool's complete epochs; ``order`` replays
+stored epoch e at training epoch e (the unpruned 1x protocol).
+
+Factor <-> ratio mapping, exactly as the LPLD scripts (§5.1): 10x r=0.9, 20x r=0.95, "30x"
+r=0.97 (really 33.3x), 40x r=0.975, and the paper's 50x r=0.98, 100x r=0.99. Computed with
+fractions, so the kept count never suffers float rounding (``int(100 * (1 - 0.9))`` is 9, not 10).
+
+B counts only *full* batches (LPLD relabels pruned stores with drop-last), so the pool never holds
+a short tail batch; the reference instead draws over all ids and replaces a drawn last-of-epoch id
+by its predecessor, which also never uses a tail but double-weights the second-to-last batch.
+The reference's draws come from the unseeded global RNG; ours from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+from .store import EpochLabels, LabelStore, LabelStoreError
+
+__all__ = [
+    "GRANULARITIES",
+    "PRUNE_FACTORS",
+    "epoch_plan",
+    "kept_units",
+    "prune_ratio",
+    "prune_store",
+]
+
+PRUNE_FACTORS: dict[int, Fraction] = {
+    1: Fraction(0),
+    10: Fraction(9, 10),
+    20: Fraction(19, 20),
+    30: Fraction(97, 100),
+    40: Fraction(39, 40),
+    50: Fraction(49, 50),
+    100: Fraction(99, 100),
+}
+"""Pruning factor (as the papers name it) -> pruning ratio r (fraction of stored batches dropped)."""
+
+GRANULARITIES = ("auto", "order", "batch_to_epoch", "epoch")
+
+
+def prune_ratio(factor: int) -> Fraction:
+    """The ratio r of a pruning factor; unknown factors raise naming the known ones."""
+    if factor not in PRUNE_FACTORS:
+        raise ValueError(f"unknown pruning factor {factor!r}; known: {', '.join(map(str, PRUNE_FACTORS))}")
+    return PRUNE_FACTORS[factor]
+
+
+def kept_units(total: int, factor: int) -> int:
+    """``floor((1 - r) * total)`` units kept; raises when that leaves no batch at all."""
+    r = prune_ratio(factor)
+    kept = int((1 - r) * total)
+    if kept < 1:
+        raise LabelStoreError(
+            f"pruning {factor}x (r={float(r):g}) keeps floor({total} x {1 - r}) = 0 of {total} stored batches; "
+            f"relabel more epochs (the pool needs at least {math.ceil(1 / (1 - r))} full batches) or prune less")
+    return kept
+
+
+def pool_total(epochs: int, full_per_epoch: int) -> int:
+    """Units the pruning ratio applies to: E epochs x B full batches."""
+    return epochs * full_per_epoch
+
+
+def prune_store(store: LabelStore, factor: int) -> LabelStore:
+    """The pruned store: the prefix of ``floor((1-r) E B)`` full stored batches of an unpruned store.
+
+    Bit-identical to relabelling with ``prune=factor`` directly (each batch's draws depend only on
+    (seed, epoch, batch)), so one full relabel serves every pruning factor.
+    """
+    if store.prune_factor != 1:
+        raise LabelStoreError(f"the store is already pruned {store.prune_factor}x; prune the unpruned store")
+    h = store.header
+    full_per_epoch = int(h["full_units_per_epoch"])
+    if sorted(store.complete_epochs()) != list(range(int(h["epochs"]))):
+        raise LabelStoreError("pruning needs a complete unpruned store (every epoch and batch)")
+    keep = kept_units(pool_total(int(h["epochs"]), full_per_epoch), factor)
+    if factor == 1:
+        return store
+    epochs: dict[int, EpochLabels] = {}
+    left = keep
+    for e, ep in store.epochs.items():
+        if left <= 0:
+            break
+        full = [p for p, s in enumerate(ep.sizes.tolist()) if s == store.batch][:left]
+        epochs[e] = ep.select(full)
+        left -= len(full)
+    header = dict(h, prune=_prune_header(factor, keep, pool_total(int(h["epochs"]), full_per_epoch)))
+    return LabelStore(header, epochs)
+
+
+def _prune_header(factor: int, kept: int, total: int) -> dict:
+    r = prune_ratio(factor)
+    return {"factor": factor, "ratio": f"{r.numerator}/{r.denominator}", "kept_units": kept,
+            "total_units": total}
+
+
+def epoch_plan(store: LabelStore, epochs: int, granularity: str = "auto",
+               generator: torch.Generator | None = None) -> list[list[tuple[int, int]]]:
+    """For each training epoch, the stored batches (epoch, position) to replay, in order.
+
+    ``auto``: ``order`` for an unpruned store, ``batch_to_epoch`` (the improved label pool) for a
+    pruned one.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; known: {', '.join(GRANULARITIES)}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if granularity == "auto":
+        granularity = "order" if store.prune_factor == 1 else "batch_to_epoch"
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    if granularity == "order":
+        have = store.complete_epochs()
+        if have[:epochs] != list(range(epochs)):
+            raise LabelStoreError(
+                f"order replay of {epochs} epochs needs stored epochs 0..{epochs - 1} complete; the store "
+                f"has {len(have)} complete epoch(s){' (it is pruned)' if store.prune_factor > 1 else ''}. "
+                "Train fewer epochs or use granularity batch_to_epoch")
+        return [[(e, p) for p in range(len(store.epochs[e]))] for e in range(epochs)]
+    if granularity == "epoch":
+        pool_epochs = store.complete_epochs()
+        if not pool_epochs:
+            raise LabelStoreError("epoch granularity needs at least one complete stored epoch")
+        picks = torch.randint(len(pool_epochs), (epochs,), generator=g).tolist()
+        return [[(pool_epochs[i], p) for p in range(len(store.epochs[pool_epochs[i]]))] for i in picks]
+    pool = store.units(full_only=True)
+    if not pool:
+        raise LabelStoreError("the label pool holds no full batch")
+    per_epoch = int(store.header["full_units_per_epoch"])
+    draws = torch.randint(len(pool), (epochs, per_epoch), generator=g).tolist()
+    return [[pool[i] for i in row] for row in draws]

@@ -1,0 +1,373 @@
+"""Relabel: build an FKD label store for a distilled set with a teacher (SRe2L/LPLD relabel).
+
+For every stored epoch the set is shuffled, cut into batches of ``batch_size`` images, and for
+each batch a view record is drawn (crop, flip, mix; see :mod:`decoct.augment.fkd`), applied, and
+the teacher's logits of exactly that view are stored in fp16 next to the record and the batch
+composition (reference/lpld.md §4). With ``prune`` only the first ``floor((1-r) E B)`` full
+batches are generated (LPLD §4.3).
+
+Determinism: epoch e's order comes from a generator keyed (seed, "order", e) and batch (e, b)'s
+views from one keyed (seed, "view", e, b). Hence a pruned store equals the prefix of the full one
+(:func:`decoct.labels.prune.prune_store`), an interrupted relabel resumes epoch by epoch with the
+same result, and ranks under ``torchrun`` split epochs between them without sharing RNG state.
+
+torchrun: ``torchrun --nproc_per_node N decoct relabel ...`` makes rank r generate the stored
+epochs r, r+N, ... into the shared work directory; after a barrier rank 0 assembles the store
+and writes the artifact, which is bit-identical to a 1-process relabel on the same device type.
+
+Batches: ``batch = min(batch_size, N)``; a short last batch is kept in full stores (LPLD keeps it
+too, but never draws it from a pruned pool), except a 1-image tail, which is dropped because a
+batch-norm student cannot train on it. Pruned stores hold full batches only (LPLD drop-last).
+The teacher runs in eval mode, one forward per stored batch (so replay reproduces the logits bit
+for bit on the same device), bf16 autocast and channels_last on CUDA only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from decoct.artifact import DistilledSet
+from decoct.augment.fkd import ViewRecipe, apply_views, draw_views, seeded_generator
+from decoct.io import atomic_save_tensors, atomic_write_json, load_tensors
+
+from .prune import _prune_header, kept_units, pool_total, prune_ratio
+from .store import (
+    FORMAT,
+    VERSION,
+    EpochLabels,
+    LabelStore,
+    LabelStoreError,
+    attach_store,
+    dataset_fingerprint,
+)
+
+__all__ = ["RelabelPlan", "check_teacher_output", "join_torchrun", "prune_labels", "relabel", "relabel_set", "replay_logits", "resolve_teacher", "teacher_fingerprint"]
+
+
+# ---------------------------------------------------------------------- distributed helpers
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the joined process group, (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def join_torchrun(device: str | torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group and return this rank's device
+    (``cuda:LOCAL_RANK`` for CUDA); otherwise just resolve ``device``."""
+    from decoct import distributed
+    from decoct.evaluation import resolve_device
+
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if distributed.world_size() > 1:
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", distributed.local_rank())
+            torch.cuda.set_device(dev)
+        distributed.init_process_group(dev)
+    return dev
+
+
+# ---------------------------------------------------------------------- teacher
+def teacher_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a teacher's state dict (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def resolve_teacher(teacher: nn.Module | str | Path, info: Any, device: torch.device) -> tuple[nn.Module, dict]:
+    """(teacher in eval mode on ``device``, description) from a module or a teacher directory.
+
+    A directory must hold a teacher of this dataset (same classes and image shape); a module
+    must output one logit per class. Both are checked before any work starts.
+    """
+    desc: dict[str, Any]
+    if isinstance(teacher, (str, Path)):
+        from decoct.squeeze import check_teacher_dataset, load_teacher
+
+        model, t_info, meta = load_teacher(teacher, device)
+        check_teacher_dataset(t_info, info, teacher)
+        desc = {"path": str(teacher), "model": meta.get("model"), "dataset": t_info.name}
+    elif isinstance(teacher, nn.Module):
+        model = teacher.to(device)
+        desc = {"model": type(teacher).__name__}
+    else:
+        raise TypeError(f"teacher must be an nn.Module or a teacher directory, got {type(teacher).__name__}")
+    model.eval()
+    desc["fingerprint"] = teacher_fingerprint(model)
+    return model, desc
+
+
+def check_teacher_output(model: nn.Module, x: Tensor, num_classes: int) -> None:
+    """One forward on two images: the teacher must give one logit per class (before real work)."""
+    with torch.no_grad():
+        out = model(x[:2])
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise LabelStoreError(
+            f"the teacher outputs {tuple(out.shape[1:])} per image; this set has {num_classes} classes")
+
+
+# ---------------------------------------------------------------------- plan
+class RelabelPlan:
+    """Batch geometry of a store: which (epoch, batch) units exist and their sizes."""
+
+    def __init__(self, num_images: int, epochs: int, batch_size: int, prune: int | None) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+        if num_images < 2:
+            raise ValueError(f"relabel needs at least 2 images, the set has {num_images}")
+        n = num_images
+        self.num_images, self.epochs, self.batch_size = n, epochs, batch_size
+        self.batch = min(batch_size, n)
+        self.full = n // self.batch
+        tail = n - self.full * self.batch
+        self.tail = tail if tail > 1 else 0
+        self.units_per_epoch = self.full + (1 if self.tail else 0)
+        self.prune = None if prune in (None, 1) else int(prune)
+        if prune is not None:
+            prune_ratio(int(prune))  # unknown factors fail here
+        self.kept = kept_units(pool_total(epochs, self.full), self.prune) if self.prune else None
+
+    def units(self) -> dict[int, list[int]]:
+        """Stored epoch -> batch numbers to generate."""
+        if self.prune is None:
+            return {e: list(range(self.units_per_epoch)) for e in range(self.epochs)}
+        out: dict[int, list[int]] = {}
+        for g in range(int(self.kept)):
+            out.setdefault(g // self.full, []).append(g % self.full)
+        return out
+
+    def size(self, unit: int) -> int:
+        return self.batch if unit < self.full else self.tail
+
+
+def _header(plan: RelabelPlan, fingerprint: str, num_classes: int, image_shape: tuple, view: ViewRecipe,
+            seed: int, teacher: dict) -> dict[str, Any]:
+    h: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "num_images": plan.num_images,
+        "num_classes": num_classes, "image_shape": list(image_shape), "epochs": plan.epochs,
+        "batch_size": plan.batch_size, "batch": plan.batch, "units_per_epoch": plan.units_per_epoch,
+        "full_units_per_epoch": plan.full, "tail": plan.tail, "view": view.to_dict(), "seed": int(seed),
+        "teacher": teacher, "logits": "float16", "prune": None,
+    }
+    if plan.prune:
+        h["prune"] = _prune_header(plan.prune, int(plan.kept), pool_total(plan.epochs, plan.full))
+    return h
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
+    return torch.randperm(n, generator=seeded_generator(seed, "order", epoch))
+
+
+def _generate_epoch(teacher: nn.Module, x: Tensor, plan: RelabelPlan, epoch: int, units: list[int],
+                    view: ViewRecipe, seed: int, fill: Tensor, amp: bool, channels_last: bool) -> EpochLabels:
+    from decoct.train.fkd import teacher_logits
+
+    order = _epoch_order(seed, epoch, plan.num_images)
+    _, _, h, w = x.shape
+    idxs, recs, logits = [], [], []
+    for u in units:
+        idx = order[u * plan.batch: u * plan.batch + plan.size(u)]
+        rec = draw_views(len(idx), h, w, view, seeded_generator(seed, "view", epoch, u))
+        out = teacher_logits(teacher, apply_views(x[idx.to(x.device)], rec, fill), amp=amp,
+                             channels_last=channels_last)
+        if not torch.isfinite(out).all() or out.abs().max() > 65504:
+            raise LabelStoreError(f"teacher logits of epoch {epoch} batch {u} are not finite or exceed the "
+                                  "float16 range; check the teacher")
+        idxs.append(idx)
+        recs.append(rec)
+        logits.append(out.half().cpu())
+    return EpochLabels.build(epoch, units, idxs, recs, logits)
+
+
+# ---------------------------------------------------------------------- API
+class _Job:
+    """Everything a relabel needs, validated before any teacher forward of the real work."""
+
+    def __init__(self, dset: DistilledSet, teacher: nn.Module | str | Path, epochs: int, batch_size: int | None,
+                 seed: int, device: str | torch.device, prune: int | None, view: ViewRecipe | None,
+                 amp: bool | None, channels_last: bool | None) -> None:
+        from decoct.data.types import normalize
+        from decoct.train.fkd import fill_value, soft_recipe_for
+
+        if not dset.is_canonical:
+            raise ValueError("relabel needs a set in canonical (class-sorted) order; use set.canonical()")
+        dev = join_torchrun(device)
+        recipe = soft_recipe_for(dset.info)
+        self.view = view or recipe.view
+        self.plan = RelabelPlan(len(dset), int(epochs), int(batch_size or recipe.batch_size), prune)
+        self.model, tdesc = resolve_teacher(teacher, dset.info, dev)
+        cuda = dev.type == "cuda"
+        self.amp = cuda if amp is None else bool(amp)
+        self.channels_last = cuda if channels_last is None else bool(channels_last)
+        if self.amp and not cuda:
+            raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
+        self.x = normalize(dset.images, dset.info, dev)
+        check_teacher_output(self.model, self.x, dset.info.num_classes)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.seed = int(seed)
+        self.header = _header(self.plan, dataset_fingerprint(dset), dset.info.num_classes, dset.info.image_shape,
+                              self.view, self.seed, tdesc)
+        self.header["precision"] = "bf16-autocast" if self.amp else "float32"
+        self.fill = fill_value(dset.info, dev)
+        self.units = self.plan.units()
+        self.header["stored_epochs"] = {str(e): len(self.units[e]) for e in sorted(self.units)}
+
+    def run(self, work: Path | None, progress: bool) -> LabelStore:
+        from decoct.runs import progress as bar_of
+
+        rank, world = _dist()
+        if world > 1 and work is None:
+            raise ValueError("a sharded (torchrun) relabel needs a work_dir shared by all ranks")
+        key = hashlib.sha256(json.dumps(self.header, sort_keys=True).encode()).hexdigest()
+        if work is not None and rank == 0:
+            job = work / "job.json"
+            if job.exists() and json.loads(job.read_text()).get("key") != key:
+                shutil.rmtree(work)  # a previous relabel with other settings: its epochs do not apply
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(job, {"key": key, "header": self.header})
+        _barrier()
+        mine = [e for i, e in enumerate(sorted(self.units)) if i % world == rank]
+        out: dict[int, EpochLabels] = {}
+        for e in bar_of(mine, desc="relabel", enabled=progress and rank == 0):
+            path = work / f"e{e:05d}.safetensors" if work is not None else None
+            if path is not None and path.exists():
+                ep = self._load(path)
+                if ep is not None and ep.units.tolist() == self.units[e]:
+                    out[e] = ep
+                    continue
+            ep = _generate_epoch(self.model, self.x, self.plan, e, self.units[e], self.view, self.seed, self.fill,
+                                 self.amp, self.channels_last)
+            if path is not None:
+                atomic_save_tensors(path, ep.tensors())
+            out[e] = ep
+        _barrier()
+        for e in self.units:
+            if e not in out:  # another rank's epochs
+                assert work is not None
+                ep = self._load(work / f"e{e:05d}.safetensors")
+                if ep is None:
+                    raise LabelStoreError(f"epoch {e} of the sharded relabel is missing or damaged in {work}")
+                out[e] = ep
+        _barrier()  # every rank has read the shared epochs before rank 0 may remove them
+        return LabelStore(dict(self.header), out)
+
+    def _load(self, path: Path) -> EpochLabels | None:
+        try:
+            ep = EpochLabels.from_tensors(load_tensors(path), path.name)
+            ep.validate(self.header, path.name)
+            return ep
+        except (LabelStoreError, OSError, ValueError):
+            return None  # a damaged leftover: regenerate it
+
+
+def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two headers describe the same store (the teacher compared by its weights, not its path)."""
+    def key(h: dict[str, Any]) -> dict[str, Any]:
+        teacher = {k: v for k, v in (h.get("teacher") or {}).items() if k != "path"}
+        return {k: v for k, v in h.items() if k != "stored_epochs"} | {"teacher": teacher}
+    return key(a) == key(b)
+
+
+def relabel_set(dset: DistilledSet, teacher: nn.Module | str | Path, epochs: int, batch_size: int | None = None,
+                seed: int = 0, device: str | torch.device = "auto", prune: int | None = None, *,
+                view: ViewRecipe | None = None, amp: bool | None = None, channels_last: bool | None = None,
+                work_dir: str | Path | None = None, progress: bool = False) -> LabelStore:
+    """Build the label store of an in-memory set (canonical order); see :func:`relabel`.
+
+    With ``work_dir`` every finished epoch is written there and reused on the next call with the
+    same settings (resume); under torchrun the ranks split the epochs and must share ``work_dir``.
+    """
+    job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last)
+    return job.run(Path(work_dir) if work_dir is not None else None, progress)
+
+
+def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: int, batch_size: int | None = None,
+            seed: int = 0, device: str | torch.device = "auto", prune: int | None = None, *,
+            out: str | Path | None = None, view: ViewRecipe | None = None, amp: bool | None = None,
+            channels_last: bool | None = None, force: bool = False, progress: bool = False) -> Path:
+    """Relabel the artifact at ``artifact_dir`` and write it back (or to ``out``) with its label store.
+
+    ``batch_size`` defaults to the dataset's soft recipe (it is also the student's batch size);
+    ``prune`` is an LPLD factor (10, 20, 30, 40, 50, 100) and generates only the kept batches.
+    Resumable per epoch (finished epochs wait in ``.<artifact>.relabel/`` next to the artifact).
+    An artifact already holding a store made with the same settings is left as is; one made with
+    other settings is replaced only with ``force``. Returns the artifact directory written.
+    """
+    from decoct.runs import resolve_artifact
+
+    src = resolve_artifact(artifact_dir)
+    dst = Path(out) if out is not None else src
+    dset = DistilledSet.load(src)
+    if out is not None and dst.exists() and any(dst.iterdir()) and not force:
+        raise ValueError(f"{dst} exists; pass force=True to replace it")
+    job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last)
+    existing = LabelStore.from_label_files(dset.label_files) if out is None else None
+    if existing is not None and not force:
+        if _same_settings(existing.header, job.header):
+            return dst
+        raise LabelStoreError(
+            f"{src} already holds a label store made with other settings (epochs {existing.header['epochs']}, "
+            f"batch {existing.header['batch']}, prune {existing.prune_factor}x, seed {existing.header['seed']}); "
+            "pass force to replace it, or write the new one elsewhere with out=")
+    work = dst.parent / f".{dst.name}.relabel"
+    store = job.run(work, progress)
+    rank, _ = _dist()
+    if rank == 0:
+        attach_store(dset, store).save(dst, overwrite=True)
+        shutil.rmtree(work, ignore_errors=True)
+    _barrier()
+    return dst
+
+
+def replay_logits(teacher: nn.Module, images: Tensor, store: LabelStore, epoch: int, pos: int,
+                  fill: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(recomputed fp16 logits, stored fp16 logits) of one stored batch: a replay check."""
+    from decoct.train.fkd import teacher_logits
+
+    idx, rec, stored = store.batch_at(epoch, pos)
+    x = apply_views(images[idx.to(images.device)], rec, fill)
+    return teacher_logits(teacher.eval(), x).half().cpu(), stored
+
+
+def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | None = None,
+                 force: bool = False) -> Path:
+    """Prune the artifact's unpruned label store ``factor``x (LPLD), in place or into ``out``.
+
+    The result is identical to relabelling with ``prune=factor`` (see
+    :func:`decoct.labels.prune.prune_store`), without running the teacher again. In place, the
+    full store is replaced, so that needs ``force``.
+    """
+    from decoct.runs import resolve_artifact
+
+    from .prune import prune_store
+
+    src = resolve_artifact(artifact_dir)
+    dset = DistilledSet.load(src)
+    store = LabelStore.from_set(dset)
+    pruned = prune_store(store, int(factor))
+    dst = Path(out) if out is not None else src
+    if out is None and not force:
+        raise ValueError(f"pruning in place replaces the full label store of {src}; pass force, or out=")
+    if out is not None and dst.exists() and any(dst.iterdir()) and not force:
+        raise ValueError(f"{dst} exists; pass force=True to replace it")
+    attach_store(dset, pruned).save(dst, overwrite=True)
+    return dst

@@ -1,0 +1,400 @@
+"""The FKD label store: recorded views + teacher logits, kept inside a distilled-set artifact.
+
+Files (``label_files`` of :class:`~decoct.artifact.DistilledSet`, so ``labels/<name>.safetensors``
+and counted by :meth:`DistilledSet.storage` as label bytes)::
+
+    labels/fkd.safetensors           header: one uint8 tensor holding the store's JSON header
+    labels/fkd-e00000.safetensors    stored epoch 0
+    labels/fkd-e00001.safetensors    ...
+
+One file per stored epoch (the unit of resume and of sharding), with its stored batches
+("units") laid out flat so a short last batch needs no padding::
+
+    units   int32 (U,)     batch number inside the epoch (0, 1, ...; pruned epochs hold a prefix)
+    sizes   int32 (U,)     images in each batch
+    index   int32 (n,)     image indices, batch after batch (the batch composition)
+    crop    int16 (n, 4)   top, left, height, width in pixels (see decoct.augment.fkd)
+    flip    bool  (n,)
+    logits  float16 (n, C) the teacher's logits of exactly that view (after the mix)
+    perm    int16 (n,)     mix partner inside the batch (stores with a mix only)
+    lam     float32 (U,)   mix lambda per batch (stores with a mix only)
+    box     int16 (U, 4)   CutMix box a1, b1, a2, b2 per batch (CutMix stores only)
+
+This is the SRe2L/LPLD per-batch format (reference/lpld.md §4.2) with three changes: integer
+pixel boxes instead of fractions (exact replay), int32/int16 indices instead of int64 (smaller),
+and batches addressed by (epoch, batch number) rather than by their first image index (the LPLD
+lookup collision of §5.3 cannot happen). Logits are all C classes in fp16, no top-k, as LPLD.
+
+The header records the format version, the pruning factor, the relabel settings and the
+*fingerprint* of the artifact's pixels and labels: a store used with any other set is refused
+(:meth:`LabelStore.check_for`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from decoct.augment.fkd import ViewRecipe, ViewRecord
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "HEADER_FILE",
+    "EpochLabels",
+    "LabelStore",
+    "LabelStoreError",
+    "attach_store",
+    "dataset_fingerprint",
+    "epoch_file",
+    "payload_model",
+    "set_fingerprint",
+    "strip_store",
+]
+
+FORMAT = "decoct-fkd-labels"
+VERSION = 1
+HEADER_FILE = "fkd"
+_EPOCH_RE = re.compile(r"^fkd-e(\d{5,})$")
+
+
+class LabelStoreError(ValueError):
+    """A label store is missing, malformed, or does not belong to the set it is used with."""
+
+
+def epoch_file(epoch: int) -> str:
+    """``label_files`` name of one stored epoch."""
+    return f"fkd-e{epoch:05d}"
+
+
+def set_fingerprint(images: Tensor, labels: Tensor, num_classes: int) -> str:
+    """SHA-256 of a set's pixels (uint8, in order), hard labels and class count.
+
+    A label store indexes images by position, so it is valid only for exactly these pixels in
+    exactly this order; this hash is what ties a store to its artifact.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    h = hashlib.sha256()
+    h.update(json.dumps({"shape": list(images.shape), "classes": int(num_classes)}).encode())
+    h.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
+    h.update(labels.cpu().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dset: Any) -> str:
+    """:func:`set_fingerprint` of a :class:`~decoct.artifact.DistilledSet`."""
+    return set_fingerprint(dset.images, dset.labels, dset.info.num_classes)
+
+
+@dataclass
+class EpochLabels:
+    """The stored batches of one epoch (see the module docstring for the fields)."""
+
+    epoch: int
+    units: Tensor
+    sizes: Tensor
+    index: Tensor
+    crop: Tensor
+    flip: Tensor
+    logits: Tensor
+    perm: Tensor | None = None
+    lam: Tensor | None = None
+    box: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.sizes.long().cumsum(0)])
+
+    def __len__(self) -> int:
+        return int(self.units.shape[0])
+
+    def batch(self, pos: int) -> tuple[Tensor, ViewRecord, Tensor]:
+        """(image indices int64, view record, fp16 logits) of the ``pos``-th stored batch."""
+        s, e = int(self.offsets[pos]), int(self.offsets[pos + 1])
+        rec = ViewRecord(crop=self.crop[s:e], flip=self.flip[s:e])
+        if self.perm is not None:
+            rec.perm = self.perm[s:e]
+            rec.lam = self.lam[pos] if self.lam is not None else None
+            rec.box = self.box[pos] if self.box is not None else None
+        return self.index[s:e].long(), rec, self.logits[s:e]
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"epoch": torch.tensor([self.epoch], dtype=torch.int32)}
+        for f in ("units", "sizes", "index", "crop", "flip", "logits", "perm", "lam", "box"):
+            t = getattr(self, f)
+            if t is not None:
+                out[f] = t.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor], name: str) -> EpochLabels:
+        need = ("epoch", "units", "sizes", "index", "crop", "flip", "logits")
+        missing = [k for k in need if k not in t]
+        if missing:
+            raise LabelStoreError(f"labels/{name}.safetensors: missing tensor(s) {missing}")
+        extra = set(t) - set(need) - {"perm", "lam", "box"}
+        if extra:
+            raise LabelStoreError(f"labels/{name}.safetensors: unexpected tensor(s) {sorted(extra)}")
+        return cls(epoch=int(t["epoch"][0]), units=t["units"], sizes=t["sizes"], index=t["index"],
+                   crop=t["crop"], flip=t["flip"], logits=t["logits"], perm=t.get("perm"),
+                   lam=t.get("lam"), box=t.get("box"))
+
+    @classmethod
+    def build(cls, epoch: int, units: list[int], indices: list[Tensor], records: list[ViewRecord],
+              logits: list[Tensor]) -> EpochLabels:
+        """Assemble an epoch from per-batch pieces (as relabel produces them)."""
+        mixed = bool(records) and records[0].perm is not None
+        cut = bool(records) and records[0].box is not None
+        return cls(
+            epoch=epoch,
+            units=torch.tensor(units, dtype=torch.int32),
+            sizes=torch.tensor([len(i) for i in indices], dtype=torch.int32),
+            index=torch.cat(indices).to(torch.int32),
+            crop=torch.cat([r.crop for r in records]).to(torch.int16),
+            flip=torch.cat([r.flip for r in records]).bool(),
+            logits=torch.cat(logits).to(torch.float16),
+            perm=torch.cat([r.perm for r in records]).to(torch.int16) if mixed else None,
+            lam=torch.stack([r.lam for r in records]).float() if mixed else None,
+            box=torch.stack([r.box for r in records]).to(torch.int16) if cut else None,
+        )
+
+    def select(self, positions: list[int]) -> EpochLabels:
+        """A copy holding only the stored batches at ``positions`` (in that order)."""
+        idx = torch.cat([torch.arange(int(self.offsets[p]), int(self.offsets[p + 1])) for p in positions])
+        pos = torch.tensor(positions, dtype=torch.long)
+        return EpochLabels(
+            epoch=self.epoch, units=self.units[pos], sizes=self.sizes[pos], index=self.index[idx],
+            crop=self.crop[idx], flip=self.flip[idx], logits=self.logits[idx],
+            perm=None if self.perm is None else self.perm[idx],
+            lam=None if self.lam is None else self.lam[pos],
+            box=None if self.box is None else self.box[pos],
+        )
+
+    def validate(self, header: dict[str, Any], name: str) -> None:
+        """Shapes, dtypes and ranges against the header; raises :class:`LabelStoreError`."""
+        where = f"labels/{name}.safetensors"
+        n_img, c = header["num_images"], header["num_classes"]
+        u = len(self)
+        n = int(self.sizes.long().sum()) if u else 0
+        checks = [
+            (self.units.dtype == torch.int32 and self.units.shape == (u,), "units must be int32 (U,)"),
+            (self.sizes.dtype == torch.int32 and self.sizes.shape == (u,), "sizes must be int32 (U,)"),
+            (self.index.dtype == torch.int32 and self.index.shape == (n,), "index must be int32 (sum of sizes,)"),
+            (self.crop.dtype == torch.int16 and self.crop.shape == (n, 4), "crop must be int16 (n, 4)"),
+            (self.flip.dtype == torch.bool and self.flip.shape == (n,), "flip must be bool (n,)"),
+            (self.logits.dtype == torch.float16 and self.logits.shape == (n, c),
+             f"logits must be float16 (n, {c})"),
+        ]
+        mixed = header["view"]["mix"] != "none"
+        cutmix = header["view"]["mix"] == "cutmix"
+        checks += [
+            ((self.perm is not None) == mixed, "perm must be present exactly when the store mixes"),
+            ((self.lam is not None) == mixed, "lam must be present exactly when the store mixes"),
+            ((self.box is not None) == cutmix, "box must be present exactly for CutMix"),
+        ]
+        if mixed and self.perm is not None and self.lam is not None:
+            checks.append((self.perm.shape == (n,) and self.lam.shape == (u,), "perm (n,) / lam (U,) shapes"))
+        if cutmix and self.box is not None:
+            checks.append((self.box.shape == (u, 4), "box must be (U, 4)"))
+        for ok, msg in checks:
+            if not ok:
+                raise LabelStoreError(f"{where}: {msg}")
+        if u and (int(self.sizes.min()) < 1 or int(self.sizes.max()) > header["batch"]):
+            raise LabelStoreError(f"{where}: batch sizes outside [1, {header['batch']}]")
+        if n and (int(self.index.min()) < 0 or int(self.index.max()) >= n_img):
+            raise LabelStoreError(f"{where}: image index outside [0, {n_img}) — store from another set?")
+        if u and (int(self.units.min()) < 0 or int(self.units.max()) >= header["units_per_epoch"]):
+            raise LabelStoreError(f"{where}: batch number outside [0, {header['units_per_epoch']})")
+
+
+class LabelStore:
+    """A whole label store: the header plus its stored epochs (in memory, as the artifact is)."""
+
+    def __init__(self, header: dict[str, Any], epochs: dict[int, EpochLabels]) -> None:
+        self.epochs = dict(sorted(epochs.items()))
+        self.header = dict(header, stored_epochs={str(e): len(ep) for e, ep in self.epochs.items()})
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_label_files(cls, files: dict[str, dict[str, Tensor]]) -> LabelStore | None:
+        """The store held in a set's ``label_files`` (None when it has none)."""
+        if HEADER_FILE not in files:
+            stray = [k for k in files if _EPOCH_RE.match(k)]
+            if stray:
+                raise LabelStoreError(f"label files {stray[:3]} have no header labels/{HEADER_FILE}.safetensors")
+            return None
+        header = _decode_header(files[HEADER_FILE])
+        listed = {int(e) for e in header["stored_epochs"]}
+        present = {int(m.group(1)) for k in files if (m := _EPOCH_RE.match(k))}
+        if listed != present:
+            raise LabelStoreError(
+                f"label store header lists epochs {sorted(listed)[:8]}..., files hold {sorted(present)[:8]}...")
+        epochs = {}
+        for e in sorted(listed):
+            name = epoch_file(e)
+            ep = EpochLabels.from_tensors(files[name], name)
+            if ep.epoch != e:
+                raise LabelStoreError(f"labels/{name}.safetensors: holds epoch {ep.epoch}")
+            ep.validate(header, name)
+            if len(ep) != int(header["stored_epochs"][str(e)]):
+                raise LabelStoreError(f"labels/{name}.safetensors: {len(ep)} batches, header says "
+                                      f"{header['stored_epochs'][str(e)]}")
+            epochs[e] = ep
+        return cls(header, epochs)
+
+    @classmethod
+    def from_set(cls, dset: Any) -> LabelStore:
+        """The store of a :class:`~decoct.artifact.DistilledSet`, checked to belong to it."""
+        store = cls.from_label_files(dset.label_files)
+        if store is None:
+            raise LabelStoreError(
+                "this distilled set has no FKD label store (labels/fkd.safetensors); create one with "
+                "`decoct relabel RUN --teacher DIR --epochs E` or evaluate with an online teacher")
+        store.check_for(dset)
+        return store
+
+    def check_for(self, dset: Any) -> None:
+        """Refuse a store made for another set (different pixels, order, labels or classes)."""
+        h = self.header
+        fp = dataset_fingerprint(dset)
+        if fp != h["fingerprint"]:
+            raise LabelStoreError(
+                f"label store does not belong to this distilled set: it was made for a set with "
+                f"fingerprint {h['fingerprint'][:12]}… ({h['num_images']} images), this set's is "
+                f"{fp[:12]}… ({len(dset)} images). Relabel this set instead of copying labels.")
+
+    # ------------------------------------------------------------------ writing
+    def label_files(self) -> dict[str, dict[str, Tensor]]:
+        """``DistilledSet.label_files`` entries of this store."""
+        files = {HEADER_FILE: {"header": _encode_header(self.header)}}
+        for e, ep in self.epochs.items():
+            files[epoch_file(e)] = ep.tensors()
+        return files
+
+    # ------------------------------------------------------------------ views
+    @property
+    def view(self) -> ViewRecipe:
+        return ViewRecipe.from_dict(self.header["view"])
+
+    @property
+    def batch(self) -> int:
+        """Images per full stored batch (the student's batch size)."""
+        return int(self.header["batch"])
+
+    @property
+    def prune_factor(self) -> int:
+        p = self.header.get("prune")
+        return int(p["factor"]) if p else 1
+
+    @property
+    def num_units(self) -> int:
+        return sum(len(ep) for ep in self.epochs.values())
+
+    def units(self, full_only: bool = False) -> list[tuple[int, int]]:
+        """(epoch, position) of every stored batch in global order; ``full_only`` skips short ones."""
+        out = []
+        for e, ep in self.epochs.items():
+            sizes = ep.sizes.tolist()
+            out += [(e, p) for p in range(len(ep)) if not full_only or sizes[p] == self.batch]
+        return out
+
+    def complete_epochs(self) -> list[int]:
+        """Stored epochs holding every batch of the epoch (every full batch, for a pruned store)."""
+        h = self.header
+        pruned = self.prune_factor > 1
+        out = []
+        for e, ep in self.epochs.items():
+            full = int((ep.sizes == self.batch).sum())
+            if full == int(h["full_units_per_epoch"]) and (pruned or len(ep) == int(h["units_per_epoch"])):
+                out.append(e)
+        return out
+
+    def batch_at(self, epoch: int, pos: int) -> tuple[Tensor, ViewRecord, Tensor]:
+        return self.epochs[epoch].batch(pos)
+
+    def payload_bytes(self) -> int:
+        """Bytes of the stored tensors (what the store costs before file headers)."""
+        return sum(t.numel() * t.element_size() for f in self.label_files().values() for t in f.values())
+
+    def summary(self) -> dict[str, Any]:
+        h = self.header
+        return dict(epochs=h["epochs"], batch=h["batch"], stored_batches=self.num_units,
+                    prune_factor=self.prune_factor, view=h["view"], seed=h["seed"],
+                    payload_bytes=self.payload_bytes())
+
+
+def payload_model(num_images: int, num_classes: int, epochs: int, batch_size: int, mix: str = "none",
+                  prune: int | None = None) -> dict[str, int]:
+    """Bytes of a store's tensors, computed without building it (e.g. for paper-scale settings).
+
+    Per image and stored epoch ``2C`` (fp16 logits) + 8 (box) + 1 (flip) + 4 (index) + 2 (mix
+    partner, with a mix); per batch 8 (size, batch number) + 4 (lambda, with a mix) + 8 (CutMix
+    box); per epoch file 4 (epoch id). The JSON header and the safetensors file headers (about
+    0.5 KB per file) come on top. Batches as relabel makes them (see :mod:`decoct.labels.relabel`).
+    Compare LPLD's ``2C + 25`` per image and epoch plus ~3 KB per batch file (reference/lpld.md §7.2).
+    """
+    from .prune import kept_units
+
+    b = min(batch_size, num_images)
+    full = num_images // b
+    tail = num_images - full * b
+    tail = tail if tail > 1 else 0
+    per_image = 2 * num_classes + 8 + 1 + 4 + (2 if mix != "none" else 0)
+    per_batch = 8 + (4 if mix != "none" else 0) + (8 if mix == "cutmix" else 0)
+    if prune in (None, 1):
+        batches, images, files = epochs * (full + (1 if tail else 0)), epochs * (full * b + tail), epochs
+    else:
+        batches = kept_units(epochs * full, int(prune))
+        images, files = batches * b, -(-batches // full)
+    return {"batches": batches, "image_views": images, "files": files,
+            "bytes": images * per_image + batches * per_batch + files * 4}
+
+
+def _encode_header(header: dict[str, Any]) -> Tensor:
+    data = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def _decode_header(tensors: dict[str, Tensor]) -> dict[str, Any]:
+    t = tensors.get("header")
+    if t is None or t.dtype != torch.uint8 or t.dim() != 1:
+        raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: no uint8 'header' tensor")
+    try:
+        header = json.loads(bytes(t.numpy().tobytes()).decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header is not JSON ({e})") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: not a {FORMAT!r} header")
+    if header.get("version") != VERSION:
+        raise LabelStoreError(f"label store version {header.get('version')!r} is not supported "
+                              f"(this decoct reads version {VERSION})")
+    need = ("fingerprint", "num_images", "num_classes", "epochs", "batch", "units_per_epoch", "view",
+            "seed", "stored_epochs")
+    missing = [k for k in need if k not in header]
+    if missing:
+        raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header lacks {missing}")
+    ViewRecipe.from_dict(header["view"])
+    return header
+
+
+def strip_store(files: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """``label_files`` without any FKD store entries."""
+    return {k: v for k, v in files.items() if k != HEADER_FILE and not _EPOCH_RE.match(k)}
+
+
+def attach_store(dset: Any, store: LabelStore | None) -> Any:
+    """A copy of ``dset`` whose label files hold ``store`` (replacing any previous store)."""
+    if store is not None:
+        store.check_for(dset)
+    files = strip_store(dset.label_files)
+    if store is not None:
+        files.update(store.label_files())
+    return dataclasses.replace(dset, label_files=files)

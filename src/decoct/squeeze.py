@@ -1,0 +1,759 @@
+"""Squeeze: train (or wrap) a BatchNorm teacher, then record its BN-input statistics.
+
+A teacher directory, written by :func:`squeeze` and read by :func:`load_teacher`::
+
+    model.safetensors     the model's state dict (parameters and BN running buffers)
+    bn_stats.safetensors  per BN layer ``<name>.*`` (see below), float32
+    teacher.json          format/version, model name + kwargs, dataset info, train config,
+                          test accuracy, BN layer list, sha256 of both safetensors files
+    config.yaml, log.jsonl, checkpoint.pt (while training), DONE     (a :class:`~decoct.runs.Run`)
+
+BN statistics (``bn_stats.safetensors``), one set per BN layer ``<name>`` in module order, all
+measured on the *input* of the layer, per channel, over (samples, H, W), with the biased (1/n)
+variance, during one pass over the training set with the teacher in eval mode (so the network's
+outputs and running buffers are unchanged):
+
+* ``<name>.class_mean`` / ``<name>.class_var`` (K x C): LPLD's class statistics, i.e. for every
+  batch and every class present in it, the moments of that class's rows, folded in by an
+  exponential moving average with momentum 0.1 from the initial values 0 / 1 (LPLD §2.3; this is
+  what LPLD's recover matches, so it is the default target);
+* ``<name>.class_mean_exact`` / ``<name>.class_var_exact`` (K x C): the exact pooled moments of
+  each class over the whole pass (Chan's parallel update; offered as an option);
+* ``<name>.class_count`` (K,): rows (images) of each class seen;
+* ``<name>.mean`` / ``<name>.var`` (C,): exact moments over the whole pass, all classes.
+
+SRe2L and DWA match the teacher's own ``running_mean`` / ``running_var`` (in ``model.safetensors``),
+not these (DWA §2.4). The pass uses the teacher's training augmentation by default, as LPLD
+does (its one pass uses the training preset: RandomResizedCrop + flip); ``stats_augment="none"``
+gives the plain images. Everything is vectorised over classes with ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import Dataset, DatasetInfo, load_dataset, normalize
+from .io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    load_tensors,
+    load_tensors_metadata,
+    sha256_file,
+)
+from .models import MODELS, model_for
+from .runs import Run, RunError, progress
+from .train.trainer import (
+    TrainConfig,
+    autocast,
+    check_device,
+    evaluate_accuracy,
+    lr_at,
+    make_generators,
+    make_optimizer,
+    minibatches,
+    seeded_model,
+    target_loss,
+)
+
+__all__ = [
+    "TEACHER_FORMAT",
+    "TEACHER_VERSION",
+    "AUGMENTS",
+    "BNStats",
+    "Teacher",
+    "TeacherError",
+    "bn_layers",
+    "collect_bn_stats",
+    "load_bn_stats",
+    "load_teacher",
+    "squeeze",
+    "teacher_augment",
+]
+
+TEACHER_FORMAT = "decoct-teacher"
+TEACHER_VERSION = 1
+BN_STATS_FORMAT = "decoct-bn-stats"
+AUGMENTS = ("auto", "crop_flip", "crop", "rrc_flip", "none")
+PRETRAINED = ("torchvision",)
+_STAT_KEYS = ("mean", "var", "class_mean", "class_var", "class_mean_exact", "class_var_exact", "class_count")
+
+
+class TeacherError(ValueError):
+    """A teacher directory is missing, corrupted, or does not fit the dataset/model asked for."""
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-training augmentation (per sample, vectorised, drawn from a generator)
+def _random_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
+    """Zero-pad by ``pad`` and take a random HxW window per sample (RandomCrop(size, padding))."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # (N, H)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # (N, W)
+    ni = torch.arange(n, device=x.device)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[ni, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format)
+
+
+def _random_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    flip = torch.rand(len(x), generator=g, device=g.device).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def rrc_boxes(n: int, h: int, w: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+              ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> Tensor:
+    """``n`` RandomResizedCrop boxes (top, left, height, width) as torchvision draws them.
+
+    Up to ``tries`` candidates per sample (area fraction uniform in ``scale``, log aspect ratio
+    uniform in ``ratio``); the first that fits is used, otherwise torchvision's fallback (the
+    whole image clipped to the ratio range, centred). Vectorised over samples.
+    """
+    dev = g.device
+    area = h * w
+    s = torch.empty(n, tries, device=dev).uniform_(scale[0], scale[1], generator=g) * area
+    logr = torch.empty(n, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    r = torch.exp(logr)
+    cw = torch.round(torch.sqrt(s * r))
+    ch = torch.round(torch.sqrt(s / r))
+    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    u = torch.rand(n, tries, 2, device=dev, generator=g)
+    top = torch.floor(u[..., 0] * (h - ch + 1).clamp(min=1))
+    left = torch.floor(u[..., 1] * (w - cw + 1).clamp(min=1))
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=dev))
+    # fallback: centre crop with the ratio clipped to the allowed range
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        fw, fh = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fh, fw = h, int(round(h * ratio[1]))
+    else:
+        fw, fh = w, h
+    fb = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float32, device=dev)
+    idx = first.clamp(min=0)
+    ar = torch.arange(n, device=dev)
+    box = torch.stack([top[ar, idx], left[ar, idx], ch[ar, idx], cw[ar, idx]], 1)
+    return torch.where((first >= 0)[:, None], box, fb[None]).long()
+
+
+def crop_resize(x: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop each sample to its box (top, left, height, width) and resize bilinearly to ``size``.
+
+    Implemented with one ``grid_sample``, sampling exactly where ``F.interpolate(crop, size,
+    mode="bilinear", align_corners=False)`` samples each crop (torchvision's tensor
+    RandomResizedCrop; antialiasing only matters when shrinking, and crops are never larger than
+    the output here), without a Python loop over samples.
+    """
+    n, _, h, w = x.shape
+    b = boxes.to(x.device, torch.float32)
+    top, left, bh, bw = b.unbind(1)
+    oh, ow = size
+    # pixel-centre coordinates of the output grid inside the crop, mapped to [-1, 1] of the input
+    ys = (torch.arange(oh, device=x.device, dtype=torch.float32) + 0.5) / oh
+    xs = (torch.arange(ow, device=x.device, dtype=torch.float32) + 0.5) / ow
+    py = top[:, None] + ys[None] * bh[:, None]  # (N, oh) in input pixels (edge coordinates)
+    px = left[:, None] + xs[None] * bw[:, None]
+    # like interpolate, never sample outside the crop: clamp to its first/last pixel centre
+    py = torch.minimum(torch.maximum(py, (top + 0.5)[:, None]), (top + bh - 0.5)[:, None])
+    px = torch.minimum(torch.maximum(px, (left + 0.5)[:, None]), (left + bw - 0.5)[:, None])
+    gy = py / h * 2 - 1
+    gx = px / w * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, oh, ow), gy[:, :, None].expand(n, oh, ow)], -1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resolve_augment(augment: str, info: DatasetInfo) -> str:
+    """``auto``: random crop (pad H/8) + flip up to 32 px (CIFAR recipe), RandomResizedCrop +
+    flip above (Tiny/ImageNet recipe); no flip for 1-channel data (digits are not mirror-symmetric)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment!r}; known: {', '.join(AUGMENTS)}")
+    if augment != "auto":
+        return augment
+    if info.channels == 1:
+        return "crop"
+    return "crop_flip" if info.height <= 32 else "rrc_flip"
+
+
+def teacher_augment(kind: str, info: DatasetInfo):
+    """The per-sample augmentation ``f(x, generator) -> x`` for teacher training / the stats pass."""
+    kind = resolve_augment(kind, info)
+    pad = max(1, info.height // 8)
+
+    def crop_flip(x: Tensor, g: torch.Generator) -> Tensor:
+        return _random_flip(_random_crop(x, pad, g), g)
+
+    def crop(x: Tensor, g: torch.Generator) -> Tensor:
+        return _random_crop(x, pad, g)
+
+    def rrc_flip(x: Tensor, g: torch.Generator) -> Tensor:
+        boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], g)
+        return _random_flip(crop_resize(x, boxes, (x.shape[2], x.shape[3])), g)
+
+    return {"crop_flip": crop_flip, "crop": crop, "rrc_flip": rrc_flip, "none": None}[kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# BN statistics
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """(name, module) of every BatchNorm layer in module (registration) order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@dataclass
+class BNStats:
+    """BN-input statistics of a teacher: ``layers`` in module order, ``stats[name][key]`` tensors."""
+
+    layers: list[str]
+    stats: dict[str, dict[str, Tensor]]
+    num_classes: int
+    momentum: float = 0.1
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {f"{n}.{k}": v.float() if v.is_floating_point() else v
+                for n in self.layers for k, v in self.stats[n].items()}
+
+    def channels(self, name: str) -> int:
+        return int(self.stats[name]["mean"].numel())
+
+    def check_model(self, model: nn.Module, what: str = "BN statistics") -> None:
+        """Raise :class:`TeacherError` unless ``model``'s BN layers are exactly these (names, channels)."""
+        layers = bn_layers(model)
+        names = [n for n, _ in layers]
+        if names != self.layers:
+            missing = [n for n in self.layers if n not in names][:5]
+            extra = [n for n in names if n not in self.layers][:5]
+            raise TeacherError(
+                f"{what} do not belong to this architecture: the model has {len(names)} BN layers, "
+                f"the statistics {len(self.layers)} (layers only in the statistics: {missing}; only in "
+                f"the model: {extra}); were they computed for another model?")
+        for n, m in layers:
+            c = m.num_features
+            st = self.stats[n]
+            want = {"mean": (c,), "var": (c,), "class_mean": (self.num_classes, c),
+                    "class_var": (self.num_classes, c), "class_count": (self.num_classes,)}
+            for k, shape in want.items():
+                if k in st and tuple(st[k].shape) != shape:
+                    raise TeacherError(f"{what}: layer {n!r} {k} has shape {tuple(st[k].shape)}, the model "
+                                       f"needs {shape}; were they computed for another model or dataset?")
+
+
+def _moments(x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class (count of values, mean, M2 = sum of squared deviations) of a BN input, per channel.
+
+    ``x`` (N, C, *spatial) float, ``y`` (N,) labels. Returns n (K,), mean (K, C), M2 (K, C),
+    float64; classes absent from the batch have n = 0, mean = 0, M2 = 0. Per sample and channel
+    only two cheap reductions are taken (the sum and the sum of squares, as a squared vector norm:
+    ~10x faster on CPU than ``var_mean``), the within-sample M2 is formed in float64, and the
+    per-sample moments are pooled per class with ``index_add_`` (Chan's formula): no loop over
+    classes. The float32 sum of squares loses ~1e-7 of ``mean^2`` per value to cancellation, an
+    absolute error far below anything the BN-matching loss can notice.
+    """
+    x = x.float()
+    per = x[0, 0].numel()  # values per channel per sample
+    flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)  # (N, C, per)
+    s_i = flat.sum(2).double()
+    q_i = torch.linalg.vector_norm(flat, 2, dim=2).double().square()
+    m_i = s_i / per
+    m2_i = (q_i - s_i * m_i).clamp(min=0)
+    k, c = num_classes, x.shape[1]
+    cnt = torch.zeros(k, device=x.device, dtype=torch.float64).index_add_(
+        0, y, torch.ones_like(y, dtype=torch.float64)) * per
+    tot = torch.zeros(k, c, device=x.device, dtype=torch.float64).index_add_(0, y, m_i * per)
+    mean = tot / cnt.clamp(min=1)[:, None]
+    dev = m_i - mean[y]
+    m2 = torch.zeros(k, c, device=x.device, dtype=torch.float64).index_add_(0, y, m2_i + per * dev.square())
+    return cnt, mean, m2
+
+
+def _chan(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor):
+    """Combine two sets of moments (Chan et al.'s parallel update), vectorised over rows."""
+    n = n_a + n_b
+    safe = n.clamp(min=1)[..., None]
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b[..., None] / safe)
+    m2 = m2_a + m2_b + delta.square() * (n_a * n_b)[..., None] / safe
+    return n, mean, m2
+
+
+class _StatsCollector:
+    """Forward pre-hooks on every BN layer that fold the layer's input moments into running sums."""
+
+    def __init__(self, model: nn.Module, num_classes: int, momentum: float, device: torch.device) -> None:
+        self.layers = bn_layers(model)
+        if not self.layers:
+            raise TeacherError("the model has no BatchNorm layers: there are no BN statistics to record "
+                               "(use a BN model, e.g. convnet_bn or resnet18)")
+        self.k, self.m = num_classes, momentum
+        self.labels: Tensor | None = None
+        self.acc: dict[str, dict[str, Tensor]] = {}
+        for name, mod in self.layers:
+            c = mod.num_features
+            z = lambda *s: torch.zeros(*s, device=device, dtype=torch.float64)  # noqa: E731
+            self.acc[name] = dict(n=z(num_classes), mean=z(num_classes, c), m2=z(num_classes, c),
+                                  ema_mean=z(num_classes, c), ema_var=torch.ones(num_classes, c, device=device,
+                                                                                 dtype=torch.float64),
+                                  rows=z(num_classes))
+        self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in self.layers]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            if self.labels is None:
+                return
+            x, y = inputs[0], self.labels
+            a = self.acc[name]
+            n_b, mean_b, m2_b = _moments(x, y, self.k)
+            a["n"], a["mean"], a["m2"] = _chan(a["n"], a["mean"], a["m2"], n_b, mean_b, m2_b)
+            a["rows"] += torch.bincount(y, minlength=self.k).to(torch.float64)
+            present = (n_b > 0)[:, None]
+            var_b = m2_b / n_b.clamp(min=1)[:, None]
+            m = self.m
+            a["ema_mean"] = torch.where(present, (1 - m) * a["ema_mean"] + m * mean_b, a["ema_mean"])
+            a["ema_var"] = torch.where(present, (1 - m) * a["ema_var"] + m * var_b, a["ema_var"])
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def result(self) -> BNStats:
+        stats: dict[str, dict[str, Tensor]] = {}
+        for name, _ in self.layers:
+            a = self.acc[name]
+            n_all = a["n"].sum()
+            tot_mean = (a["mean"] * a["n"][:, None]).sum(0) / n_all.clamp(min=1)
+            m2_all = (a["m2"] + a["n"][:, None] * (a["mean"] - tot_mean).square()).sum(0)
+            stats[name] = dict(
+                mean=tot_mean.float().cpu(), var=(m2_all / n_all.clamp(min=1)).float().cpu(),
+                class_mean=a["ema_mean"].float().cpu(), class_var=a["ema_var"].float().cpu(),
+                class_mean_exact=a["mean"].float().cpu(),
+                class_var_exact=(a["m2"] / a["n"].clamp(min=1)[:, None]).float().cpu(),
+                class_count=a["rows"].round().long().cpu())
+        return BNStats([n for n, _ in self.layers], stats, self.k, self.m)
+
+
+@torch.no_grad()
+def collect_bn_stats(model: nn.Module, images: Tensor, labels: Tensor, info: DatasetInfo, *,
+                     batch_size: int = 256, augment: str = "none", momentum: float = 0.1, seed: int = 0,
+                     device: torch.device | str = "cpu", amp: bool = False, channels_last: bool = False,
+                     show_progress: bool = False) -> BNStats:
+    """One pass over uint8 ``images`` with ``model`` in eval mode, recording BN-input statistics.
+
+    Batches follow a seeded random order (as LPLD's sampler shuffles), which matters only for
+    the EMA class statistics; the exact ones do not depend on the order. The model's outputs
+    and its running buffers are left untouched (eval mode).
+    """
+    dev = torch.device(device)
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+        raise ValueError(f"labels must lie in [0, {info.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    model.to(dev).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    col = _StatsCollector(model, info.num_classes, momentum, dev)
+    perm_gen, aug_gen = make_generators(seed, dev)
+    aug = teacher_augment(augment, info)
+    order = torch.randperm(len(labels), generator=perm_gen)
+    try:
+        bar = progress(total=len(labels), desc="bn stats", enabled=show_progress)
+        for start, stop in minibatches(len(labels), batch_size):
+            idx = order[start:stop]
+            x = normalize(images[idx], info, dev)
+            if aug is not None:
+                x = aug(x, aug_gen)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            col.labels = labels[idx].to(dev)
+            ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else _null()
+            with ctx:
+                model(x)
+            bar.update(stop - start)
+        bar.close()
+    finally:
+        col.labels = None
+        col.remove()
+    return col.result()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def save_bn_stats(path: str | Path, stats: BNStats, model_name: str) -> None:
+    meta = {"format": BN_STATS_FORMAT, "version": str(TEACHER_VERSION), "model": model_name,
+            "num_classes": str(stats.num_classes), "momentum": repr(stats.momentum),
+            "layers": json.dumps(stats.layers)}
+    atomic_save_tensors(path, stats.to_tensors(), metadata=meta)
+
+
+def load_bn_stats(path: str | Path) -> BNStats:
+    """Read ``bn_stats.safetensors`` (a teacher directory or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "bn_stats.safetensors"
+    if not p.exists():
+        raise TeacherError(f"{p}: no BN statistics file (run `decoct squeeze` to make one)")
+    meta = load_tensors_metadata(p)
+    if meta.get("format") != BN_STATS_FORMAT:
+        raise TeacherError(f"{p}: not a decoct BN-statistics file (format {meta.get('format')!r})")
+    tensors = load_tensors(p)
+    layers = json.loads(meta["layers"])
+    stats: dict[str, dict[str, Tensor]] = {n: {} for n in layers}
+    for key, t in tensors.items():
+        name, _, stat = key.rpartition(".")
+        if name not in stats or stat not in _STAT_KEYS:
+            raise TeacherError(f"{p}: unexpected tensor {key!r}")
+        stats[name][stat] = t
+    for n in layers:
+        miss = [k for k in _STAT_KEYS if k not in stats[n]]
+        if miss:
+            raise TeacherError(f"{p}: layer {n!r} lacks {miss}")
+    return BNStats(layers, stats, int(meta["num_classes"]), float(meta.get("momentum", 0.1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher directory
+@dataclass
+class Teacher:
+    """A loaded teacher: model (eval mode), the dataset it was trained for, its metadata and stats."""
+
+    model: nn.Module
+    info: DatasetInfo
+    meta: dict[str, Any]
+    stats: BNStats | None = None
+    path: Path | None = None
+
+
+def _verify_hash(path: Path, want: str | None) -> None:
+    if want and sha256_file(path) != want:
+        raise TeacherError(f"{path}: sha256 differs from teacher.json (file changed or corrupted)")
+
+
+def read_teacher_meta(path: str | Path) -> dict[str, Any]:
+    """teacher.json of a teacher directory, validated (format, version)."""
+    p = Path(path)
+    j = p / "teacher.json"
+    if not j.exists():
+        hint = " (an unfinished squeeze? rerun it with --resume)" if (p / "checkpoint.pt").exists() else ""
+        raise TeacherError(f"{p} is not a teacher directory: no teacher.json{hint}")
+    meta = json.loads(j.read_text())
+    if meta.get("format") != TEACHER_FORMAT:
+        raise TeacherError(f"{j}: format {meta.get('format')!r}, expected {TEACHER_FORMAT!r}")
+    if int(meta.get("version", -1)) > TEACHER_VERSION:
+        raise TeacherError(f"{j}: format version {meta.get('version')} is newer than this decoct "
+                           f"({TEACHER_VERSION}); upgrade decoct")
+    if meta.get("model") not in MODELS:
+        raise TeacherError(f"{j}: unknown model {meta.get('model')!r}; known: {', '.join(MODELS.names())}")
+    return meta
+
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu", *, with_stats: bool = False,
+                 verify: bool = True) -> tuple[nn.Module, DatasetInfo, dict[str, Any]]:
+    """Load a teacher directory: ``(model in eval mode on device, DatasetInfo, teacher.json dict)``.
+
+    Only safetensors files are read (no pickle). The files' sha256 are checked against
+    teacher.json when ``verify``. With ``with_stats`` the BN statistics are loaded too, checked
+    against the model's BN layers, and returned as ``meta["bn_stats"]`` (a :class:`BNStats`).
+    """
+    t = load_teacher_full(path, device, with_stats=with_stats, verify=verify)
+    meta = dict(t.meta)
+    if t.stats is not None:
+        meta["bn_stats"] = t.stats
+    return t.model, t.info, meta
+
+
+def load_teacher_full(path: str | Path, device: torch.device | str = "cpu", *, with_stats: bool = True,
+                      verify: bool = True) -> Teacher:
+    """Like :func:`load_teacher` but returns a :class:`Teacher` (stats loaded by default)."""
+    p = Path(path)
+    meta = read_teacher_meta(p)
+    info = DatasetInfo.from_dict(meta["dataset"])
+    files = meta.get("files", {})
+    model_file = p / "model.safetensors"
+    if not model_file.exists():
+        raise TeacherError(f"{p}: model.safetensors is missing")
+    if verify:
+        _verify_hash(model_file, files.get("model.safetensors"))
+    model = model_for(meta["model"], info, **meta.get("model_kwargs", {}))
+    state = load_tensors(model_file)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise TeacherError(f"{model_file}: does not fit model {meta['model']} {meta.get('model_kwargs', {})}: {e}") from e
+    model.to(torch.device(device)).eval()
+    stats = None
+    if with_stats:
+        sp = p / "bn_stats.safetensors"
+        if verify and sp.exists():
+            _verify_hash(sp, files.get("bn_stats.safetensors"))
+        stats = load_bn_stats(sp)
+        if stats.num_classes != info.num_classes:
+            raise TeacherError(f"{sp}: statistics for {stats.num_classes} classes, the teacher has {info.num_classes}")
+        stats.check_model(model, f"BN statistics in {sp}")
+    return Teacher(model, info, meta, stats, p)
+
+
+def check_teacher_dataset(info: DatasetInfo, dataset_info: DatasetInfo, teacher_path: str | Path = "") -> None:
+    """Raise :class:`TeacherError` unless the teacher was made for this dataset's classes and images."""
+    if tuple(info.classes) != tuple(dataset_info.classes):
+        n1, n2 = info.num_classes, dataset_info.num_classes
+        diff = next((i for i, (a, b) in enumerate(zip(info.classes, dataset_info.classes, strict=False)) if a != b), min(n1, n2))
+        raise TeacherError(
+            f"teacher {teacher_path} was trained on {info.name!r} with {n1} classes, the dataset "
+            f"{dataset_info.name!r} has {n2}; the class lists differ first at index {diff}")
+    if info.image_shape != dataset_info.image_shape:
+        raise TeacherError(f"teacher {teacher_path} expects images {info.image_shape}, dataset "
+                           f"{dataset_info.name!r} has {dataset_info.image_shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SqueezeConfig:
+    """Everything that defines a squeeze run (saved in config.yaml / teacher.json)."""
+
+    dataset: str
+    model: str = "convnet_bn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"
+    optimizer: str = "sgd"
+    label_smoothing: float = 0.0
+    augment: str = "auto"
+    stats_augment: str = "train"
+    stats_batch_size: int = 256
+    stats_momentum: float = 0.1
+    seed: int = 0
+    amp: bool = False
+    channels_last: bool = False
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, batch_size=self.batch_size, schedule=self.schedule,
+                           optimizer=self.optimizer, label_smoothing=self.label_smoothing, amp=self.amp,
+                           channels_last=self.channels_last)
+
+
+def _check_config(cfg: SqueezeConfig) -> None:
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; known: {', '.join(MODELS.names())}")
+    if cfg.pretrained is not None and cfg.pretrained not in PRETRAINED:
+        raise ValueError(f"unknown pretrained source {cfg.pretrained!r}; known: {', '.join(PRETRAINED)}")
+    if cfg.augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {cfg.augment!r}; known: {', '.join(AUGMENTS)}")
+    if cfg.stats_augment not in ("train", *AUGMENTS):
+        raise ValueError(f"unknown stats_augment {cfg.stats_augment!r}; known: train, {', '.join(AUGMENTS)}")
+    if cfg.stats_batch_size < 1:
+        raise ValueError(f"stats_batch_size must be >= 1, got {cfg.stats_batch_size}")
+    if not 0 < cfg.stats_momentum <= 1:
+        raise ValueError(f"stats_momentum must be in (0, 1], got {cfg.stats_momentum}")
+    cfg.train_config()  # validates epochs, lr, ...
+
+
+def _torchvision_weights(model_name: str) -> tuple[Path, str]:
+    """Path of torchvision's cached ImageNet checkpoint for ``model_name`` (never downloads)."""
+    import torchvision
+
+    weights = {"resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+               "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1}
+    if model_name not in weights:
+        raise ValueError(f"--pretrained torchvision exists for {', '.join(weights)}, not {model_name!r}")
+    url = weights[model_name].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return path, url
+
+
+def _load_pretrained(model: nn.Module, cfg: SqueezeConfig, info: DatasetInfo) -> None:
+    path, url = _torchvision_weights(cfg.model)
+    if info.num_classes != 1000 or info.channels != 3:
+        raise ValueError(f"torchvision's ImageNet weights have 1000 classes and RGB input; dataset "
+                         f"{info.name!r} has {info.num_classes} classes and {info.channels} channel(s)")
+    if getattr(model, "config", {}).get("stem") != "imagenet":
+        raise ValueError("torchvision's ImageNet weights need the ImageNet stem: pass model_kwargs stem=imagenet "
+                         "(or images larger than 64 px)")
+    if not path.exists():
+        raise FileNotFoundError(f"torchvision weights for {cfg.model} are not cached at {path}; decoct never "
+                                f"downloads them itself: fetch {url} into that directory (or set TORCH_HOME)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.net.load_state_dict(state, strict=True)
+
+
+def _train_teacher(model: nn.Module, data: Dataset, cfg: SqueezeConfig, run: Run, dev: torch.device, *,
+                   checkpoint_every: int, stop_after: int | None, show_progress: bool) -> tuple[bool, float]:
+    """Train with the trainer's schedule/optimizer/loss, checkpointing every ``checkpoint_every`` epochs.
+
+    A loop of its own (not :func:`decoct.train.train_model`) so it can checkpoint and resume to a
+    bit-identical result: model, optimizer and both generators' states are saved. Returns
+    (finished, seconds spent).
+    """
+    tc = cfg.train_config()
+    check_device(tc, dev)
+    info = data.info
+    model.to(dev)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)
+    perm_gen, aug_gen = make_generators(cfg.seed, dev)
+    aug = teacher_augment(cfg.augment, info)
+    images = data.train.images.to(dev) if dev.type == "cuda" else data.train.images
+    labels = data.train.labels.to(dev)
+    start, elapsed = 0, 0.0
+    ckpt = run.load_checkpoint()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        perm_gen.set_state(ckpt["perm_gen"])
+        aug_gen.set_state(ckpt["aug_gen"].to(aug_gen.get_state().device))
+        start, elapsed = int(ckpt["epoch"]), float(ckpt["elapsed"])
+        run.log(event="resumed", epoch=start)
+    t0 = time.perf_counter()
+    n = len(labels)
+    bar = progress(total=tc.epochs, initial=start, desc="squeeze", enabled=show_progress)
+    done_here = 0
+    for epoch in range(start, tc.epochs):
+        model.train()
+        lr = lr_at(tc, epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        perm = torch.randperm(n, generator=perm_gen)
+        total = torch.zeros((), device=dev)
+        for s, e in minibatches(n, tc.batch_size):
+            idx = perm[s:e]
+            xb = normalize(images[idx.to(images.device)], info, dev)
+            if aug is not None:
+                xb = aug(xb, aug_gen)
+            if tc.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(tc, dev):
+                out = model(xb)
+            loss = target_loss(out, labels[idx.to(dev)], tc, len(idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        steps = math.ceil(n / tc.batch_size)
+        mean_loss = total.item() / max(1, steps)
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+        run.log(event="epoch", epoch=epoch + 1, lr=lr, loss=mean_loss)
+        done_here += 1
+        last = epoch + 1 == tc.epochs
+        stop = stop_after is not None and done_here >= stop_after and not last
+        if not last and ((epoch + 1) % checkpoint_every == 0 or stop):
+            run.save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "perm_gen": perm_gen.get_state(), "aug_gen": aug_gen.get_state().cpu(),
+                                 "elapsed": elapsed + time.perf_counter() - t0})
+        if stop:
+            bar.close()
+            run.log(event="stopped", epoch=epoch + 1)
+            return False, elapsed + time.perf_counter() - t0
+    bar.close()
+    return True, elapsed + time.perf_counter() - t0
+
+
+def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Path, epochs: int = 30,
+            lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
+            schedule: str = "cosine", optimizer: str = "sgd", label_smoothing: float = 0.0,
+            augment: str = "auto", model_kwargs: dict[str, Any] | None = None, pretrained: str | None = None,
+            stats_augment: str = "train", stats_batch_size: int = 256, stats_momentum: float = 0.1,
+            seed: int = 0, device: str | torch.device = "auto", amp: bool = False, channels_last: bool = False,
+            data_root: str | None = None, download: bool = False, resume: bool = False, force: bool = False,
+            show_progress: bool = True, checkpoint_every: int = 1, stop_after: int | None = None,
+            config: dict[str, Any] | None = None) -> Teacher:
+    """Train a teacher on ``dataset`` (or wrap torchvision's ImageNet weights) and record BN stats.
+
+    Writes the teacher directory ``out`` (see the module docstring) and returns the loaded
+    :class:`Teacher`. Defaults are a CPU-sized ConvNet-BN recipe; DWA's CIFAR teacher is
+    ``model="resnet18", epochs=200, lr=0.1, batch_size=128, weight_decay=5e-4`` (configs/decoupled).
+    A finished directory is reused unless ``force``; an interrupted one needs ``resume``.
+    ``stop_after`` ends training after that many epochs of this call with a checkpoint (tests).
+    """
+    from .evaluation import resolve_device
+
+    name = dataset if isinstance(dataset, str) else dataset.info.name
+    cfg = SqueezeConfig(dataset=name, model=model, model_kwargs=dict(model_kwargs or {}), pretrained=pretrained,
+                        epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                        schedule=schedule, optimizer=optimizer, label_smoothing=label_smoothing, augment=augment,
+                        stats_augment=stats_augment, stats_batch_size=stats_batch_size,
+                        stats_momentum=stats_momentum, seed=seed, amp=amp, channels_last=channels_last)
+    _check_config(cfg)
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
+    run_cfg = config if config is not None else asdict(cfg)
+    done = (Path(out) / "DONE").exists() and not force
+    if done:
+        run = Run.open(out, run_cfg, resume=resume, force=force)
+        return load_teacher_full(run.path, dev)
+    # everything that can fail on bad input fails here, before the run directory is created
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(name, root=data_root, download=download)
+    info = data.info
+    net = seeded_model(lambda: model_for(cfg.model, info, **cfg.model_kwargs), seed)
+    if not bn_layers(net):
+        raise ValueError(f"model {cfg.model!r} {cfg.model_kwargs} has no BatchNorm layer; squeeze needs one "
+                         "(e.g. convnet_bn, resnet18)")
+    if pretrained:
+        _load_pretrained(net, cfg, info)
+    run = Run.open(out, run_cfg, resume=resume, force=force)
+    if pretrained:
+        finished, seconds = True, 0.0
+        run.log(event="pretrained", source=pretrained, model=cfg.model)
+    else:
+        run.log(event="start", model=cfg.model, epochs=cfg.epochs, dataset=info.name)
+        finished, seconds = _train_teacher(net, data, cfg, run, dev, checkpoint_every=checkpoint_every,
+                                           stop_after=stop_after, show_progress=show_progress)
+    if not finished:
+        return Teacher(net.eval(), info, {"unfinished": True, "model": cfg.model}, None, run.path)
+    test_x = data.test.images
+    acc = None
+    if len(test_x):
+        acc = evaluate_accuracy(net, normalize(test_x, info), data.test.labels, device=dev, amp=amp,
+                                channels_last=channels_last)
+    run.log(event="trained", test_accuracy=acc, seconds=round(seconds, 2))
+    t1 = time.perf_counter()
+    st_aug = cfg.augment if cfg.stats_augment == "train" else cfg.stats_augment
+    stats = collect_bn_stats(net, data.train.images, data.train.labels, info, batch_size=cfg.stats_batch_size,
+                             augment=st_aug, momentum=cfg.stats_momentum, seed=seed + 1, device=dev, amp=amp,
+                             channels_last=channels_last, show_progress=show_progress)
+    stats_seconds = time.perf_counter() - t1
+    net = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    p = run.path
+    atomic_save_tensors(p / "model.safetensors", net.state_dict(), metadata={"format": TEACHER_FORMAT})
+    save_bn_stats(p / "bn_stats.safetensors", stats, cfg.model)
+    meta = {
+        "format": TEACHER_FORMAT, "version": TEACHER_VERSION, "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs, "dataset": info.to_dict(), "pretrained": pretrained,
+        "train": {k: v for k, v in asdict(cfg).items() if k not in ("model", "model_kwargs", "dataset")},
+        "resolved_augment": resolve_augment(cfg.augment, info), "stats_augment": resolve_augment(st_aug, info),
+        "test_accuracy": acc, "train_seconds": round(seconds, 2), "stats_seconds": round(stats_seconds, 2),
+        "num_train_images": len(data.train), "bn_layers": [[n, stats.channels(n)] for n in stats.layers],
+        "files": {f: sha256_file(p / f) for f in ("model.safetensors", "bn_stats.safetensors")},
+    }
+    atomic_write_json(p / "teacher.json", meta)
+    run.log(event="finished", test_accuracy=acc, seconds=round(seconds + stats_seconds, 2))
+    run.finish()
+    return Teacher(net, info, meta, stats, p)
+
+
+__all__ += ["SqueezeConfig", "check_teacher_dataset", "load_teacher_full", "read_teacher_meta", "RunError",
+            "crop_resize", "rrc_boxes"]

@@ -1,0 +1,367 @@
+"""Student training from soft labels: a stored FKD label store, or an online teacher.
+
+Store mode replays every stored batch exactly (same images, same crop/flip/mix via
+:func:`decoct.augment.fkd.apply_views`) and distils from its stored fp16 logits; which stored
+batches make up each training epoch is :func:`decoct.labels.prune.epoch_plan` (in order for a full
+store, LPLD's improved label pool for a pruned one). Online mode draws fresh views every step and
+asks the teacher (eval mode) for their logits: unlimited labels, which results must say.
+
+Loss: ``KL(softmax(t/T) || softmax(s/T))`` averaged over the batch ("batchmean"), times T^2 where
+the reference recipe has it. Recipes per dataset (:func:`soft_recipe_for`) come from the references:
+
+* ``imagenet`` (>= 128 px) -- LPLD ImageNet-1K (reference/lpld.md §6): ResNet-18, 300 epochs,
+  batch 128, AdamW lr 1e-3 wd 0.01 (no decay on 1-D parameters), cosine per epoch, T=20 without
+  T^2, RandomResizedCrop(0.08-1) + flip + CutMix(alpha 1).
+* ``tiny`` (64 px) -- LPLD Tiny-ImageNet: ResNet-18 (CIFAR stem), 100 epochs, batch 64, SGD lr 0.2
+  momentum 0.9 wd 1e-4 (no decay on 1-D parameters), 5 warm-up epochs from 0.01x then cosine,
+  T=20 with T^2, RandomResizedCrop(0.08-1) + flip, no CutMix (the config, §10 item 8).
+* ``cifar`` (<= 32 px) -- SRe2L/DWA CIFAR relabel (reference/dwa.md §4.1, SRe2L relabel_cifar):
+  ResNet-18 (CIFAR stem), 400 epochs, batch 128, AdamW lr 1e-3 wd 0.01 on all parameters, cosine
+  per epoch, T=30 without T^2, RandomCrop(pad H/8) + flip + Mixup(alpha 0.8). The references
+  only run this recipe with an online teacher; storing its views is our extension.
+
+Choices that differ from the official code: the teacher is always in eval mode (the CIFAR scripts
+leave it in train mode, dwa.md §10 item 7); every draw is seeded; the final epoch's accuracy is
+reported (the scripts report the best test accuracy seen, which selects on the test set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from decoct.augment.fkd import ViewRecipe, apply_views, draw_views, seeded_generator
+from decoct.data.types import DatasetInfo, normalize
+from decoct.labels.prune import GRANULARITIES, epoch_plan
+from decoct.labels.store import LabelStore, LabelStoreError
+from decoct.train.trainer import evaluate_accuracy, seeded_model
+
+__all__ = [
+    "FKDConfig",
+    "SoftRecipe",
+    "RECIPES",
+    "fill_value",
+    "fit_soft_students",
+    "kd_loss",
+    "lr_factor",
+    "soft_recipe_for",
+    "teacher_logits",
+    "train_fkd",
+]
+
+SOFT_SCHEDULES = ("cosine", "warmup_cosine", "constant")
+SOFT_OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class SoftRecipe:
+    """One reference recipe of the ``soft`` protocol (student, optimiser, schedule, views)."""
+
+    name: str
+    source: str
+    model: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    no_decay_1d: bool
+    schedule: str
+    warmup_epochs: int
+    temperature: float
+    t2: bool
+    view: ViewRecipe
+
+
+def _recipes() -> dict[str, SoftRecipe]:
+    return {
+        "imagenet": SoftRecipe("imagenet", "LPLD ImageNet-1K (lpld.md §6)", "resnet18", 300, 128, "adamw", 1e-3,
+                               0.9, 0.01, True, "cosine", 0, 20.0, False,
+                               ViewRecipe(crop="rrc", mix="cutmix", mix_alpha=1.0)),
+        "tiny": SoftRecipe("tiny", "LPLD Tiny-ImageNet (lpld.md §6)", "resnet18", 100, 64, "sgd", 0.2, 0.9, 1e-4,
+                           True, "warmup_cosine", 5, 20.0, True, ViewRecipe(crop="rrc", mix="none")),
+        "cifar": SoftRecipe("cifar", "SRe2L/DWA CIFAR (dwa.md §4.1)", "resnet18", 400, 128, "adamw", 1e-3, 0.9,
+                            0.01, False, "cosine", 0, 30.0, False,
+                            ViewRecipe(crop="pad", padding=4, mix="mixup", mix_alpha=0.8)),
+    }
+
+
+RECIPES = _recipes()
+
+
+def soft_recipe_for(info: DatasetInfo) -> SoftRecipe:
+    """The reference recipe for a dataset, chosen by image size (padding scaled as H/8)."""
+    size = max(info.height, info.width)
+    if size >= 128:
+        return RECIPES["imagenet"]
+    if size > 32:
+        return RECIPES["tiny"]
+    r = RECIPES["cifar"]
+    return replace(r, view=replace(r.view, padding=max(1, size // 8)))
+
+
+@dataclass
+class FKDConfig:
+    """Hyper-parameters of one soft-label student run (see :func:`soft_recipe_for`)."""
+
+    epochs: int
+    batch_size: int | None = None
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    no_decay_1d: bool = True
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    warmup_start: float = 0.01
+    temperature: float = 20.0
+    t2: bool = False
+    granularity: str = "auto"
+    amp: bool = False
+    channels_last: bool = False
+    eval_batch_size: int = 1024
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
+        if self.optimizer not in SOFT_OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(SOFT_OPTIMIZERS)}")
+        if self.schedule not in SOFT_SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SOFT_SCHEDULES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError(f"lr and temperature must be > 0, got {self.lr}, {self.temperature}")
+        if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
+            raise ValueError("weight_decay, momentum and warmup_epochs must be >= 0")
+
+    @classmethod
+    def from_recipe(cls, recipe: SoftRecipe, **overrides) -> FKDConfig:
+        base = dict(epochs=recipe.epochs, batch_size=recipe.batch_size, optimizer=recipe.optimizer, lr=recipe.lr,
+                    momentum=recipe.momentum, weight_decay=recipe.weight_decay, no_decay_1d=recipe.no_decay_1d,
+                    schedule=recipe.schedule, warmup_epochs=recipe.warmup_epochs,
+                    temperature=recipe.temperature, t2=recipe.t2)
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown soft-training option(s) {sorted(unknown)}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def lr_factor(cfg: FKDConfig, epoch: int) -> float:
+    """Multiplier of the base lr at (0-based) ``epoch``, stepped once per epoch as the references.
+
+    ``cosine``: ½(1+cos(π e/E)); ``warmup_cosine`` (torchvision reference, LPLD Tiny): linear from
+    ``warmup_start`` to 1 over the warm-up epochs, then cosine to 0 over the remaining ones.
+    """
+    e, n = epoch, cfg.epochs
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * e / n))
+    w = min(cfg.warmup_epochs, n - 1)
+    if e < w:
+        return cfg.warmup_start + (1.0 - cfg.warmup_start) * e / w
+    return 0.5 * (1.0 + math.cos(math.pi * (e - w) / max(1, n - w)))
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float, t2: bool) -> Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), batch mean, times T^2 when ``t2`` (teacher in fp32)."""
+    T = float(temperature)
+    loss = F.kl_div(F.log_softmax(student.float() / T, dim=-1), F.log_softmax(teacher.float() / T, dim=-1),
+                    reduction="batchmean", log_target=True)
+    return loss * (T * T) if t2 else loss
+
+
+def fill_value(info: DatasetInfo, device: torch.device | str = "cpu") -> Tensor:
+    """The normalised black pixel (C,): what zero padding becomes after normalisation."""
+    return normalize(torch.zeros(1, info.channels, 1, 1, dtype=torch.uint8), info, device).view(-1)
+
+
+def _amp(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    if enabled:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, x: Tensor, *, amp: bool = False, channels_last: bool = False) -> Tensor:
+    """The teacher's logits (float32) for a batch of views; the teacher must be in eval mode."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _amp(amp, x.device):
+        out = teacher(x)
+    return out.float()
+
+
+def _optimizer(model: nn.Module, cfg: FKDConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.no_decay_1d:
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def train_fkd(
+    model: nn.Module,
+    images: Tensor,
+    cfg: FKDConfig,
+    *,
+    store: LabelStore | None = None,
+    teacher: nn.Module | None = None,
+    view: ViewRecipe | None = None,
+    fill: Tensor | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    log: Callable[[dict], None] | None = None,
+    ddp: bool | None = None,
+) -> dict:
+    """Train ``model`` in place on normalised ``images`` from a label store or an online teacher.
+
+    Exactly one of ``store`` / ``teacher``. ``fill`` is the padding value of padded crops (see
+    :func:`fill_value`). Returns ``{"steps", "label_source", "stored_batches_used", "ranks"}``; ``log``
+    receives ``{"epoch", "lr", "loss"}`` after every epoch.
+
+    ``ddp`` (default: when a torch.distributed group with more than one rank is joined): every
+    rank builds the same views of the whole batch (mix partners need the whole batch), keeps a
+    contiguous 1/world slice, and DistributedDataParallel averages the gradients of the slices'
+    batch-mean losses: the full-batch gradient when the batch divides evenly. BN statistics are
+    per rank, as with the reference's DataParallel (lpld.md §10 item 14).
+    """
+    from decoct.runs import progress as bar_of
+
+    if (store is None) == (teacher is None):
+        raise ValueError("train_fkd needs exactly one of store= (stored labels) or teacher= (online)")
+    dev = torch.device(device)
+    if cfg.amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
+    x_all = images.to(dev, torch.float32)
+    n = len(x_all)
+    _, c, h, w = x_all.shape
+    fill_t = (torch.zeros(c) if fill is None else fill).to(dev)
+    g = seeded_generator(seed, "student-plan")
+    if store is not None:
+        if cfg.batch_size is not None and cfg.batch_size != store.batch:
+            raise LabelStoreError(
+                f"the label store holds batches of {store.batch} images; the student must train with that batch "
+                f"size (asked for {cfg.batch_size}) because each stored view is tied to its batch (CutMix/Mixup "
+                "partners, BN statistics)")
+        if int(store.header["num_images"]) != n:
+            raise LabelStoreError(f"the label store is for {store.header['num_images']} images, got {n}")
+        plan = epoch_plan(store, cfg.epochs, cfg.granularity, g)
+    else:
+        bs = cfg.batch_size or 128
+        view = view or ViewRecipe()
+    model.to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(dev).eval()
+    rank, world = 0, 1
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if ddp is None:
+        ddp = dist_on and torch.distributed.get_world_size() > 1
+    net: nn.Module = model
+    if ddp:
+        if not dist_on:
+            raise ValueError("ddp=True needs a joined torch.distributed process group (launch with torchrun)")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        smallest = store.batch if store is not None else min(bs, n)
+        if smallest < world:
+            raise ValueError(f"DDP over {world} ranks needs batches of at least {world} images, got {smallest}")
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = _optimizer(model, cfg)
+    model.train()
+    steps, used = 0, set()
+    bar = bar_of(range(cfg.epochs), desc="soft", enabled=progress)
+    for epoch in bar:
+        lr = cfg.lr * lr_factor(cfg, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=dev)
+        if store is not None:
+            batches = plan[epoch]
+        else:
+            perm = torch.randperm(n, generator=g)
+            batches = [perm[s:s + bs] for s in range(0, n, bs)]
+            batches = [b for b in batches if len(b) > 1]  # a 1-image batch breaks BN students
+        for item in batches:
+            if store is not None:
+                e, p = item
+                idx, rec, t_logits = store.batch_at(e, p)
+                used.add(item)
+                xb = apply_views(x_all[idx.to(dev)], rec, fill_t)
+                t_logits = t_logits.to(dev)
+            else:
+                rec = draw_views(len(item), h, w, view, g)
+                xb = apply_views(x_all[item.to(dev)], rec, fill_t)
+                t_logits = None  # the teacher labels only this rank's slice, below
+            if world > 1:
+                part = torch.tensor_split(torch.arange(len(xb), device=dev), world)[rank]
+                xb = xb[part]
+                if t_logits is not None:
+                    t_logits = t_logits[part]
+            if t_logits is None:
+                t_logits = teacher_logits(teacher, xb, amp=cfg.amp, channels_last=cfg.channels_last)
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _amp(cfg.amp, dev):
+                out = net(xb)
+            loss = kd_loss(out, t_logits, cfg.temperature, cfg.t2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+            steps += 1
+        if world > 1 and (log is not None or progress):
+            torch.distributed.all_reduce(total)
+            total /= world
+        if log is not None or progress:
+            mean = total.item() / max(1, len(batches))
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}")
+            if log is not None:
+                log({"epoch": epoch, "lr": lr, "loss": mean})
+    return {"steps": steps, "label_source": "store" if store is not None else "online_teacher",
+            "stored_batches_used": len(used), "ranks": world}
+
+
+def fit_soft_students(
+    factory: Callable[[], nn.Module],
+    images: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    cfg: FKDConfig,
+    *,
+    seeds: list[int],
+    store: LabelStore | None = None,
+    teacher: nn.Module | None = None,
+    view: ViewRecipe | None = None,
+    fill: Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> list[float]:
+    """Train one student per seed (initialisation and plan draws from the seed); final test accuracies."""
+    accs = []
+    for s in seeds:
+        model = seeded_model(factory, s)
+        train_fkd(model, images, cfg, store=store, teacher=teacher, view=view, fill=fill, seed=s, device=device,
+                  progress=progress)
+        accs.append(evaluate_accuracy(model, test_images, test_labels, cfg.eval_batch_size, device,
+                                      amp=cfg.amp, channels_last=cfg.channels_last))
+    return accs
