@@ -17,6 +17,9 @@ _EXPORTS = {
     "Dataset": "data", "DatasetInfo": "data", "ImageSplit": "data", "list_datasets": "data", "load_dataset": "data",
     "EvalResult": "evaluation", "evaluate": "evaluation",
     "create_model": "models", "model_for": "models",
+    "distill_dm": "methods.dm", "distill_tm": "methods.tm", "train_experts": "methods.experts",
+    "load_experts": "methods.experts", "recover": "methods.recover", "squeeze": "squeeze",
+    "load_teacher": "squeeze", "relabel": "labels.relabel", "quantize": "palette.quantize",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -133,12 +133,31 @@ def info(path: str | Path) -> dict[str, Any]:
                 image_storage=m.get("image_storage"), storage=m.get("storage"), problems=problems)
 
 
-def quickstart(out: str | Path = "runs/quickstart", method: str = "herding", ipc: int = 2, runs: int = 3,
-               epochs: int = 300, device: str = "auto", force: bool = False, progress: bool = True) -> EvalResult:
-    """Distil the offline ``digits`` default, evaluate it against random real of equal storage."""
+QUICKSTART_METHODS = ("dm", "random", "herding", "kcenter", "graphcut")
+
+
+def quickstart(out: str | Path = "runs/quickstart", method: str = "dm", ipc: int = 2, runs: int = 3,
+               epochs: int = 300, iterations: int = 200, device: str = "auto", force: bool = False,
+               progress: bool = True) -> EvalResult:
+    """Distil the offline ``digits`` default, evaluate it against random real of equal storage.
+
+    The default is the best method measured on digits at IPC 2 (fast protocol, 3 students):
+    DM 200 iterations 93.4 ± 0.2 %, k-center 92.0, herding 90.1, random real 84.4.
+    """
+    if method not in QUICKSTART_METHODS:
+        raise ValueError(f"quickstart method {method!r} unknown; known: {', '.join(QUICKSTART_METHODS)}")
     t0 = time.perf_counter()
-    s = select(method, dataset="digits", ipc=ipc, out=out, device=device, force=force, progress=progress)
-    print(s.summary())
+    if method == "dm":
+        from .methods.dm import distill_dm
+
+        dset = distill_dm("digits", out, ipc=ipc, iterations=iterations, device=device, force=force,
+                          progress=progress)
+        st = dset.storage(Path(out) / "artifact")
+        print(f"dm: {len(dset)} images -> {out}  {st['bytes_on_disk']['total']:,} B on disk, "
+              f"{st['raw_bytes']['total']:,} B raw")
+    else:
+        print(select(method, dataset="digits", ipc=ipc, out=out, device=device, force=force,
+                     progress=progress).summary())
     r = evaluate_run(out, protocol="fast", runs=runs, epochs=epochs, baseline="random", device=device,
                      force=force, progress=progress)
     print(r.summary(method))
