@@ -299,23 +299,34 @@ def test_zca_chunked_fit_matches_single_chunk() -> None:
     x = _correlated(n=101)
     a = ZCA().fit(x, chunk_size=7)
     b = ZCA().fit(x, chunk_size=1000)
-    for key in ("mean", "W", "W_inv"):
+    for key in ("mean", "W"):
         torch.testing.assert_close(getattr(a, key), getattr(b, key), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a._inverse_matrix(), b._inverse_matrix(), atol=1e-5, rtol=1e-5)
 
 
 def test_zca_state_dict_roundtrip() -> None:
     x = _correlated()
     zca = ZCA().fit(x)
     sd = zca.state_dict()
-    assert set(sd) == {"mean", "W", "W_inv", "shape"}
+    assert set(sd) == {"mean", "evecs", "evals", "shape"}  # one D x D matrix, not two
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
-    assert sd["W"].dtype == torch.float32
+    assert sd["evecs"].dtype == torch.float32
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
     loaded = ZCA.from_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(loaded.transform(x), zca.transform(x))
     assert torch.equal(loaded.inverse(x), zca.inverse(x))
+
+
+def test_zca_legacy_w_winv_state_loads() -> None:
+    """Artifacts written before the eigendecomposition format (W and W_inv) still load."""
+    x = _correlated()
+    zca = ZCA().fit(x)
+    legacy = {"mean": zca.mean, "W": zca.W, "W_inv": zca._inverse_matrix(), "shape": torch.tensor(zca.shape)}
+    loaded = ZCA.from_state_dict(legacy)
+    assert torch.equal(loaded.transform(x), zca.transform(x))
+    assert set(loaded.state_dict()) == {"mean", "W", "W_inv", "shape"}
 
 
 def test_zca_shape_mismatch_and_misuse_raise() -> None:
@@ -327,8 +338,11 @@ def test_zca_shape_mismatch_and_misuse_raise() -> None:
         zca.transform(torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match="shape"):
         zca.inverse(torch.zeros(2, 1, 2, 2))
-    with pytest.raises(KeyError, match="W_inv"):
+    with pytest.raises(KeyError, match="evecs"):
         ZCA.from_state_dict({"mean": zca.mean, "W": zca.W, "shape": torch.tensor([3, 2, 2])})
+    with pytest.raises(ValueError, match="eigenvalues"):
+        ZCA.from_state_dict({"mean": zca.mean, "evecs": zca.evecs, "evals": -zca.evals,
+                             "shape": torch.tensor([3, 2, 2])})
     with pytest.raises(ValueError, match="eps"):
         ZCA().fit(_correlated(), eps=0.0)
 
