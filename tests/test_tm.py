@@ -299,3 +299,28 @@ def test_soft_label_init_and_datm_threshold(digits, experts):
     assert all(mt["accepted"] == 0.0 and mt["loss"] > 1e-9 for mt in metrics)  # every update rejected
     assert torch.equal(m.param().detach(), before[0]) and torch.equal(m.labels_soft.detach(), before[1])
     assert float(m.syn_lr.detach()) == before[2] and m.accepted == 0
+
+
+def test_autopalette_lr_decay_schedule(digits, experts):
+    """AutoPalette's TM schedules: images x0.1 after iterations//3 accepted updates, palette after //2."""
+    cfg = TMConfig(ipc=1, iterations=6, syn_steps=2, max_start_epoch=2, lr_img=100, palette=16,
+                   palette_flags={"palette_init": "real", "palette_aux_images": 8})
+    assert [cfg.lr_factors(a)["images"] for a in range(5)] == [1.0, 1.0, 0.1, 0.1, 0.1]
+    assert [cfg.lr_factors(a)["palette"] for a in range(5)] == [1.0, 1.0, 1.0, 0.1, 0.1]
+    assert TMConfig(ipc=1, iterations=6, palette=16, lr_decay=False).lr_factors(5) == {"images": 1.0, "palette": 1.0}
+    assert TMConfig(ipc=1, iterations=6).lr_factors(5) == {"images": 1.0, "palette": 1.0}
+    with pytest.raises(ValueError, match="lr_decay.*palette"):
+        TMConfig(ipc=1, lr_decay=True)
+    m = TrajectoryMatching(cfg, experts)
+    m.init(digits, torch.device("cpu"))
+    base_img, base_pal = m.opts["images"].param_groups[0]["lr"], m.opts["palette"].param_groups[0]["lr"]
+    for it in range(4):
+        m.step(it)
+    assert m.accepted == 4  # threshold off: every update accepted
+    # the 4th update ran with accepted = 3: images decayed (3 >= 2), palette decayed (3 >= 3)
+    assert m.opts["images"].param_groups[0]["lr"] == pytest.approx(base_img * 0.1)
+    assert m.opts["palette"].param_groups[0]["lr"] == pytest.approx(base_pal * 0.1)
+    fresh = TrajectoryMatching(cfg, experts)
+    fresh.init(digits, torch.device("cpu"))
+    fresh.load_state_dict(m.state_dict())  # resume restores the decayed rates from the count
+    assert fresh.opts["images"].param_groups[0]["lr"] == pytest.approx(base_img * 0.1)

@@ -131,6 +131,9 @@ def register(cli: Any) -> None:
     p.add_argument("--lr-labels", type=float, default=2.0, help="SGD lr of the soft labels (DATM lr_y)")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="DATM: skip updates when the matching loss exceeds this (0 = off)")
+    p.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=None,
+                   help="AutoPalette's schedules: image lr x0.1 after iterations/3 accepted updates, palette "
+                        "lr x0.1 after iterations/2 (default: on with --palette; needs --palette)")
     p.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
                    help="require experts trained with (or without) ZCA; default: whatever the experts used")
     p.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy in the student steps, or 'none'")

@@ -56,8 +56,13 @@ Choices where the papers' code is silent or differs (recorded in the run config)
 * DATM options: ``threshold`` (skip the update when the loss is above it; 0 = off),
   ``current_max_start_epoch`` + ``expansion_end_epoch`` (DATM's growing start window; 0 = off),
   ``min_start_epoch``;
-* not implemented: AutoPalette's image-lr x0.1 at Iteration/3, DATM's correct-sample soft-label
-  init, FTD/GSAM experts.
+* ``lr_decay`` (default: on with ``palette``): AutoPalette's TM schedules (reference/autopalette.md
+  §3.6, §5): image lr x0.1 once ``iterations // 3`` updates have been *accepted*, palette-network lr
+  x0.1 once ``iterations // 2`` have (their LambdaLRs step on accepted iterations only). Computed from
+  the accepted count, so a resumed run gets the same rates. Plain MTT/DATM have no image schedule;
+  ``lr_decay: true`` without a palette is refused rather than silently doing something the
+  AutoPalette code does not;
+* not implemented: DATM's correct-sample soft-label init, FTD/GSAM experts.
 
 GPU: ``amp`` runs the student forwards under bf16 autocast (CUDA only; the parameter updates and all
 accumulations stay float32, but the matching loss is a small difference of large vectors, so
@@ -374,6 +379,7 @@ class TMConfig:
     soft_labels: bool = False
     lr_labels: float = 2.0
     threshold: float = 0.0
+    lr_decay: bool | None = None
     zca: bool | None = None
     init: str = "real"
     palette: int = 0
@@ -402,6 +408,9 @@ class TMConfig:
                 raise ValueError(f"{k} must be > 0, got {getattr(self, k)}")
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0 (0 = off), got {self.threshold}")
+        if self.lr_decay and not self.palette:
+            raise ValueError("lr_decay is AutoPalette's TM schedule and needs palette > 0 "
+                             "(plain MTT/DATM keep the image lr constant)")
         if self.grad not in GRAD_MODES:
             raise ValueError(f"unknown grad {self.grad!r}; known: {', '.join(GRAD_MODES)}")
         parse_strategy(self.dsa)
@@ -411,6 +420,13 @@ class TMConfig:
         """Build from a (resolved CLI) dict, ignoring keys that are not TM hyper-parameters."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def lr_factors(self, accepted: int) -> dict[str, float]:
+        """Multipliers of the image and palette-net lrs after ``accepted`` accepted updates."""
+        if not (self.palette and self.lr_decay is not False):
+            return {"images": 1.0, "palette": 1.0}
+        return {"images": 0.1 if accepted >= self.iterations // 3 else 1.0,
+                "palette": 0.1 if accepted >= self.iterations // 2 else 1.0}
 
     def start_window(self, it: int) -> tuple[int, int]:
         """[lo, hi) of the start epoch at iteration ``it`` (DATM's growing window when enabled)."""
@@ -456,6 +472,7 @@ class TrajectoryMatching:
         self.param = make_param(x0, labels, self.zca, cfg.palette,
                                 **palette_options(flags, info=dataset.info)).to(dev)
         self.opts = self.param.optimizers(lr_img=cfg.lr_img, momentum=0.5)
+        self.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.opts.items()}
         # 0 = all images; a batch larger than the set is the whole set (as MTT/DATM's chunking gives)
         self.batch_syn = min(cfg.batch_syn or self.param.num_images, self.param.num_images)
         self.net = FlatParams(es.build_model().to(dev))
@@ -503,6 +520,7 @@ class TrajectoryMatching:
             if aux is not None:
                 aux.backward()
             metrics.update({k: float(v) for k, v in aux_metrics.items()})
+            self._apply_lr_factors()
             for opt in self._optimizers():
                 opt.step()
             self.accepted += 1
@@ -510,6 +528,13 @@ class TrajectoryMatching:
             del x_all
         metrics["accepted"] = float(accept)
         return metrics
+
+    def _apply_lr_factors(self) -> None:
+        """Set each optimiser's lr from the accepted count (the schedule is a pure function of it)."""
+        factors = self.cfg.lr_factors(self.accepted)
+        for k, opt in self.opts.items():
+            for g, base in zip(opt.param_groups, self.base_lrs[k], strict=True):
+                g["lr"] = base * factors.get(k, 1.0)
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         opts = list(self.opts.values()) + [self.opt_lr]
@@ -541,6 +566,7 @@ class TrajectoryMatching:
         self.opt_lr.load_state_dict(state["opt_lr"])
         self.gen.set_state(state["gen"])
         self.accepted = int(state["accepted"])
+        self._apply_lr_factors()
         if self.labels_soft is not None:
             if "labels_soft" not in state:
                 raise ValueError("checkpoint has no soft labels but the run uses --soft-labels")
