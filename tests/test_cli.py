@@ -105,3 +105,16 @@ def test_interrupted_evaluation_resumes(tmp_path, capsys, monkeypatch):
     first = partial["state"]["set"][0]
     r = api.evaluate_run(run, protocol="fast", epochs=20, runs=2, chunk=1, progress=False, resume=True)
     assert r.accuracies[0] == first and len(r.accuracies) == 2
+
+
+def test_evaluate_writes_only_on_rank0(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank evaluates, but only rank 0 writes eval-*.json and reports."""
+    assert _select(tmp_path) == 0
+    run = tmp_path / "run"
+    monkeypatch.setenv("RANK", "1")
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--protocol", "fast", "--epochs", "2", "--runs", "1", "--no-progress"]) == 0
+    assert not list(run.glob("eval-*.json")) and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["evaluate", str(run), "--protocol", "fast", "--epochs", "2", "--runs", "1", "--no-progress"]) == 0
+    assert len(list(run.glob("eval-*.json"))) == 1 and "%" in capsys.readouterr().out

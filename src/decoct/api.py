@@ -82,7 +82,9 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     Accuracies are written after every chunk of students (``partial: true``), so ``--resume``
     continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
     ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store.
+    Under torchrun every rank trains (DDP) but only rank 0 writes the result and the log line.
     """
+    from .distributed import rank
     from .evaluation import protocol_config
 
     art = resolve_artifact(path)
@@ -102,14 +104,16 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
         if saved.get("partial") and same:
             state = saved.get("state", {})
 
+    writer = rank() == 0
+
     def checkpoint(st: dict[str, list[float]]) -> None:
-        if target is not None:
+        if target is not None and writer:
             atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, state=st))
 
     result = evaluate(art, protocol, runs=runs, seed=seed, data_root=data_root, device=device, engine=engine,
                       baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
                       model=model, epochs=epochs, online_teacher=teacher)
-    if target is not None:
+    if target is not None and writer:
         atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs))
         Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
                          std=result.std, runs=runs, seconds=round(result.seconds, 2))

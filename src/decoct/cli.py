@@ -83,6 +83,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
                           progress=args.progress, teacher=args.teacher)
+    from .distributed import rank
+
+    if rank() != 0:  # torchrun: one report, from rank 0
+        return 0
     print(result.summary("set"))
     if result.baseline is not None:
         print(result.baseline.summary(f"random ipc{result.baseline.extra['ipc']}"))
