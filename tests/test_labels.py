@@ -295,6 +295,7 @@ def test_cli_relabel_prune_and_soft_evaluate(digits, tmp_path, capsys):
     assert "label store: 5 epochs x batch 8" in capsys.readouterr().out
     assert main(["relabel", str(run), "--prune", "40", "--out", str(tmp_path / "r40"), "--no-progress"]) == 2
     assert "keeps floor(10 x 1/40) = 0 of 10" in capsys.readouterr().err
+    assert not (tmp_path / "r40").exists()  # refused before any work: no run directory left behind
     assert main(["relabel", str(run), "--prune", "10", "--out", str(tmp_path / "r10"), "--no-progress"]) == 0
     assert "pruned 10x: 1 stored batches" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "r10"), "--protocol", "soft", "--model", "mlp", "--epochs", "2",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 from typing import Any
 
 
@@ -13,31 +15,50 @@ def _rank() -> int:
 
 
 def cmd_relabel(args: argparse.Namespace) -> int:
-    from .artifact import DistilledSet
     from .cli import resolved_config
-    from .labels import LabelStore, prune_labels, relabel
+    from .labels import prune_labels, relabel
     from .runs import Run, resolve_artifact
 
     src = resolve_artifact(args.path)
     out_run = None
     out_art = None
+    fresh = bool(args.out) and not Path(args.out).exists()
     if args.out:
         out_run = Run.open(args.out, resolved_config(args), resume=args.resume, force=args.force)
         out_art = out_run.artifact_dir
         if out_run.done:
             print(f"{args.out}: already done (use --force to redo)")
             return 0
+    try:
+        dst = _make_store(args, src, out_art, prune_labels, relabel)
+    except BaseException:
+        # a refused option (e.g. a pruning factor that keeps no batch) must not leave a run
+        # directory behind; once the artifact exists, it holds resumable work and stays
+        if fresh and out_art is not None and not out_art.exists():
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+    return _finish(args, src, dst, out_run)
+
+
+def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None, prune_labels: Any, relabel: Any) -> Path:
+    """Write the label store (relabel with the teacher, or prune the existing one); its artifact path."""
     if args.teacher is None:
         if args.prune is None:
             raise ValueError("relabel needs --teacher DIR (to make a label store) or --prune F (to prune the "
                              "existing full store)")
-        dst = prune_labels(src, args.prune, out=out_art, force=args.force or out_art is not None)
-    else:
-        if args.epochs is None:
-            raise ValueError("relabel with --teacher needs --epochs E (the number of stored epochs)")
-        dst = relabel(src, args.teacher, args.epochs, args.batch_size, seed=args.seed, device=args.device,
-                      prune=args.prune, out=out_art, force=args.force or out_art is not None,
-                      progress=args.progress)
+        return prune_labels(src, args.prune, out=out_art, force=args.force or out_art is not None)
+    if args.epochs is None:
+        raise ValueError("relabel with --teacher needs --epochs E (the number of stored epochs)")
+    return relabel(src, args.teacher, args.epochs, args.batch_size, seed=args.seed, device=args.device,
+                   prune=args.prune, out=out_art, force=args.force or out_art is not None,
+                   progress=args.progress)
+
+
+def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int:
+    from .artifact import DistilledSet
+    from .labels import LabelStore
+    from .runs import Run
+
     if _rank() != 0:
         return 0  # rank 0 wrote the artifact and reports it
     dset = DistilledSet.load(dst)
