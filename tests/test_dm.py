@@ -219,6 +219,22 @@ def test_palette_parameterisation_steps_both_optimizers() -> None:
     assert dset.is_palette and dset.palettes.shape[1] == 64
 
 
+def test_palette_warmup_runs_before_distillation() -> None:
+    """--palette-warmup trains the palette network on real batches in init (pixels untouched)."""
+    data = _tiny_dataset(n_per_class=(40, 40, 40))
+    flags = {"palette_init": "real", "palette_aux_images": 4, "palette_warmup": 3, "palette_warmup_batch": 8}
+    cold = _method(ipc=1, palette=64, palette_flags={**flags, "palette_warmup": 0}, batch_real=8)
+    warm = _method(ipc=1, palette=64, palette_flags=flags, batch_real=8)
+    torch.manual_seed(0)
+    cold.init(data, torch.device("cpu"))
+    torch.manual_seed(0)
+    warm.init(data, torch.device("cpu"))
+    assert cold.warmup_metrics == {} and "colors_used" in warm.warmup_metrics
+    assert torch.equal(cold.param.images, warm.param.images)
+    assert any(not torch.equal(a, b) for a, b in zip(cold.param.net.parameters(), warm.param.net.parameters(),
+                                                     strict=True))
+
+
 def test_dm_beats_random_real_on_digits(digits, tmp_path) -> None:
     """A short DM run on digits (IPC 1) beats random real images of the same IPC, same eval seeds."""
     from decoct.evaluation import evaluate

@@ -419,3 +419,26 @@ def test_dm_presets_resolve_to_table9(ds, ipc):
     assert (args.lr_palette, args.palette_alpha, args.palette_beta, args.palette_gamma) == (0.05, 1.0, 1.0, 3.0)
     assert (args.palette_init, args.palette_init_epochs, args.palette_aux_images) == ("graphcut", 50, 64)
     assert init_options(vars(args))["method"] == "graphcut"
+
+
+def test_warmup_trains_only_the_network_and_lowers_the_aux_loss():
+    """The code's --use_warmup: aux losses on real batches, network only, loss goes down."""
+    from decoct.palette import warmup_palette
+
+    p = _param(k=4, n=6, aux_images=16, lr_palette=0.5)
+    real = torch.randn(64, *RGB.image_shape, generator=torch.Generator().manual_seed(5))
+    images0 = p.images.detach().clone()
+    net0 = [t.detach().clone() for t in p.net.parameters()]
+    before = float(p._aux_on(real[:16], torch.Generator().manual_seed(9))[0].detach())
+    seen = []
+    m = warmup_palette(p, {"palette_warmup": 30, "palette_warmup_batch": 16}, len(real),
+                       lambda i: (seen.append(i.clone()), real[i])[1], seed=0)
+    after = float(p._aux_on(real[:16], torch.Generator().manual_seed(9))[0].detach())
+    assert len(seen) == 30 and all(len(i) == 16 and int(i.max()) < 64 for i in seen)
+    assert torch.equal(p.images.detach(), images0)  # pixels untouched
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(net0, p.net.parameters(), strict=True))
+    assert after < before and "colors_used" in m
+    assert warmup_palette(p, {"palette_warmup": 0}, 64, lambda i: real[i], seed=0) == {}
+    with pytest.raises(ValueError, match="needs --palette"):
+        warmup_palette(make_param(real[:2], torch.tensor([0, 1]), None, 0), {"palette_warmup": 3}, 64,
+                       lambda i: real[i], seed=0)

@@ -243,7 +243,14 @@ class DistributionMatching:
 
     # --- set-up -----------------------------------------------------------------------------
     def init(self, dataset: Dataset, device: torch.device) -> None:
-        from ..palette import effective_ipc, init_indices, init_options, make_param, palette_options
+        from ..palette import (
+            effective_ipc,
+            init_indices,
+            init_options,
+            make_param,
+            palette_options,
+            warmup_palette,
+        )
 
         cfg = self.cfg
         dev = torch.device(device)
@@ -297,6 +304,8 @@ class DistributionMatching:
             x0 = self._real_batch(idx.to(dev))
         popts = palette_options(flags, info=info) if cfg.palette else {}
         self.param = make_param(x0, labels, self.zca, cfg.palette, **popts).to(dev)
+        self.warmup_metrics = warmup_palette(self.param, flags, len(train), lambda i: self._real_batch(i.to(dev)),
+                                             seed=int(cfg.seed))
         self.opts = self.param.optimizers(lr_img=self.lr_img, momentum=cfg.momentum,
                                           lr_palette=popts.get("lr_palette"))
         syn_labels = self.param.labels.cpu()

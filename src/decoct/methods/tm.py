@@ -451,7 +451,14 @@ class TrajectoryMatching:
 
     # --- set-up -----------------------------------------------------------------------------
     def init(self, dataset: Dataset, device: torch.device) -> None:
-        from ..palette import effective_ipc, init_indices, init_options, make_param, palette_options
+        from ..palette import (
+            effective_ipc,
+            init_indices,
+            init_options,
+            make_param,
+            palette_options,
+            warmup_palette,
+        )
 
         cfg, es = self.cfg, self.experts
         dev = torch.device(device)
@@ -471,6 +478,12 @@ class TrajectoryMatching:
         labels = dataset.train.labels[idx.cpu()]
         self.param = make_param(x0, labels, self.zca, cfg.palette,
                                 **palette_options(flags, info=dataset.info)).to(dev)
+
+        def real_batch(i: Tensor) -> Tensor:
+            x = normalize(dataset.train.images[i], dataset.info, dev)
+            return self.zca.transform(x) if self.zca is not None else x
+
+        self.warmup_metrics = warmup_palette(self.param, flags, len(dataset.train), real_batch, seed=int(cfg.seed))
         self.opts = self.param.optimizers(lr_img=cfg.lr_img, momentum=0.5)
         self.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.opts.items()}
         # 0 = all images; a batch larger than the set is the whole set (as MTT/DATM's chunking gives)

@@ -83,6 +83,11 @@ def add_palette_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--palette-init-lr", type=float, default=0.1, help="lr of the init's selection ConvNet")
     g.add_argument("--palette-init-similarity", default="features", choices=SIMILARITIES,
                    help="graph-cut kernel: penultimate features (code) or last-layer gradients (paper Eq. 10)")
+    g.add_argument("--palette-warmup", type=int, default=0,
+                   help="steps training the palette network alone on real batches (L_m + L_b + L_a) before "
+                        "distillation; the code's --use_warmup (2 epochs = 2N/batch steps), not in the paper. "
+                        "0 = off")
+    g.add_argument("--palette-warmup-batch", type=int, default=64, help="real images per warm-up step (code: 64)")
     g.add_argument("--palette-init-greedy", default="exact", choices=("exact", "stochastic"),
                    help="exact greedy (paper Alg. 1) or stochastic greedy eps=0.9 (code)")
 
@@ -117,6 +122,38 @@ def init_options(config: Mapping[str, Any] | argparse.Namespace) -> dict[str, An
     if "progress" in cfg:
         out["progress"] = bool(cfg["progress"])
     return out
+
+
+def warmup_palette(param: ImageParam, config: Mapping[str, Any] | argparse.Namespace, num_train: int,
+                   real_batch: Any, seed: int, show_progress: bool = False) -> dict[str, float]:
+    """Run :meth:`PaletteParam.warmup` for ``palette_warmup`` steps of ``palette_warmup_batch``
+    random training images (``real_batch(idx)`` gives them in the training space); {} when off.
+
+    Its own generator (from ``seed``), so a warm-up never shifts the run's other random draws.
+    """
+    cfg = _get(config)
+    steps, batch = int(cfg.get("palette_warmup", 0) or 0), int(cfg.get("palette_warmup_batch", 64) or 64)
+    if steps < 0 or batch < 1:
+        raise ValueError(f"palette_warmup must be >= 0 and palette_warmup_batch >= 1, got {steps}, {batch}")
+    if steps == 0:
+        return {}
+    if not isinstance(param, PaletteParam):
+        raise ValueError("palette_warmup trains the palette network and needs --palette K > 0")
+    from ..runs import progress as progress_bar
+
+    gen = torch.Generator().manual_seed(int(seed) + 104729)
+
+    def batches() -> Any:
+        for _ in range(steps):
+            yield real_batch(torch.randint(num_train, (batch,), generator=gen))
+
+    bar = progress_bar(total=steps, desc="palette warm-up", enabled=show_progress)
+    try:
+        return param.warmup(batches(), generator=gen,
+                            progress=lambda m: (bar.update(1), bar.set_postfix(colors=f"{m['colors_used']:.1f}",
+                                                                               refresh=False)))
+    finally:
+        bar.close()
 
 
 def effective_ipc(ipc: int, palette: int) -> int:
@@ -209,4 +246,4 @@ def init_indices(dataset: Any, ipc: int, palette: int = 0, method: str = "real",
 
 
 __all__ = ["INIT_METHODS", "PaletteParam", "add_palette_args", "effective_ipc", "init_indices", "init_options",
-           "make_param", "palette_budget", "palette_options"]
+           "make_param", "palette_budget", "palette_options", "warmup_palette"]
