@@ -230,6 +230,7 @@ def test_palette_warmup_runs_before_distillation() -> None:
     torch.manual_seed(0)
     warm.init(data, torch.device("cpu"))
     assert cold.warmup_metrics == {} and "colors_used" in warm.warmup_metrics
+    assert warm.result().meta["palette_warmup_end"] == warm.warmup_metrics
     assert torch.equal(cold.param.images, warm.param.images)
     assert any(not torch.equal(a, b) for a, b in zip(cold.param.net.parameters(), warm.param.net.parameters(),
                                                      strict=True))

@@ -475,7 +475,7 @@ class DistributionMatching:
                                  "AutoPalette's code draws independently)",
                     embed_net=dict(model=cfg.model, width=cfg.width, norm=cfg.norm, fresh_each_iteration=True),
                     labels="hard", zca=self.zca is not None, init=self.init_method,
-                    init_indices=self.init_source)
+                    init_indices=self.init_source, palette_warmup_end=self.warmup_metrics or None)
         return self.param.to_set(self.info, method="dm", config=config, meta=meta)
 
 

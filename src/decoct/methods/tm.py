@@ -597,7 +597,7 @@ class TrajectoryMatching:
                     student_model=es.model_name, student_model_kwargs=es.model_kwargs,
                     zca=es.zca is not None, grad=cfg.grad, lr_parameterisation="raw (as MTT)",
                     soft_label_init="logits of expert 0 at its final epoch" if cfg.soft_labels else None,
-                    init_indices=self.init_indices.tolist())
+                    init_indices=self.init_indices.tolist(), palette_warmup_end=self.warmup_metrics or None)
         kwargs: dict[str, Any] = dict(method="tm", config=config, meta=meta)
         if self.labels_soft is not None:
             kwargs["soft_labels"] = self.labels_soft.detach().float().cpu()
