@@ -7,6 +7,20 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a shared CPU (no OpenMP spinning).
+
+    Module-scoped, and requested with ``pytestmark = pytest.mark.usefixtures("one_thread")``, so
+    the module's own fixtures (teachers, experts) are built on one thread as well; the previous
+    count is restored when the module ends.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from decoct.data import load_dataset

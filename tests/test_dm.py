@@ -18,14 +18,7 @@ from decoct.methods.dm import (
     resolve_speed_flags,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny: one thread is as fast, and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_dataset(n_per_class: tuple[int, ...] = (30, 20, 25), size: int = 8, seed: int = 0) -> Dataset:

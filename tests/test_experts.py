@@ -21,13 +21,7 @@ from decoct.train.trainer import make_generators
 TINY = dict(width=8, norm="instance")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run faster on one thread than on two busy ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(digits, out, n=2, epochs=2, **kw):

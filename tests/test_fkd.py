@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from decoct.augment.fkd import ViewRecipe, ViewRecord, apply_views, draw_views, seeded_generator
 from decoct.train.fkd import FKDConfig, _optimizer, kd_loss, lr_factor, soft_recipe_for, train_fkd
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rec(crop, flip, **kw):

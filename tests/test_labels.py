@@ -25,18 +25,11 @@ from decoct.models import model_for
 from decoct.train import TrainConfig, seeded_model, train_model
 from decoct.train.fkd import fill_value
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def teacher(digits):
-    torch.set_num_threads(1)
     x = normalize(digits.train.images, digits.info)
     model = seeded_model(lambda: model_for("mlp", digits.info, width=32), 0)
     train_model(model, x, digits.train.labels, TrainConfig(epochs=4, lr=0.05, batch_size=64, schedule="cosine"))

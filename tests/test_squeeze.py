@@ -22,14 +22,7 @@ from decoct.squeeze import (
 )
 from decoct.train.trainer import make_generators
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster when the CPU is shared (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 INFO = DatasetInfo("toy", ("a", "b", "c"), 2, 6, 6, (0.5, 0.4), (0.25, 0.3))

@@ -20,14 +20,7 @@ from decoct.methods.tm import (
 from decoct.models.convnet import ConvNet
 from decoct.runs import Run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run faster on one thread than on two busy ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(dtype=torch.float64, seed=0):
@@ -187,13 +180,8 @@ def test_config_validation_and_datm_window():
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def experts(digits, tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train_experts(digits, tmp_path_factory.mktemp("experts"), num_experts=2, epochs=3, batch_size=64,
-                             model_kwargs=dict(width=32, norm="instance"), device="cpu", progress=False)
-    finally:
-        torch.set_num_threads(n)
+    return train_experts(digits, tmp_path_factory.mktemp("experts"), num_experts=2, epochs=3, batch_size=64,
+                         model_kwargs=dict(width=32, norm="instance"), device="cpu", progress=False)
 
 
 def test_registry_and_missing_experts_message(digits, tmp_path):
