@@ -8,15 +8,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def cmd_relabel(args: argparse.Namespace) -> int:
     from .cli import resolved_config
-    from .labels import prune_labels, relabel
     from .runs import Run, resolve_artifact
 
     src = resolve_artifact(args.path)
@@ -30,7 +23,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
             print(f"{args.out}: already done (use --force to redo)")
             return 0
     try:
-        dst = _make_store(args, src, out_art, prune_labels, relabel)
+        dst = _make_store(args, src, out_art)
     except BaseException:
         # a refused option (e.g. a pruning factor that keeps no batch) must not leave a run
         # directory behind; once the artifact exists, it holds resumable work and stays
@@ -40,8 +33,10 @@ def cmd_relabel(args: argparse.Namespace) -> int:
     return _finish(args, src, dst, out_run)
 
 
-def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None, prune_labels: Any, relabel: Any) -> Path:
+def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Path:
     """Write the label store (relabel with the teacher, or prune the existing one); its artifact path."""
+    from .labels import prune_labels, relabel
+
     if args.teacher is None:
         if args.prune is None:
             raise ValueError("relabel needs --teacher DIR (to make a label store) or --prune F (to prune the "
@@ -56,10 +51,11 @@ def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None, prune
 
 def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int:
     from .artifact import DistilledSet
+    from .distributed import rank
     from .labels import LabelStore
     from .runs import Run
 
-    if _rank() != 0:
+    if rank() != 0:
         return 0  # rank 0 wrote the artifact and reports it
     dset = DistilledSet.load(dst)
     store = LabelStore.from_set(dset)
