@@ -213,15 +213,18 @@ def test_palette_parameterisation_steps_both_optimizers() -> None:
 
 
 def test_palette_warmup_runs_before_distillation() -> None:
-    """--palette-warmup trains the palette network on real batches in init (pixels untouched)."""
+    """--palette-warmup trains the palette network on real batches before step 0 (pixels untouched)."""
     data = _tiny_dataset(n_per_class=(40, 40, 40))
     flags = {"palette_init": "real", "palette_aux_images": 4, "palette_warmup": 3, "palette_warmup_batch": 8}
     cold = _method(ipc=1, palette=64, palette_flags={**flags, "palette_warmup": 0}, batch_real=8)
     warm = _method(ipc=1, palette=64, palette_flags=flags, batch_real=8)
     torch.manual_seed(0)
     cold.init(data, torch.device("cpu"))
+    cold.warm_start()
     torch.manual_seed(0)
     warm.init(data, torch.device("cpu"))
+    assert warm.warmup_metrics == {}  # init builds; the warm-up is run_method's warm_start, fresh runs only
+    warm.warm_start()
     assert cold.warmup_metrics == {} and "colors_used" in warm.warmup_metrics
     assert warm.result().meta["palette_warmup_end"] == warm.warmup_metrics
     assert torch.equal(cold.param.images, warm.param.images)

@@ -56,3 +56,33 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert "stopped" in events and "resumed" in events and events[-1] == "finished"
     loaded = DistilledSet.load(tmp_path / "b" / "artifact")
     assert torch.equal(loaded.images, full.images)
+
+
+class WarmToy(Toy):
+    """A Toy with a one-off preparation whose effect lives in the checkpoint."""
+
+    def __init__(self, iterations: int = 20) -> None:
+        super().__init__(iterations)
+        self.warm_calls = 0
+
+    def warm_start(self, show_progress: bool) -> dict[str, float]:
+        self.warm_calls += 1
+        self.x = self.x + 1.0
+        return {"shift": 1.0}
+
+
+def test_warm_start_runs_once_on_a_fresh_run_and_not_on_resume(tmp_path):
+    full = WarmToy()
+    a = run_method(full, Run.open(tmp_path / "a", {"m": "toy"}), None, torch.device("cpu"), seed=3,
+                   checkpoint_every=5, show_progress=False)
+    assert full.warm_calls == 1
+    warm = [e for e in Run(tmp_path / "a").read_log() if e["event"] == "warm_start"]
+    assert len(warm) == 1 and warm[0]["shift"] == 1.0
+    first = WarmToy()
+    run_method(first, Run.open(tmp_path / "b", {"m": "toy"}), None, torch.device("cpu"), seed=3,
+               checkpoint_every=5, show_progress=False, stop_after=7)
+    again = WarmToy()
+    b = run_method(again, Run.open(tmp_path / "b", {"m": "toy"}, resume=True), None, torch.device("cpu"), seed=3,
+                   checkpoint_every=5, show_progress=False)
+    assert first.warm_calls == 1 and again.warm_calls == 0  # the checkpoint already holds its effect
+    assert torch.equal(a.images, b.images)

@@ -312,3 +312,13 @@ def test_autopalette_lr_decay_schedule(digits, experts):
     fresh.init(digits, torch.device("cpu"))
     fresh.load_state_dict(m.state_dict())  # resume restores the decayed rates from the count
     assert fresh.opts["images"].param_groups[0]["lr"] == pytest.approx(base_img * 0.1)
+
+
+def test_palette_warmup_through_tm(digits, experts, tmp_path):
+    """TM hands --palette-warmup to run_method's warm_start; the metrics reach the artifact."""
+    dset = distill_tm(digits, tmp_path / "ap", experts, ipc=1, iterations=1, syn_steps=2, max_start_epoch=2,
+                      lr_img=100, palette=16, palette_flags={"palette_init": "real", "palette_aux_images": 8,
+                                                             "palette_warmup": 2, "palette_warmup_batch": 8},
+                      device="cpu", progress=False)
+    assert "colors_used" in dset.meta["palette_warmup_end"]
+    assert [e["event"] for e in Run(tmp_path / "ap").read_log()].count("warm_start") == 1

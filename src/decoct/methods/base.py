@@ -9,6 +9,11 @@ A method is an object with::
     state_dict() -> dict[str, Any]              # tensors / numbers only (loaded with weights_only=True)
     load_state_dict(state) -> None              # restore exactly what state_dict saved
     result() -> DistilledSet                    # the set as it would be stored
+    warm_start(show_progress) -> dict[str, float]   # optional: one-off preparation of a fresh run
+
+``warm_start`` runs once, after ``init`` and before the first step, only when the run starts
+from scratch: on resume its effect is already in the checkpoint, so it is not repeated. Its
+metrics go to the log as a ``warm_start`` event.
 
 :func:`run_method` gives every method resume, checkpoints, a JSON-lines log, a progress bar
 (iteration, loss, images/s), the artifact and its grid for free, so a new method is one file
@@ -84,6 +89,12 @@ def run_method(method: DistillMethod, run: Run, dataset: Dataset, device: torch.
         run.log(event="resumed", iteration=start)
     else:
         run.log(event="start", method=method.name, iterations=method.iterations)
+        warm_start = getattr(method, "warm_start", None)
+        if warm_start is not None:
+            tw = time.perf_counter()
+            warm = warm_start(show_progress)
+            if warm:
+                run.log(event="warm_start", seconds=round(time.perf_counter() - tw, 3), **warm)
 
     def checkpoint(it: int) -> None:
         run.save_checkpoint({"iteration": it, "method": method.state_dict(), "rng": _rng_state(),

@@ -249,7 +249,6 @@ class DistributionMatching:
             init_options,
             make_param,
             palette_options,
-            warmup_palette,
         )
 
         cfg = self.cfg
@@ -304,8 +303,8 @@ class DistributionMatching:
             x0 = self._real_batch(idx.to(dev))
         popts = palette_options(flags, info=info) if cfg.palette else {}
         self.param = make_param(x0, labels, self.zca, cfg.palette, **popts).to(dev)
-        self.warmup_metrics = warmup_palette(self.param, flags, len(train), lambda i: self._real_batch(i.to(dev)),
-                                             seed=int(cfg.seed))
+        self.palette_flags, self.num_train = flags, len(train)
+        self.warmup_metrics: dict[str, float] = {}
         self.opts = self.param.optimizers(lr_img=self.lr_img, momentum=cfg.momentum,
                                           lr_palette=popts.get("lr_palette"))
         syn_labels = self.param.labels.cpu()
@@ -448,12 +447,23 @@ class DistributionMatching:
         return metrics
 
     # --- resume -----------------------------------------------------------------------------
+    def warm_start(self, show_progress: bool = False) -> dict[str, float]:
+        """The palette network's optional warm-up on real batches (``palette_warmup``; see
+        :func:`decoct.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
+        from ..palette import warmup_palette
+
+        self.warmup_metrics = warmup_palette(self.param, self.palette_flags, self.num_train,
+                                             lambda i: self._real_batch(i.to(self.device)), seed=int(self.cfg.seed),
+                                             show_progress=show_progress)
+        return self.warmup_metrics
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "param": {k: v.detach().cpu().clone() for k, v in self.param.state_dict().items()},
             "opts": {k: o.state_dict() for k, o in self.opts.items()},
             "gen": self.gen.get_state(),
             "real_chunk": int(self.real_chunk or 0),
+            "warmup_metrics": dict(self.warmup_metrics),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -462,6 +472,7 @@ class DistributionMatching:
             o.load_state_dict(state["opts"][k])
         self.gen.set_state(state["gen"])
         self.real_chunk = int(state.get("real_chunk", 0)) or self.real_chunk
+        self.warmup_metrics = dict(state.get("warmup_metrics", {}))
 
     # --- output -----------------------------------------------------------------------------
     def result(self) -> DistilledSet:

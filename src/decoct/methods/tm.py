@@ -457,7 +457,6 @@ class TrajectoryMatching:
             init_options,
             make_param,
             palette_options,
-            warmup_palette,
         )
 
         cfg, es = self.cfg, self.experts
@@ -478,12 +477,8 @@ class TrajectoryMatching:
         labels = dataset.train.labels[idx.cpu()]
         self.param = make_param(x0, labels, self.zca, cfg.palette,
                                 **palette_options(flags, info=dataset.info)).to(dev)
-
-        def real_batch(i: Tensor) -> Tensor:
-            x = normalize(dataset.train.images[i], dataset.info, dev)
-            return self.zca.transform(x) if self.zca is not None else x
-
-        self.warmup_metrics = warmup_palette(self.param, flags, len(dataset.train), real_batch, seed=int(cfg.seed))
+        self.palette_flags, self.train_images = flags, dataset.train.images
+        self.warmup_metrics: dict[str, float] = {}
         self.opts = self.param.optimizers(lr_img=cfg.lr_img, momentum=0.5)
         self.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.opts.items()}
         # 0 = all images; a batch larger than the set is the whole set (as MTT/DATM's chunking gives)
@@ -556,6 +551,19 @@ class TrajectoryMatching:
         return opts
 
     # --- resume -----------------------------------------------------------------------------
+    def warm_start(self, show_progress: bool = False) -> dict[str, float]:
+        """The palette network's optional warm-up on real batches (``palette_warmup``; see
+        :func:`decoct.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
+        from ..palette import warmup_palette
+
+        def real_batch(i: Tensor) -> Tensor:
+            x = normalize(self.train_images[i], self.info, self.device)
+            return self.zca.transform(x) if self.zca is not None else x
+
+        self.warmup_metrics = warmup_palette(self.param, self.palette_flags, len(self.train_images), real_batch,
+                                             seed=int(self.cfg.seed), show_progress=show_progress)
+        return self.warmup_metrics
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "param": {k: v.detach().cpu().clone() for k, v in self.param.state_dict().items()},
@@ -564,6 +572,7 @@ class TrajectoryMatching:
             "opt_lr": self.opt_lr.state_dict(),
             "gen": self.gen.get_state(),
             "accepted": self.accepted,
+            "warmup_metrics": dict(self.warmup_metrics),
         }
         if self.labels_soft is not None:
             state["labels_soft"] = self.labels_soft.detach().cpu().clone()
@@ -579,6 +588,7 @@ class TrajectoryMatching:
         self.opt_lr.load_state_dict(state["opt_lr"])
         self.gen.set_state(state["gen"])
         self.accepted = int(state["accepted"])
+        self.warmup_metrics = dict(state.get("warmup_metrics", {}))
         self._apply_lr_factors()
         if self.labels_soft is not None:
             if "labels_soft" not in state:
