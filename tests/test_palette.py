@@ -217,6 +217,23 @@ def test_palette_budget_true_bits_cifar_k64():
 # ----------------------------------------------------------------------------- parameterisation
 
 
+def test_zca_bucket_depends_on_pixel_colour_only():
+    """With ZCA the network sees the de-whitened image: equal colours share a bucket whatever
+    their neighbourhood (whitened values of equal colours differ with the surrounding contrast)."""
+    zca = _fitted_zca()
+    torch.manual_seed(3)
+    x = torch.randn(2, *RGB.image_shape)
+    x[1] = x[0]
+    x[1, :, 2:, :] = torch.randn(3, 2, 4)  # same top half, different bottom half
+    p = PaletteParam(zca.transform(x), torch.tensor([0, 1]), zca, 4, info=RGB)
+    w = zca.transform(x)
+    assert not torch.allclose(w[0, :, :2], w[1, :, :2], atol=1e-3)  # whitening mixes the halves
+    ind, _ = p.hard()
+    assert torch.equal(ind[0, :2], ind[1, :2])
+    with torch.no_grad():
+        assert torch.equal(ind, p.net.probs(zca.inverse(p.images)).argmax(1))
+
+
 @pytest.mark.parametrize("use_zca", [False, True])
 def test_stored_images_k_colours_and_load_reproduces_hard_image(tmp_path, use_zca):
     zca = _fitted_zca() if use_zca else None
@@ -224,7 +241,7 @@ def test_stored_images_k_colours_and_load_reproduces_hard_image(tmp_path, use_zc
     # the training-time hard image, computed independently of to_set: the network in hard mode
     with torch.no_grad():
         pix = zca.inverse(p.images) if zca is not None else p.images
-        hard_img, _, _ = p.net(p.images, pixels=pix, hard=True)
+        hard_img, _, _ = p.net(pix, pixels=pix, hard=True)  # the net sees pixel space (ZCA undone)
     expected = to_uint8(hard_img, RGB)
     dset = p.to_set(RGB, method="dm", meta={"ipc": 1})
     assert dset.is_palette and dset.palettes.shape == (6, 4, 3)
@@ -248,8 +265,8 @@ def test_soft_forward_in_zca_space_is_whitened_pixel_space_palette():
     zca = _fitted_zca()
     p = _param(k=3, zca=zca)
     y = p()
-    m = p.net.probs(p.images)
-    soft, _ = soft_quantize(zca.inverse(p.images), m)
+    pix = zca.inverse(p.images)
+    soft, _ = soft_quantize(pix, p.net.probs(pix))
     assert torch.allclose(y, zca.transform(soft), atol=1e-5)
     assert torch.allclose(p(torch.tensor([4, 1])), y[[4, 1]], atol=1e-6)
 
