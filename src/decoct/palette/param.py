@@ -26,9 +26,9 @@ For the same reason the palette **network sees the pixel-space image** (ZCA undo
 whitened one the code feeds it: a 1x1 network assigns buckets from one pixel's three values, and
 whitened values describe local contrast, not colour, so with pixel-space palettes the buckets
 mixed unrelated colours. Measured on 400 real CIFAR-10 images at K = 64
-(benchmarks/RESULTS.md): whitened input stored images at 16.1 dB PSNR fresh and 16.8 dB after
-300 warm-up steps (24 colours in use); pixel-space input 20.8 -> 26.4 dB, as without ZCA. Without
-ZCA the two are the same thing.
+(benchmarks/palette_warmup_check.py): whitened input stored images at 15.6 dB PSNR fresh and
+16.7 dB after 300 warm-up steps (20 colours in use); pixel-space input 22.1 -> 25.6 dB, exactly
+as without ZCA. Without ZCA the two are the same thing.
 
 L_a's median-cut target is computed on the real RGB rendering of the current images (ZCA undone,
 the dataset's own mean/std undone), not on the code's fixed CIFAR-statistics rendering (§11.4).
@@ -209,8 +209,8 @@ class PaletteParam(ImageParam):
         each batch of training-space images, no task loss, no confidence loss, an SGD of the
         palette optimiser's settings. Not in the paper (the authors use it for ImageNet subsets).
         Measured on 400 real CIFAR-10 images at K = 64 (benchmarks/palette_warmup_check.py): 300
-        steps raise the argmax colours in use from 7.4 to 18.2 and the stored images' PSNR from
-        20.8 to 26.4 dB, with or without ZCA (the network sees pixel space); median cut gives 35 dB.
+        steps raise the argmax colours in use from 5.7 to 14.0 and the stored images' PSNR from
+        22.1 to 25.6 dB, with or without ZCA (the network sees pixel space); median cut: 35.1 dB.
         It does not replace a long run. Returns the last batch's metrics.
         """
         opt = torch.optim.SGD(self.net.parameters(), lr=self.lr_palette, momentum=self.palette_momentum,
