@@ -436,6 +436,8 @@ def test_dm_presets_resolve_to_table9(ds, ipc):
     assert (args.lr_palette, args.palette_alpha, args.palette_beta, args.palette_gamma) == (0.05, 1.0, 1.0, 3.0)
     assert (args.palette_init, args.palette_init_epochs, args.palette_aux_images) == ("graphcut", 50, 64)
     assert init_options(vars(args))["method"] == "graphcut"
+    # the code's 2-epoch warm-up (not the paper's): without it DM's first step collapses the network
+    assert (args.palette_warmup, args.palette_warmup_batch) == (1563, 64)
 
 
 def test_warmup_trains_only_the_network_and_lowers_the_aux_loss():

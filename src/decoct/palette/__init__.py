@@ -86,7 +86,8 @@ def add_palette_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--palette-warmup", type=int, default=0,
                    help="steps training the palette network alone on real batches (L_m + L_b + L_a) before "
                         "distillation; the code's --use_warmup (2 epochs = 2N/batch steps), not in the paper. "
-                        "0 = off")
+                        "0 = off. DM needs it: a fresh network's first DM step collapses it to 2-3 colours "
+                        "(the AutoPalette-DM presets set 1563)")
     g.add_argument("--palette-warmup-batch", type=int, default=64, help="real images per warm-up step (code: 64)")
     g.add_argument("--palette-init-greedy", default="exact", choices=("exact", "stochastic"),
                    help="exact greedy (paper Alg. 1) or stochastic greedy eps=0.9 (code)")
