@@ -163,10 +163,14 @@ class PaletteParam(ImageParam):
 
     def reference_indices(self, x: Tensor) -> Tensor:
         """L_a's target: the reference quantiser's buckets of training-space images ``x``, (B, H, W)."""
+        return self._reference_of_pixels(self._pixels(x.detach()))
+
+    def _reference_of_pixels(self, px: Tensor) -> Tensor:
+        """:meth:`reference_indices` of images already in normalised pixel space."""
         from .quantize import quantize
 
-        img8 = to_uint8(self._pixels(x.detach()).float(), self.info).cpu()
-        return quantize(img8, self.colors, self.quantizer)[0].to(x.device)
+        img8 = to_uint8(px.detach().float(), self.info).cpu()
+        return quantize(img8, self.colors, self.quantizer)[0].to(px.device)
 
     def aux_loss(self, generator: torch.Generator | None = None) -> tuple[Tensor | None, dict[str, float]]:
         """``alpha L_m + beta L_b + gamma L_a + conf L_conf`` on ``aux_images`` random detached images.
@@ -184,14 +188,14 @@ class PaletteParam(ImageParam):
     def _aux_on(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
         """The auxiliary losses of training-space images ``x`` (no gradient reaches ``x``)."""
         dev, n = x.device, x.shape[0]
-        x = x.detach()
-        m = self.net.probs(self._pixels(x))
+        px = self._pixels(x.detach())  # once: the network and L_a's target both work in pixel space
+        m = self.net.probs(px)
         l_m, l_b = max_color_loss(m), balance_loss(m)
         total = self.alpha * l_m + self.beta * l_b
         metrics = {"L_m": float(l_m.detach()), "L_b": float(l_b.detach())}
         if self.gamma > 0:
             sample = sample_pixels(n, x.shape[2] * x.shape[3], self.sample_ratio, generator).to(dev)
-            l_a = alignment_loss(m, self.reference_indices(x), sample=sample)
+            l_a = alignment_loss(m, self._reference_of_pixels(px), sample=sample)
             total = total + self.gamma * l_a
             metrics["L_a"] = float(l_a.detach())
         if self.conf > 0:
