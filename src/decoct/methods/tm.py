@@ -471,13 +471,11 @@ class TrajectoryMatching:
         flags = {**cfg.palette_flags, "palette": cfg.palette, "init": cfg.init}
         idx = init_indices(dataset, self.ipc_eff, cfg.palette, seed=cfg.seed, device=dev, **init_options(flags))
         self.init_indices = idx.cpu()
-        x0 = normalize(dataset.train.images[idx.cpu()], dataset.info, dev)
-        if self.zca is not None:
-            x0 = self.zca.transform(x0)
+        self.palette_flags, self.train_images = flags, dataset.train.images
+        x0 = self._real_batch(idx.cpu())
         labels = dataset.train.labels[idx.cpu()]
         self.param = make_param(x0, labels, self.zca, cfg.palette,
                                 **palette_options(flags, info=dataset.info)).to(dev)
-        self.palette_flags, self.train_images = flags, dataset.train.images
         self.warmup_metrics: dict[str, float] = {}
         self.opts = self.param.optimizers(lr_img=cfg.lr_img, momentum=0.5)
         self.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.opts.items()}
@@ -556,13 +554,14 @@ class TrajectoryMatching:
         :func:`decoct.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
         from ..palette import warmup_palette
 
-        def real_batch(i: Tensor) -> Tensor:
-            x = normalize(self.train_images[i], self.info, self.device)
-            return self.zca.transform(x) if self.zca is not None else x
-
-        self.warmup_metrics = warmup_palette(self.param, self.palette_flags, len(self.train_images), real_batch,
-                                             seed=int(self.cfg.seed), show_progress=show_progress)
+        self.warmup_metrics = warmup_palette(self.param, self.palette_flags, len(self.train_images),
+                                             self._real_batch, seed=int(self.cfg.seed), show_progress=show_progress)
         return self.warmup_metrics
+
+    def _real_batch(self, idx: Tensor) -> Tensor:
+        """Training images at CPU indices ``idx`` in the training space: normalised, whitened if ZCA."""
+        x = normalize(self.train_images[idx], self.info, self.device)
+        return self.zca.transform(x) if self.zca is not None else x
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
