@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from palette_warmup_check import colours, psnr
 
 from decoct.artifact import DistilledSet
 from decoct.data import load_dataset
@@ -33,10 +34,8 @@ def main() -> None:
         if dset.info.name not in cache:
             cache[dset.info.name] = load_dataset(dset.info.name).train.images
         real = cache[dset.info.name][torch.tensor(idx)]
-        mse = ((dset.images.float() - real.float()) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-9)
-        psnr = float((10 * torch.log10(255.0**2 / mse)).mean())
-        cols = sum(len(im.flatten(1).T.unique(dim=0)) for im in dset.images) / len(dset)
-        print(f"{r}: {len(dset)} images, PSNR to initial real {psnr:5.2f} dB, colours/image {cols:5.1f}")
+        print(f"{r}: {len(dset)} images, PSNR to initial real {psnr(dset.images, real):5.2f} dB, "
+              f"colours/image {colours(dset.images):5.1f}")
 
 
 if __name__ == "__main__":
