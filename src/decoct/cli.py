@@ -7,13 +7,14 @@ the resolved config is saved in the run directory.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import ConfigError, load_yaml, merge, parse_overrides
+from .config import ConfigError, check_value, clip, key_specs, load_yaml, merge, split_overrides
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,18 +45,27 @@ def _common(p: argparse.ArgumentParser, *, run: bool = True) -> None:
 
 
 def _resolve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse twice: defaults <- YAML <- typed flags <- --set, with every key validated."""
+    """Parse: defaults <- YAML <- typed flags <- --set, every key typed and checked by its flag.
+
+    The type, choices and range of each key come from its flag (:func:`decoct.config.key_specs`
+    and :data:`decoct.config.RANGES`), so ``--runs 0``, ``--set runs=0`` and ``runs: 0`` in a
+    preset are refused alike, naming the flag or key.
+    """
     args = parser.parse_args(argv)
     sub = args._sub
-    known = {a.dest: a.default for a in sub._actions if a.dest not in ("help",) and a.dest not in META_KEYS}
+    specs = key_specs(sub._actions, skip=META_KEYS)
+    known = {k: sub.get_default(k) for k in specs}
     typed = vars(args)
+    for key, spec in specs.items():
+        if typed.get(key) != known[key]:  # typed on the command line (argparse converted it)
+            typed[key] = check_value(spec, typed[key])
     if args.config:
-        preset = merge(known, load_yaml(args.config), f"--config {args.config}")
+        preset = merge(known, load_yaml(args.config), f"--config {args.config}", specs)
         for key, value in preset.items():
             # a preset only replaces values the user did not type on the command line
             if typed.get(key) == known[key]:
                 typed[key] = value
-    overrides = merge({k: typed[k] for k in known}, parse_overrides(args.set), "--set")
+    overrides = merge({k: typed[k] for k in known}, split_overrides(args.set), "--set", specs, raw=True)
     typed.update(overrides)
     return args
 
@@ -227,16 +237,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_MESSAGE_CHARS = 2000
+"""An error message longer than this (one embedding a huge value) is cut, with its length."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input or a bad environment, not a bug in decoct.
+
+    They become one ``decoct CMD: error: ...`` line and exit 2; anything else keeps its traceback
+    (a bug report). OSError covers unwritable or full disks, directories where files are expected
+    and unreadable images; the format errors cover corrupt archives, YAML and safetensors files.
+    """
+    import pickle
+    import tarfile
+    import zipfile
+    import zlib
+
+    import yaml
+
+    types: list[type[BaseException]] = [ConfigError, ValueError, KeyError, RuntimeError, OSError,
+                                         EOFError, yaml.YAMLError, zipfile.BadZipFile, tarfile.TarError,
+                                         zlib.error, pickle.UnpicklingError]
+    try:
+        from safetensors import SafetensorError
+
+        types.append(SafetensorError)
+    except ImportError:  # pragma: no cover - older safetensors
+        pass
+    return tuple(types)
+
+
+def _message(e: BaseException) -> str:
+    """The one line printed for a user error: OS errors name their path(s), format errors their kind."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        hint = ""
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+            hint = " (check the permissions, or choose another output directory)"
+        elif e.errno == errno.ENOSPC:
+            hint = " (free some space, or choose another output directory)"
+        msg = f"{paths}: {e.strerror}{hint}"
+    elif isinstance(e, KeyError) and e.args:
+        msg = str(e.args[0])
+    else:
+        msg = str(e)
+        if not isinstance(e, (ValueError, KeyError, RuntimeError, OSError)):
+            msg = f"{type(e).__name__}: {msg}"  # a corrupt archive/YAML/safetensors file says so
+    return clip(msg or type(e).__name__, MAX_MESSAGE_CHARS)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``decoct`` entry point: user errors are one line and exit 2, Ctrl-C exits 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     t0 = time.perf_counter()
     try:
         args = _resolve(parser, argv)
         return args.func(args)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"decoct {argv[0] if argv else ''}: error: {msg}", file=sys.stderr)
+    except _user_errors() as e:
+        cmd = " ".join(argv[:2] if argv[:1] == ["distill"] and len(argv) > 1 else argv[:1])
+        print(f"decoct {cmd}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted after {time.perf_counter() - t0:.0f}s; rerun with --resume to continue",
