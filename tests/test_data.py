@@ -67,7 +67,7 @@ def test_imagefolder_mixed_sizes_needs_image_size(tmp_path, tmp_cache):
             p = root / split / "c" / f"{i}.png"
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(_png(np.zeros((size, size, 3), np.uint8)))
-    with pytest.raises(ValueError, match="--image-size"):
+    with pytest.raises(ValueError, match="different sizes.*python -m decoct.data.resize .* --size 8"):
         load_dataset("imagefolder", root=root)
     ds = load_dataset("imagefolder", root=root, image_size=8)
     assert ds.train.images.shape == (2, 3, 8, 8)
@@ -89,8 +89,12 @@ def test_unknown_dataset():
 
 def test_data_roots_order(monkeypatch, tmp_path):
     monkeypatch.setenv("DECOCT_DATA", str(tmp_path))
-    roots = data_roots("explicit")
-    assert str(roots[0]) == "explicit" and roots[1] == tmp_path
+    assert data_roots()[0] == tmp_path  # no explicit root: $DECOCT_DATA first, then the defaults
+    assert len(data_roots()) > 1
+    (tmp_path / "explicit").mkdir()
+    assert data_roots(tmp_path / "explicit") == [tmp_path / "explicit"]  # an explicit root alone
+    with pytest.raises(DataNotFoundError, match="'explicit' does not exist"):
+        data_roots("explicit")
 
 
 def test_split_validation():

@@ -9,7 +9,9 @@ holding ``[prefix/]train/<class>/<file>`` and ``test/<class>/<file>``).
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +19,19 @@ import numpy as np
 import torch
 
 from ..registry import Registry
-from .sources import DataNotFoundError, cached, data_roots, read_imagefolder
+from .sources import (
+    BadImageError,
+    DataNotFoundError,
+    ImageFolderError,
+    cache_meta,
+    cached,
+    data_roots,
+    meta_tensor,
+    note,
+    read_imagefolder,
+    scan_directory,
+    summary_line,
+)
 from .types import Dataset, DatasetInfo, ImageSplit, denormalize, normalize, to_uint8
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
@@ -39,18 +53,37 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 
 def _from_imagefolder(
-    source: Path, name: str, mean=None, std=None, image_size: int | None = None, channels: int = 3
+    source: Path, name: str, mean=None, std=None, image_size: int | None = None, channels: int = 3,
+    skip_bad: bool = False, label: str | None = None,
 ) -> Dataset:
+    """Decode (or read from the cache) an image-folder tree; print what it holds to stderr when it
+    is decoded, and on every load when ``label`` is given (a user's own tree)."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    entries = rows = None
+    if source.is_dir():
+        entries, rows = scan_directory(source)  # the cache key sees every file
+    built = []
+
     def build() -> dict[str, torch.Tensor]:
-        classes, splits = read_imagefolder(source, channels=channels, image_size=image_size)
-        t = {"classes": torch.tensor(list("\n".join(classes).encode()), dtype=torch.uint8)}
-        for s, (x, y) in splits.items():
+        fd = read_imagefolder(source, channels=channels, image_size=image_size, skip_bad=skip_bad, entries=entries)
+        first = [f"{n} ({why[:80]})" for n, why in fd.skipped[:3]]
+        t = {"meta": meta_tensor({"classes": fd.classes, "skipped": len(fd.skipped), "skipped_first": first})}
+        for s, (x, y) in fd.splits.items():
             t[f"{s}_images"], t[f"{s}_labels"] = x, y
+        built.append(True)
         return t
 
-    t = cached(source, "imagefolder", {"image_size": image_size, "channels": channels}, build)
-    classes = tuple(bytes(t["classes"].tolist()).decode().split("\n"))
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:40] or "imagefolder"
+    t = cached(source, tag, {"image_size": image_size, "channels": channels, "skip_bad": skip_bad}, build, rows=rows)
+    meta = cache_meta(t)
+    classes = tuple(meta["classes"])
     train, test = _split(t, "train"), _split(t, "test")
+    if built or label:
+        line = summary_line(label or name, classes, len(train), len(test), meta["skipped"])
+        note(line + (f", first: {'; '.join(meta['skipped_first'])}" if meta["skipped"] else ""))
     if mean is None:
         mean, std = _channel_stats(train.images)
     c, h, w = train.images.shape[1:]
@@ -59,7 +92,11 @@ def _from_imagefolder(
 
 
 def _find(candidates: list[str], root: str | None) -> tuple[Path | None, list[Path]]:
+    """The first ``root/candidate`` that exists (over :func:`data_roots`), and the paths tried; an
+    explicit root that is itself one of the candidates (the archive, not its folder) is taken."""
     tried = []
+    if root and Path(root).expanduser().name in candidates and Path(root).expanduser().exists():
+        return Path(root).expanduser(), [Path(root).expanduser()]
     for r in data_roots(root):
         for c in candidates:
             p = r / c
@@ -75,7 +112,7 @@ def _not_found(name: str, tried: list[Path], fix: str) -> DataNotFoundError:
 
 
 @DATASETS.register("digits")
-def _digits(root: str | None = None, download: bool = False, **_) -> Dataset:
+def _digits(root: str | None = None, download: bool = False) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images); fixed stratified split, 360 test images."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -96,8 +133,6 @@ def _digits(root: str | None = None, download: bool = False, **_) -> Dataset:
 
 
 def _torchvision_cifar(name: str, cls_name: str, folder: str, mean, std, root, download) -> Dataset:
-    import torchvision
-
     roots = data_roots(root)
     tried = [r / folder for r in roots]
     base = next((r for r in roots if (r / folder).exists()), None)
@@ -108,6 +143,8 @@ def _torchvision_cifar(name: str, cls_name: str, folder: str, mean, std, root, d
             "Fix: pass --data-root DIR (or set $DECOCT_DATA) to a directory holding it, "
             "or add --download to fetch it from the internet.",
         )
+    import torchvision  # seconds to import: only once the files are known to be there (or wanted)
+
     base = base or roots[0]
     cls = getattr(torchvision.datasets, cls_name)
 
@@ -117,43 +154,43 @@ def _torchvision_cifar(name: str, cls_name: str, folder: str, mean, std, root, d
             ds = cls(str(base), train=train, download=download)
             t[f"{split}_images"] = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
             t[f"{split}_labels"] = torch.tensor(ds.targets, dtype=torch.long)
-        t["classes"] = torch.tensor(list("\n".join(ds.classes).encode()), dtype=torch.uint8)
+        t["meta"] = meta_tensor({"classes": list(ds.classes), "skipped": 0, "skipped_first": []})
         return t
 
     if download:
         cls(str(base), train=True, download=True)
         cls(str(base), train=False, download=True)
     t = cached(base / folder, name, {}, build)
-    classes = tuple(bytes(t["classes"].tolist()).decode().split("\n"))
+    classes = tuple(cache_meta(t)["classes"])
     info = DatasetInfo(name, classes, 3, 32, 32, mean, std)
     return Dataset(info, _split(t, "train"), _split(t, "test"))
 
 
 @DATASETS.register("cifar10")
-def _cifar10(root: str | None = None, download: bool = False, **_) -> Dataset:
+def _cifar10(root: str | None = None, download: bool = False, skip_bad: bool = False) -> Dataset:
     """CIFAR-10: the shared ImageFolder archive when present, else torchvision's files."""
     archive, _ = _find(["cifar10.tar.gz", "cifar10"], root)
     if archive is not None and (archive.is_file() or (archive / "train").exists()):
-        return _from_imagefolder(archive, "cifar10", CIFAR10_MEAN, CIFAR10_STD)
+        return _from_imagefolder(archive, "cifar10", CIFAR10_MEAN, CIFAR10_STD, skip_bad=skip_bad)
     return _torchvision_cifar("cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD, root, download)
 
 
 @DATASETS.register("cifar100")
-def _cifar100(root: str | None = None, download: bool = False, **_) -> Dataset:
+def _cifar100(root: str | None = None, download: bool = False) -> Dataset:
     return _torchvision_cifar("cifar100", "CIFAR100", "cifar-100-python", CIFAR100_MEAN, CIFAR100_STD, root, download)
 
 
 @DATASETS.register("tinyimagenet10")
-def _tiny10(root: str | None = None, download: bool = False, **_) -> Dataset:
+def _tiny10(root: str | None = None, download: bool = False, skip_bad: bool = False) -> Dataset:
     """The shared 10-class Tiny-ImageNet (64x64), ImageNet normalisation as DC/MTT use."""
     path, tried = _find(["tinyimagenet10.tar.gz", "tinyimagenet10"], root)
     if path is None:
         raise _not_found("tinyimagenet10", tried, "Fix: pass --data-root DIR or set $DECOCT_DATA.")
-    return _from_imagefolder(path, "tinyimagenet10", IMAGENET_MEAN, IMAGENET_STD)
+    return _from_imagefolder(path, "tinyimagenet10", IMAGENET_MEAN, IMAGENET_STD, skip_bad=skip_bad)
 
 
 @DATASETS.register("tinyimagenet")
-def _tiny(root: str | None = None, download: bool = False, **_) -> Dataset:
+def _tiny(root: str | None = None, download: bool = False, skip_bad: bool = False) -> Dataset:
     """Full Tiny-ImageNet as an ImageFolder tree with train/ and test/ (the val set re-foldered)."""
     path, tried = _find(["tinyimagenet.tar.gz", "tinyimagenet", "tiny-imagenet-200"], root)
     if path is None:
@@ -161,24 +198,35 @@ def _tiny(root: str | None = None, download: bool = False, **_) -> Dataset:
             "tinyimagenet", tried,
             "Fix: pass --data-root DIR holding tinyimagenet/{train,test}/<class>/ (no automatic download).",
         )
-    return _from_imagefolder(path, "tinyimagenet", IMAGENET_MEAN, IMAGENET_STD)
+    return _from_imagefolder(path, "tinyimagenet", IMAGENET_MEAN, IMAGENET_STD, skip_bad=skip_bad)
 
 
 @DATASETS.register("imagefolder")
 def _imagefolder(root: str | None = None, download: bool = False, image_size: int | None = None,
-                 channels: int = 3, **_) -> Dataset:
-    """Any ``train/<class>/`` + ``test/<class>/`` tree (directory or tar archive); mean/std from train."""
+                 channels: int = 3, skip_bad: bool = False) -> Dataset:
+    """Any ``train/<class>/`` + ``test/<class>/`` tree (directory or tar archive); mean/std from train.
+
+    What counts as a class and an image is the rule in :mod:`decoct.data.sources`; the classes
+    found are printed to stderr on every load. ``image_size`` resizes (shorter side, centre crop),
+    ``channels`` 1 loads grayscale, ``skip_bad`` skips (and counts) files that are not images."""
     if not root:
         raise ValueError("dataset 'imagefolder' needs --data-root PATH (a directory or .tar/.tar.gz archive)")
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise _not_found("imagefolder", [path], "Fix: pass --data-root to an existing directory or archive.")
-    return _from_imagefolder(path, path.name.split(".")[0] or "imagefolder", image_size=image_size, channels=channels)
+    path = data_roots(root)[0]  # raises when it does not exist
+    name = path.name.split(".")[0] or "imagefolder"
+    return _from_imagefolder(path, name, image_size=image_size, channels=channels, skip_bad=skip_bad,
+                             label=f"imagefolder {path}")
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False, **kwargs) -> Dataset:
     """Load a registered dataset as whole uint8 splits (see the module docstring for names)."""
     factory = DATASETS.get(name)
+    try:
+        inspect.signature(factory).bind(root=None, download=download, **kwargs)
+    except TypeError:
+        allowed = [p for p in inspect.signature(factory).parameters if p not in ("root", "download")]
+        raise ValueError(
+            f"dataset {name!r} takes no option {', '.join(repr(k) for k in kwargs if k not in allowed)}; "
+            f"its options: {', '.join(allowed) or 'none'}") from None
     return factory(root=str(root) if root is not None else None, download=download, **kwargs)
 
 
@@ -187,6 +235,6 @@ def list_datasets() -> list[str]:
 
 
 __all__ = [
-    "DATASETS", "DataNotFoundError", "Dataset", "DatasetInfo", "ImageSplit",
+    "DATASETS", "BadImageError", "DataNotFoundError", "ImageFolderError", "Dataset", "DatasetInfo", "ImageSplit",
     "denormalize", "list_datasets", "load_dataset", "normalize", "to_uint8",
 ]
