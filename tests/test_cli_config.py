@@ -296,3 +296,89 @@ def test_finite_check_covers_every_float_key():
                 for v in (math.inf, -math.inf, math.nan):
                     with pytest.raises(ConfigError, match="finite"):
                         check_value(spec, v)
+
+
+# ----------------------------------------------------------------------------- point 13: advice
+_EXTERNAL_FLAGS = {"--nproc_per_node", "--nproc", "--use_warmup"}  # torchrun's; AutoPalette's reference code
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
+
+
+def _string_constants():
+    import ast
+
+    for f in sorted((Path(cli.__file__).parent).rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield f"{f.name}:{node.lineno}", node.value
+
+
+def test_every_flag_a_message_or_help_names_exists():
+    """No message or help text advises a flag that no parser defines (e.g. `decoct info --datasets`),
+    and every `decoct CMD ... --flag` written in one names a flag CMD has."""
+    import ast
+
+    defined = set(_EXTERNAL_FLAGS)
+    for f in sorted((Path(cli.__file__).parent).rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                defined |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+    per_command = {" ".join(words): {o for a in sub._actions for o in a.option_strings} for words, sub in COMMANDS}
+    defined |= {o for have in per_command.values() for o in have}  # with --no-X of BooleanOptionalAction
+    bad = []
+    for where, text in _string_constants():
+        bad += [f"{where}: {flag}" for flag in _FLAG.findall(text) if flag not in defined]
+        for m in re.finditer(r"decoct ((?:distill )?[a-z0-9]+)([^`\"\n;)]*)", text):
+            have = per_command.get(m.group(1))
+            if have is not None:
+                bad += [f"{where}: decoct {m.group(1)} {flag}" for flag in _FLAG.findall(m.group(2))
+                        if flag not in have]
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_label_store_advice_works_as_typed(tmp_path, capsys):
+    """Each fix the label-store errors advise, run as the message spells it, succeeds."""
+    from decoct.squeeze import squeeze
+
+    squeeze("digits", model="convnet_bn", model_kwargs=dict(width=8), out=tmp_path / "teacher", epochs=1,
+            show_progress=False, device="cpu")
+    run, teacher = str(tmp_path / "run"), str(tmp_path / "teacher")
+    common = ["--device", "cpu", "--no-progress"]
+    assert main(["select", "random", "--dataset", "digits", "--ipc", "2", "--out", run, "--no-progress"]) == 0
+    assert main(["relabel", run, "--teacher", teacher, "--epochs", "5", "--batch-size", "8", *common]) == 0
+    capsys.readouterr()
+
+    def advice(argv):
+        """Run ``argv``: it must fail with one line; return the commands the line advises."""
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    # evaluating more epochs than stored: the granularity keyword was not a CLI option
+    evaluate = ["evaluate", run, "--protocol", "soft", "--model", "mlp", "--runs", "1", *common]
+    err = advice([*evaluate, "--epochs", "6"])
+    assert "decoct evaluate --epochs 5" in err and "decoct relabel RUN --teacher DIR --epochs 6 --force" in err
+    assert main([*evaluate, "--epochs", "5"]) == 0
+    # relabelling with other settings in place: --force or --out (it said "force" / "out=")
+    relabel6 = ["relabel", run, "--teacher", teacher, "--epochs", "6", "--batch-size", "8", *common]
+    err = advice(relabel6)
+    assert "pass --force" in err and "--out DIR" in err
+    assert main([*relabel6, "--out", str(tmp_path / "run6")]) == 0
+    assert main([*relabel6, "--force"]) == 0
+    assert main([*evaluate, "--epochs", "6"]) == 0
+    # pruning in place: --force or --out
+    err = advice(["relabel", run, "--prune", "10", "--no-progress"])
+    assert "pass --force" in err and "--out DIR" in err
+    assert main(["relabel", run, "--prune", "10", "--out", str(tmp_path / "r10"), "--no-progress"]) == 0
+    assert main(["relabel", run, "--prune", "10", "--force", "--no-progress"]) == 0
+    assert "pruned 10x" in capsys.readouterr().out
+    # a set without a store: both advised commands exist and run
+    plain = str(tmp_path / "plain")
+    assert main(["select", "random", "--dataset", "digits", "--ipc", "2", "--out", plain, "--no-progress"]) == 0
+    err = advice(["evaluate", plain, "--protocol", "soft", "--model", "mlp", "--epochs", "1", "--runs", "1",
+                  *common])
+    assert "decoct relabel RUN --teacher DIR --epochs E" in err
+    assert "decoct evaluate RUN --protocol soft --teacher DIR" in err
+    assert main(["evaluate", plain, "--protocol", "soft", "--teacher", teacher, "--model", "mlp", "--epochs", "1",
+                 "--runs", "1", *common]) == 0

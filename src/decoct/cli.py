@@ -164,6 +164,7 @@ class CommandAdder:
 
 def build_parser() -> argparse.ArgumentParser:
     from .api import QUICKSTART_METHODS
+    from .data import list_datasets
     from .methods.coreset import CORESET_METHODS
 
     parser = argparse.ArgumentParser(
@@ -190,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("select", cmd_select, "Select a coreset of real images (random, herding, k-center, graph-cut).")
     p.add_argument("method", choices=CORESET_METHODS)
-    p.add_argument("--dataset", required=True, help="registered dataset name (decoct info --datasets)")
+    p.add_argument("--dataset", required=True,
+                   help=f"registered dataset name: {', '.join(list_datasets())} (imagefolder: your own "
+                        "train/<class>/ + test/<class>/ tree, given as --data-root)")
     p.add_argument("--ipc", type=int, required=True, help="images per class")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--seed", type=int, default=0)

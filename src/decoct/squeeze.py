@@ -587,7 +587,7 @@ def _load_pretrained(model: nn.Module, cfg: SqueezeConfig, info: DatasetInfo) ->
         raise ValueError(f"torchvision's ImageNet weights have 1000 classes and RGB input; dataset "
                          f"{info.name!r} has {info.num_classes} classes and {info.channels} channel(s)")
     if getattr(model, "config", {}).get("stem") != "imagenet":
-        raise ValueError("torchvision's ImageNet weights need the ImageNet stem: pass model_kwargs stem=imagenet "
+        raise ValueError("torchvision's ImageNet weights need the ImageNet stem: pass --model-kwargs stem=imagenet "
                          "(or images larger than 64 px)")
     if not path.exists():
         raise FileNotFoundError(f"torchvision weights for {cfg.model} are not cached at {path}; decoct never "

@@ -123,10 +123,13 @@ def epoch_plan(store: LabelStore, epochs: int, granularity: str = "auto",
     if granularity == "order":
         have = store.complete_epochs()
         if have[:epochs] != list(range(epochs)):
+            ready = next((i for i, e in enumerate(have) if e != i), len(have))  # epochs 0..ready-1 complete
+            fewer = f"train at most {ready} epochs (decoct evaluate --epochs {ready}), " if ready else ""
             raise LabelStoreError(
                 f"order replay of {epochs} epochs needs stored epochs 0..{epochs - 1} complete; the store "
                 f"has {len(have)} complete epoch(s){' (it is pruned)' if store.prune_factor > 1 else ''}. "
-                "Train fewer epochs or use granularity batch_to_epoch")
+                f"Fix: {fewer}store {epochs} epochs (decoct relabel RUN --teacher DIR --epochs {epochs} --force), "
+                "or, in Python, replay stored batches at random with granularity='batch_to_epoch'")
         return [[(e, p) for p in range(len(store.epochs[e]))] for e in range(epochs)]
     if granularity == "epoch":
         pool_epochs = store.complete_epochs()

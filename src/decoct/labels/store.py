@@ -257,7 +257,8 @@ class LabelStore:
         if store is None:
             raise LabelStoreError(
                 "this distilled set has no FKD label store (labels/fkd.safetensors); create one with "
-                "`decoct relabel RUN --teacher DIR --epochs E` or evaluate with an online teacher")
+                "`decoct relabel RUN --teacher DIR --epochs E`, or evaluate with an online teacher: "
+                "`decoct evaluate RUN --protocol soft --teacher DIR`")
         store.check_for(dset)
         return store
 
