@@ -382,3 +382,36 @@ def test_label_store_advice_works_as_typed(tmp_path, capsys):
     assert "decoct evaluate RUN --protocol soft --teacher DIR" in err
     assert main(["evaluate", plain, "--protocol", "soft", "--teacher", teacher, "--model", "mlp", "--epochs", "1",
                  "--runs", "1", *common]) == 0
+
+
+def test_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys):
+    """write()/fsync() of a full disk raise ENOSPC without a file name: the atomic writer adds it."""
+    from decoct import io
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full)
+    target = tmp_path / "out.json"
+    with pytest.raises(OSError) as e:
+        io.atomic_write_json(target, {"a": 1})
+    assert e.value.filename == str(target) and not list(tmp_path.iterdir())  # no temporary left
+    monkeypatch.setattr(cli, "cmd_report", lambda args: io.atomic_write_json(target, {}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"decoct report: error: {target}: No space left on device (free some "
+                                       "space, or choose another output directory)\n")
+
+
+@pytest.mark.slow
+def test_closed_stdout_pipe_is_quiet(tmp_path):
+    """`decoct info RUN | head -1`: the reader leaves; decoct exits 141 without a traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom decoct import cli\n"
+            "def cmd(args):\n    for _ in range(20000):\n        print('x' * 60)\n    return 0\n"
+            "cli.cmd_report = cmd\nsys.exit(cli.main(['report', 'X']))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and err == b""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -272,14 +273,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _message(e: BaseException) -> str:
     """The one line printed for a user error: OS errors name their path(s), format errors their kind."""
-    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+    if isinstance(e, OSError) and e.strerror:
         paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
         hint = ""
         if isinstance(e, PermissionError) or e.errno == errno.EROFS:
             hint = " (check the permissions, or choose another output directory)"
-        elif e.errno == errno.ENOSPC:
+        elif e.errno in (errno.ENOSPC, errno.EDQUOT):
             hint = " (free some space, or choose another output directory)"
-        msg = f"{paths}: {e.strerror}{hint}"
+        msg = f"{paths}: {e.strerror}{hint}" if e.filename is not None else f"{e.strerror}{hint}"
     elif isinstance(e, KeyError) and e.args:
         msg = str(e.args[0])
     else:
@@ -296,7 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         args = _resolve(parser, argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout went away (decoct info RUN | head -1): nothing left to report to
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except _user_errors() as e:
         cmd = " ".join(argv[:2] if argv[:1] == ["distill"] and len(argv) > 1 else argv[:1])
         print(f"decoct {cmd}: error: {_message(e)}", file=sys.stderr)

@@ -112,11 +112,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         # mkstemp creates 0600 files; give the final file the usual umask-based permissions.
         os.chmod(tmp_name, _FILE_MODE)
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(target)  # a full disk (ENOSPC from write/fsync) names no file: this one
         raise
     fsync_dir(directory)
 
