@@ -415,3 +415,11 @@ def test_closed_stdout_pipe_is_quiet(tmp_path):
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and err == b""
+
+
+def test_model_kwargs_read_scientific_notation():
+    from decoct.cli_decoupled import parse_model_kwargs
+
+    assert parse_model_kwargs("width=64,eps=1e-5,stem=imagenet") == {"width": 64, "eps": 1e-5, "stem": "imagenet"}
+    with pytest.raises(ValueError, match=r"\.\.\. \(5,002 characters\)"):
+        parse_model_kwargs("x" * 5000)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import yaml
-
 _RECOVER_HELP = {
     "sre2l": "SRe2L recover: synthesise images from a BN teacher (CE + BN-statistics matching).",
     "dwa": "DWA: SRe2L recover from real images with directed weight adjustment of the teacher per batch.",
@@ -22,6 +20,8 @@ _RECOVER_HELP = {
 
 def parse_model_kwargs(value: Any) -> dict[str, Any]:
     """``"width=64,depth=3"`` (or a YAML mapping) -> dict, values parsed as YAML scalars."""
+    from .config import short, yaml_scalar
+
     if value is None or value == "":
         return {}
     if isinstance(value, dict):
@@ -29,9 +29,9 @@ def parse_model_kwargs(value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in str(value).split(","):
         if "=" not in item:
-            raise ValueError(f"--model-kwargs expects key=value[,key=value...], got {item!r}")
+            raise ValueError(f"--model-kwargs expects key=value[,key=value...], got {short(item)}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = yaml_scalar(v)  # 1e-5 is a float, as in --set
     return out
 
 
