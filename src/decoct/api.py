@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ from .data import load_dataset
 from .evaluation import EvalResult, evaluate, resolve_device
 from .io import atomic_write_json
 from .report import save_grid
-from .runs import Run, resolve_artifact
+from .runs import Run, RunError, resolve_artifact
 
 
 @dataclass
@@ -60,7 +63,8 @@ def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 
     seconds = time.perf_counter() - t0
     dset = DistilledSet(info=data.info, images=data.train.images[idx], labels=data.train.labels[idx],
                         method=f"coreset-{method}", config=config,
-                        meta=dict(ipc=ipc, seed=seed, seconds=round(seconds, 3), source_indices=idx.tolist()))
+                        meta=dict(ipc=ipc, seed=seed, seconds=round(seconds, 3), source_indices=idx.tolist(),
+                                  data_source=data.source))
     dset.save(run.artifact_dir, overwrite=True)
     save_grid(dset.images, dset.labels, run.path / "grid.png")
     run.log(event="selected", method=method, ipc=ipc, seconds=round(seconds, 3), num_images=len(dset))
@@ -76,8 +80,13 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                  model: str | None = None, epochs: int | None = None, baseline: str | None = None,
                  engine: str = "auto", device: str = "auto", data_root: str | None = None,
                  resume: bool = False, force: bool = False, progress: bool = True,
-                 chunk: int | None = None, teacher: str | Path | None = None) -> EvalResult:
+                 chunk: int | None = None, teacher: str | Path | None = None, dataset: str | None = None,
+                 download: bool = False, save: bool = True) -> EvalResult:
     """Evaluate a run (or artifact) and store ``eval-*.json`` in the run directory.
+
+    The test data is found from the source the set recorded (registry name and data root);
+    ``dataset``/``data_root`` override it. Before any student trains, the run directory is checked
+    to be writable; ``save=False`` writes nothing (for a read-only run).
 
     Accuracies are written after every chunk of students (``partial: true``), so ``--resume``
     continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
@@ -92,6 +101,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     run_dir = art.parent if art.name == "artifact" else None
     tag = f"{protocol}-online" if teacher is not None else protocol
     target = run_dir / eval_filename(tag, cfg["model"], cfg["epochs"], baseline) if run_dir else None
+    writer = rank() == 0 and save
     state: dict[str, list[float]] = {}
     if target is not None and target.exists() and not force:
         saved = json.loads(target.read_text())
@@ -103,14 +113,15 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                                "or --force to start over")
         if saved.get("partial") and same:
             state = saved.get("state", {})
-
-    writer = rank() == 0
+    if target is not None and writer:
+        check_writable(run_dir)
 
     def checkpoint(st: dict[str, list[float]]) -> None:
         if target is not None and writer:
             atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, state=st))
 
-    result = evaluate(art, protocol, runs=runs, seed=seed, data_root=data_root, device=device, engine=engine,
+    result = evaluate(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
+                      download=download, device=device, engine=engine,
                       baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
                       model=model, epochs=epochs, online_teacher=teacher)
     if target is not None and writer:
@@ -118,6 +129,26 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
         Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
                          std=result.std, runs=runs, seconds=round(result.seconds, 2))
     return result
+
+
+def check_writable(run_dir: Path) -> None:
+    """Raise :class:`RunError` unless results can be written to ``run_dir`` (an eval-*.json is
+    created there and log.jsonl appended to), so a read-only run fails before hours of training.
+
+    Creates and removes a probe file: permission bits alone do not tell (root ignores them, a
+    read-only mount or an ACL does not show in them)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".decoct-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        log = run_dir / "log.jsonl"
+        if log.exists():
+            with open(log, "a"):
+                pass
+    except OSError as e:
+        raise RunError(f"cannot write results to {run_dir} ({e.strerror or e}): pass --no-save to print the "
+                       f"accuracy without saving it, or make the run writable first "
+                       f"(chmod -R u+w {shlex.quote(str(run_dir))})") from None
 
 
 def _result_from_dict(d: dict[str, Any]) -> EvalResult:

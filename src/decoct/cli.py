@@ -93,7 +93,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
-                          progress=args.progress, teacher=args.teacher)
+                          progress=args.progress, teacher=args.teacher, dataset=args.dataset,
+                          download=args.download, save=args.save)
     from .distributed import rank
 
     if rank() != 0:  # torchrun: one report, from rank 0
@@ -218,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-student engine")
     p.add_argument("--teacher", default=None,
                    help="soft protocol only: teacher directory labelling fresh views online (unlimited labels)")
+    p.add_argument("--dataset", default=None,
+                   help="registered dataset of the test data (default: the one the set records; with --data-root "
+                        "to evaluate on data that has moved)")
+    p.add_argument("--no-save", dest="save", action="store_false",
+                   help="write nothing (no eval-*.json, no log line): for a read-only run")
 
     p = add("info", cmd_info, "Show a distilled set's manifest summary, storage and integrity.", run=False)
     p.add_argument("path", help="run directory or artifact directory")

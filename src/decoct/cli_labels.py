@@ -10,27 +10,49 @@ from typing import Any
 
 def cmd_relabel(args: argparse.Namespace) -> int:
     from .cli import resolved_config
-    from .runs import Run, resolve_artifact
+    from .distributed import barrier, rank, world_size
+    from .runs import Run, clean_temporaries, lock_run, resolve_artifact, run_kind
 
-    src = resolve_artifact(args.path)
+    src = resolve_artifact(args.path)  # also finishes a replacement of it that a crash interrupted
+    if world_size() > 1:  # torchrun: join now, so the ranks can wait for rank 0 to open the run
+        from .labels.relabel import join_torchrun
+
+        join_torchrun(args.device)
     out_run = None
     out_art = None
+    in_place = None
     fresh = bool(args.out) and not Path(args.out).exists()
     if args.out:
-        out_run = Run.open(args.out, resolved_config(args), resume=args.resume, force=args.force)
+        # rank 0 alone checks, clears (--force) and locks the shared run directory
+        out_run = Run.open(args.out, resolved_config(args), resume=args.resume, force=args.force) \
+            if rank() == 0 else None
+        barrier()
+        if out_run is None:
+            out_run = Run(Path(args.out))
         out_art = out_run.artifact_dir
         if out_run.done:
-            print(f"{args.out}: already done (use --force to redo)")
+            if rank() == 0:
+                print(f"{args.out}: already done (use --force to redo)")
             return 0
+    elif rank() == 0 and src.name == "artifact" and run_kind(src.parent) in ("run", "legacy"):
+        in_place = lock_run(src.parent)  # relabelling in place rewrites the run's artifact
     try:
-        dst = _make_store(args, src, out_art)
-    except BaseException:
-        # a refused option (e.g. a pruning factor that keeps no batch) must not leave a run
-        # directory behind; once the artifact exists, it holds resumable work and stays
-        if fresh and out_art is not None and not out_art.exists():
-            shutil.rmtree(args.out, ignore_errors=True)
-        raise
-    return _finish(args, src, dst, out_run)
+        try:
+            dst = _make_store(args, src, out_art)
+        except BaseException:
+            # a refused option (e.g. a pruning factor that keeps no batch) must not leave a run
+            # directory behind; once the artifact exists, it holds resumable work and stays
+            if fresh and out_art is not None and not out_art.exists():
+                out_run.close()
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
+        code = _finish(args, src, dst, out_run)
+        if in_place is not None:
+            clean_temporaries(src.parent)  # what an earlier, killed relabel of this run left
+        return code
+    finally:
+        if in_place is not None:
+            in_place.release()
 
 
 def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Path:

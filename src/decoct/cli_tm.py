@@ -7,6 +7,7 @@ Thin: argument parsing only; the work is :func:`decoct.methods.experts.train_exp
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Any
 
 CONVNET_MODELS = ("convnet", "convnetd3", "convnetd4", "convnetd5", "convnet_bn")
@@ -34,8 +35,9 @@ def cmd_experts(args: argparse.Namespace) -> int:
                        data_root=args.data_root, download=args.download, amp=args.amp,
                        channels_last=args.channels_last, force=args.force, progress=args.progress)
     print(describe(es))
-    print(f"experts in {args.out}; use them with: decoct distill tm --dataset {args.dataset} --experts {args.out} "
-          "--ipc N --out RUN")
+    root = f" --data-root {shlex.quote(args.data_root)}" if args.data_root else ""
+    print(f"experts in {args.out}; use them with: decoct distill tm --dataset {args.dataset}{root} "
+          f"--experts {shlex.quote(str(args.out))} --ipc N --out RUN")
     return 0
 
 

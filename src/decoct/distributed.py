@@ -185,16 +185,18 @@ def recover_distributed(method: str, *, teacher: str, ipc: int, out: str, datase
                                                                  out=str(out), dataset=dataset, **options)
         for k in RUNTIME_KEYS:
             run_cfg.pop(k, None)
-        if r == 0:
-            run = Run.open(out, run_cfg, resume=resume, force=force)
-            if not run.done:
-                run.log(event="start", method=method, world=world, batches=len(rec.batches_all))
+        # rank 0 alone opens (checks, clears with --force, locks) the shared directory; it keeps
+        # this Run, whose lock lasts until run.finish() or the end of the command
+        run = Run.open(out, run_cfg, resume=resume, force=force) if r == 0 else None
+        if run is not None and not run.done:
+            run.log(event="start", method=method, world=world, batches=len(rec.batches_all))
         barrier()
-        run = Run(Path(out))
+        if run is None:
+            run = Run(Path(out))
         if run.done:
             barrier()
             return DistilledSet.load(resolve_artifact(out)) if r == 0 else None
-        sub = Run.open(shard_dir(out, r, world), run_cfg, resume=True)
+        sub = Run.open(shard_dir(out, r, world), run_cfg, resume=True, lock=True)  # each rank owns its shard
         finished = _run_shard(rec, sub, data, dev, checkpoint_every=checkpoint_every, stop_after=stop_after,
                               show_progress=show_progress and r == 0)
         flags = torch.tensor([1 if finished else 0], device=dev if dev.type == "cuda" else "cpu")

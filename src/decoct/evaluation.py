@@ -35,7 +35,8 @@ import torch
 
 from .artifact import DistilledSet
 from .augment import DSA, ZCA
-from .data import Dataset, load_dataset, normalize
+from .data import Dataset, normalize
+from .datasource import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
 from .models import model_for
 from .train import TrainConfig, train_students
 
@@ -188,8 +189,8 @@ def equal_storage_ipc(dset: DistilledSet, raw_total: int) -> int:
 
 
 def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, runs: int = 5, seed: int = 0,
-             dataset: Dataset | None = None, data_root: str | None = None, device: str = "auto",
-             engine: str = "auto", baseline: str | None = None, progress: bool = True,
+             dataset: Dataset | str | None = None, data_root: str | None = None, download: bool = False,
+             device: str = "auto", engine: str = "auto", baseline: str | None = None, progress: bool = True,
              chunk: int | None = None, state: dict[str, list[float]] | None = None,
              on_progress: Callable[[dict[str, list[float]]], None] | None = None,
              online_teacher: Any = None, **overrides: Any) -> EvalResult:
@@ -201,6 +202,10 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     ``DistilledSet`` the set is saved to a temporary directory and reloaded first, so the
     pixels evaluated are exactly what a user would load. ``online_teacher`` (a module or a teacher
     directory) is for the ``soft`` protocol only: the teacher labels fresh views at every step.
+
+    The test data is ``dataset`` (a loaded :class:`Dataset`), or is loaded from the source the set
+    recorded (``meta.data_source``: registry name and root), which ``dataset`` (a registry name) and
+    ``data_root`` override; either way it must have the set's classes and image shape.
     """
     import tempfile
 
@@ -214,18 +219,18 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
         with tempfile.TemporaryDirectory() as tmp:
             artifact.save(Path(tmp) / "set")
             return evaluate(Path(tmp) / "set", protocol, runs=runs, seed=seed, dataset=dataset,
-                            data_root=data_root, device=device, engine=engine, baseline=baseline,
+                            data_root=data_root, download=download, device=device, engine=engine, baseline=baseline,
                             progress=progress, chunk=chunk, state=state, on_progress=on_progress,
                             online_teacher=online_teacher, **overrides)
     path = Path(artifact)
     dset = DistilledSet.load(path)
     storage = dset.storage(path)
-    if dataset is None:
-        dataset = load_dataset(dset.info.name, root=data_root)
-    if dataset.info.image_shape != dset.info.image_shape or dataset.info.num_classes != dset.info.num_classes:
-        raise ValueError(f"artifact is for {dset.info.name} {dset.info.image_shape} with {dset.info.num_classes} "
-                         f"classes; dataset {dataset.info.name} is {dataset.info.image_shape} with "
-                         f"{dataset.info.num_classes}")
+    if not isinstance(dataset, Dataset):
+        recorded = read_source(dset.meta.get(SOURCE_KEY), f"{path}/manifest.json meta") or legacy_source(dset.config)
+        dataset = load_for(dset.info, recorded, dataset=dataset, data_root=data_root, download=download,
+                           what=f"the set {path}")
+    else:
+        check_same_data(dset.info, dataset.info, f"the set {path}", "the dataset passed")
     zca = ZCA.from_state_dict(dset.attachments["zca"]) if "zca" in dset.attachments else None
     state = {k: list(v) for k, v in (state or {}).items()}
     if protocol == "soft":

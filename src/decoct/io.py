@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -34,15 +33,19 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "backup_name",
     "fsync_dir",
     "fsync_paths",
     "load_tensors",
     "load_tensors_bytes",
     "load_tensors_metadata",
+    "pending_replacement",
+    "recover_dir",
     "replace_dir",
     "safe_torch_load",
     "sha256_bytes",
     "sha256_file",
+    "staged_name",
     "tensors_to_bytes",
 ]
 
@@ -229,32 +232,114 @@ def sha256_file(path: PathLike) -> str:
     return h.hexdigest()
 
 
+def staged_name(final_dir: PathLike) -> Path:
+    """Where :func:`replace_dir` puts a complete new directory before it takes ``final_dir``'s place."""
+    final = Path(final_dir)
+    return final.parent / f".{final.name}.new"
+
+
+def backup_name(final_dir: PathLike) -> Path:
+    """Where :func:`replace_dir` keeps the replaced ``final_dir`` until the new one is in place."""
+    final = Path(final_dir)
+    return final.parent / f".{final.name}.old"
+
+
+def _legacy_backups(final: Path) -> list[Path]:
+    # decoct 0.1.0 named its backups .<name>.bak-<12 hex>; a kill between its renames left only that
+    if not final.parent.is_dir():
+        return []
+    prefix = f".{final.name}.bak-"
+    return sorted((p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()),
+                  key=lambda p: p.stat().st_mtime)
+
+
+def pending_replacement(final_dir: PathLike) -> bool:
+    """True when a :func:`replace_dir` of ``final_dir`` was interrupted (see :func:`recover_dir`)."""
+    final = Path(final_dir)
+    return (staged_name(final).exists() or backup_name(final).exists()
+            or bool(_legacy_backups(final)))
+
+
+def recover_dir(final_dir: PathLike) -> str | None:
+    """Finish or undo a :func:`replace_dir` of ``final_dir`` that a crash interrupted.
+
+    Why: a kill between the renames of a replacement must never lose the directory. The rule
+    is that a complete staged directory wins: ``.<name>.new`` only ever appears by renaming a
+    fully written temporary directory, so when it exists the replacement is finished (the old
+    directory moved to ``.<name>.old`` and then deleted). Otherwise a missing ``final_dir`` is
+    restored from ``.<name>.old`` (or from a ``.<name>.bak-*`` left by an older decoct), and a
+    backup beside an intact ``final_dir`` is deleted. Returns what was done ("finished",
+    "restored", "cleaned") or None when nothing was pending. If finishing fails (say the disk
+    refuses the rename), the old directory is put back and the staged one removed.
+    """
+    final = Path(final_dir)
+    new, old = staged_name(final), backup_name(final)
+    parent = final.parent
+    if new.is_dir() and not new.is_symlink():
+        try:
+            if final.is_dir() and not final.is_symlink():
+                if old.exists():
+                    shutil.rmtree(old)  # final is complete, so an older backup is redundant
+                os.rename(final, old)
+            os.rename(new, final)
+            fsync_dir(parent)
+        except OSError:
+            if not final.exists() and old.is_dir():
+                os.rename(old, final)
+            shutil.rmtree(new, ignore_errors=True)
+            fsync_dir(parent)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        for b in _legacy_backups(final):
+            shutil.rmtree(b, ignore_errors=True)
+        return "finished"
+    action = None
+    legacy = _legacy_backups(final)
+    if not final.exists() and not final.is_symlink():
+        source = old if old.is_dir() else (legacy.pop() if legacy else None)  # the newest legacy backup
+        if source is not None:
+            os.rename(source, final)
+            fsync_dir(parent)
+            action = "restored"
+    for b in [old, *legacy]:
+        if b.exists():
+            shutil.rmtree(b, ignore_errors=True)
+            action = action or "cleaned"
+    return action
+
+
 def replace_dir(tmp_dir: PathLike, final_dir: PathLike) -> None:
     """Move a fully written ``tmp_dir`` to ``final_dir``, replacing any existing directory.
 
-    POSIX cannot atomically swap two non-empty directories, so: rename the old one to a backup
-    name, rename the new one into place, then delete the backup. If the second rename fails the
-    backup is renamed back, so ``final_dir`` is never lost. ``tmp_dir`` should live next to
-    ``final_dir`` (same filesystem) so the renames are cheap and atomic.
+    POSIX cannot atomically swap two non-empty directories, so the swap is three renames with
+    fixed names a later process can find: ``tmp_dir`` -> ``.<name>.new`` (the new contents are
+    complete), ``final_dir`` -> ``.<name>.old``, ``.<name>.new`` -> ``final_dir``; then the backup
+    is deleted. A kill at any point leaves a state :func:`recover_dir` completes (the run
+    directory commands call it when they open a run), so ``final_dir`` is never lost; an
+    exception here recovers at once. ``tmp_dir`` must live next to ``final_dir`` (same
+    filesystem) so the renames are cheap and atomic. An interrupted earlier replacement of
+    ``final_dir`` is recovered first.
     """
     tmp = Path(tmp_dir)
     final = Path(final_dir)
     if not tmp.is_dir():
         raise ValueError(f"replace_dir: {tmp} is not a directory")
-    os.chmod(tmp, _DIR_MODE)  # mkdtemp makes 0700 directories
-    parent = final.parent
-    if not final.exists() and not final.is_symlink():
-        os.rename(tmp, final)
-        fsync_dir(parent)
-        return
-    if not final.is_dir() or final.is_symlink():
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise ValueError(f"replace_dir: {final} exists and is not a directory")
-    backup = parent / f".{final.name}.bak-{uuid.uuid4().hex[:12]}"
-    os.rename(final, backup)
+    os.chmod(tmp, _DIR_MODE)  # mkdtemp makes 0700 directories
+    recover_dir(final)
+    new, old = staged_name(final), backup_name(final)
+    parent = final.parent
+    os.rename(tmp, new)  # from here on the new contents are complete and will win
     try:
-        os.rename(tmp, final)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(new, final)
+        fsync_dir(parent)
     except BaseException:
-        os.rename(backup, final)
+        try:
+            recover_dir(final)
+        except OSError:
+            pass  # the next command that opens the directory recovers it
         raise
-    fsync_dir(parent)
-    shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

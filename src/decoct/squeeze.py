@@ -748,6 +748,7 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
         "test_accuracy": acc, "train_seconds": round(seconds, 2), "stats_seconds": round(stats_seconds, 2),
         "num_train_images": len(data.train), "bn_layers": [[n, stats.channels(n)] for n in stats.layers],
         "files": {f: sha256_file(p / f) for f in ("model.safetensors", "bn_stats.safetensors")},
+        "data_source": data.source,  # how distill/relabel find this data again (decoct.datasource)
     }
     atomic_write_json(p / "teacher.json", meta)
     run.log(event="finished", test_accuracy=acc, seconds=round(seconds + stats_seconds, 2))

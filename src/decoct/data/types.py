@@ -82,11 +82,17 @@ class ImageSplit:
 
 @dataclass
 class Dataset:
-    """A dataset: its metadata and its train and test splits."""
+    """A dataset: its metadata and its train and test splits.
+
+    ``source`` is how :func:`decoct.data.load_dataset` found it (``{"registry": name, "root":
+    absolute path or None[, "options": {...}]}``); sets and teachers record it so later commands
+    find the same data again (:mod:`decoct.datasource`). None for a dataset built by hand.
+    """
 
     info: DatasetInfo
     train: ImageSplit
     test: ImageSplit
+    source: dict | None = None
 
 
 def normalize(images: Tensor, info: DatasetInfo, device: torch.device | str | None = None) -> Tensor:

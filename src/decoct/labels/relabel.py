@@ -321,15 +321,16 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
         raise ValueError(f"{dst} exists; pass force=True to replace it")
     job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last)
     existing = LabelStore.from_label_files(dset.label_files) if out is None else None
+    work = dst.parent / f".{dst.name}.relabel"
     if existing is not None and not force:
         if _same_settings(existing.header, job.header):
+            if _dist()[0] == 0:
+                shutil.rmtree(work, ignore_errors=True)  # left by a relabel killed after its store was saved
             return dst
         raise LabelStoreError(
             f"{src} already holds a label store made with other settings (epochs {existing.header['epochs']}, "
             f"batch {existing.header['batch']}, prune {existing.prune_factor}x, seed {existing.header['seed']}); "
-            "pass --force (force=True) to replace it, or write the relabelled set elsewhere with --out DIR "
-            "(out=DIR)")
-    work = dst.parent / f".{dst.name}.relabel"
+            "pass force to replace it, or write the new one elsewhere with out=")
     store = job.run(work, progress)
     rank, _ = _dist()
     if rank == 0:
@@ -367,8 +368,7 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     pruned = prune_store(store, int(factor))
     dst = Path(out) if out is not None else src
     if out is None and not force:
-        raise ValueError(f"pruning in place replaces the full label store of {src}; pass --force (force=True) "
-                         "to replace it, or write the pruned set elsewhere with --out DIR (out=DIR)")
+        raise ValueError(f"pruning in place replaces the full label store of {src}; pass force, or out=")
     if out is not None and dst.exists() and any(dst.iterdir()) and not force:
         raise ValueError(f"{dst} exists; pass force=True to replace it")
     attach_store(dset, pruned).save(dst, overwrite=True)

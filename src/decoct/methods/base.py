@@ -127,6 +127,8 @@ def run_method(method: DistillMethod, run: Run, dataset: Dataset, device: torch.
     seconds = elapsed + time.perf_counter() - t0
     dset = method.result()
     dset.meta.setdefault("seconds", round(seconds, 3))
+    if getattr(dataset, "source", None):  # how later commands (evaluate) find this data again
+        dset.meta.setdefault("data_source", dataset.source)
     dset.save(run.artifact_dir, overwrite=True)
     save_grid(dset.images, dset.labels, run.path / "grid.png")
     run.log(event="finished", iterations=method.iterations, seconds=round(seconds, 3), num_images=len(dset))

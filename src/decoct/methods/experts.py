@@ -180,7 +180,15 @@ class ExpertSet:
         s = self.manifest["settings"]
         problems: list[str] = []
         if info is not None:
-            if info.name != s["dataset"]:
+            from ..data import DATASETS
+
+            d = self.manifest.get("dataset", {})
+            # an image-folder tree's name is its folder's, not an identity: a copy elsewhere (same
+            # classes and normalisation) is the same data; a registered name is an identity
+            copy = (s["dataset"] not in DATASETS and info.name not in DATASETS
+                    and list(info.classes) == list(d.get("classes", [])) and list(info.mean) == list(d.get("mean", []))
+                    and list(info.std) == list(d.get("std", [])))
+            if info.name != s["dataset"] and not copy:
                 problems.append(f"dataset: experts {s['dataset']!r}, run {info.name!r}")
             if list(info.image_shape) != list(s["image_shape"]) or info.num_classes != s["num_classes"]:
                 problems.append(f"data shape: experts {tuple(s['image_shape'])} x {s['num_classes']} classes, "
@@ -250,9 +258,14 @@ class ExpertSet:
 
 def experts_command(dataset: str, out: str | None = None, epochs: int = 50, zca: bool | None = None) -> str:
     """The command that trains experts for ``dataset`` (used in error messages)."""
+    from ..data import DATASETS
+
     out = out or f"experts/{dataset}"
     flag = "" if zca is None or zca == default_zca(dataset) else (" --zca" if zca else " --no-zca")
-    return f"decoct experts --dataset {dataset} --out {out} --num-experts 10 --epochs {epochs}{flag}"
+    # an image-folder tree's DatasetInfo name is its folder's name, not a registered one
+    name = dataset if dataset.lower() in DATASETS and dataset.lower() != "imagefolder" else \
+        "imagefolder --data-root DIR"
+    return f"decoct experts --dataset {name} --out {out} --num-experts 10 --epochs {epochs}{flag}"
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

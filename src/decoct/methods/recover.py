@@ -618,6 +618,9 @@ class Recover:
         meta = self.describe()
         meta["complete"] = bool(self.done.all())
         meta["final_batch_metrics"] = {str(k): v for k, v in sorted(self.last_metrics.items())}
+        source = getattr(getattr(self, "dataset", None), "source", None)
+        if source:  # how later commands (evaluate) find this data again
+            meta["data_source"] = source
         kw = dict(method=cfg.method, config=asdict(cfg), meta=meta)
         if self.store_dtype == torch.uint8:
             return DistilledSet(self.info, self.out.clone(), self.labels(), **kw)
@@ -650,9 +653,10 @@ def prepare(method: str, *, teacher: str, ipc: int, dataset: str | None = None, 
 
     Raises a clear error for an unknown method or option, a teacher directory that is missing or
     corrupted, BN statistics that do not fit the teacher's architecture, or a dataset whose classes
-    or image shape differ from the teacher's.
+    or image shape differ from the teacher's. Without ``dataset`` the data is the teacher's: found
+    from the source its teacher.json records (registry name and root), ``data_root`` overriding the root.
     """
-    from ..data import load_dataset
+    from ..datasource import SOURCE_KEY, load_for, read_source
 
     if method not in RECOVER_METHODS:
         raise ValueError(f"unknown recover method {method!r}; known: {', '.join(RECOVER_METHODS)}")
@@ -663,7 +667,9 @@ def prepare(method: str, *, teacher: str, ipc: int, dataset: str | None = None, 
     t = load_teacher_full(teacher, "cpu")
     cfg = RecoverConfig(teacher=str(teacher), ipc=ipc, method=method, **options)
     rec = Recover(cfg, teacher=t, shard=shard)
-    data = load_dataset(dataset or t.info.name, root=data_root, download=download)
+    recorded = read_source(t.meta.get(SOURCE_KEY), f"{teacher}/teacher.json")
+    data = load_for(t.info, recorded, dataset=dataset, data_root=data_root, download=download,
+                    what=f"teacher {teacher}")
     check_teacher_dataset(t.info, data.info, teacher)
     return rec, data
 

@@ -244,7 +244,8 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
         data = load_dataset(dataset, root=data_root, download=download)
         idx = random_baseline_indices(data, ipc, seed)
         base = DistilledSet(info=data.info, images=data.train.images[idx], labels=data.train.labels[idx],
-                            method="random", meta=dict(ipc=ipc, seed=seed, source_indices=idx.tolist()))
+                            method="random", meta=dict(ipc=ipc, seed=seed, source_indices=idx.tolist(),
+                                                       data_source=data.source))
     dset = quantize_set(base, colors, method, seed=seed, device=dev if method == "kmeans" else None)
     dset.config = config
     seconds = time.perf_counter() - t0
