@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path, PurePosixPath
@@ -39,16 +41,37 @@ from PIL import Image
 from torch import Tensor
 
 from decoct.data.types import DatasetInfo, normalize, to_uint8
+from decoct.filecheck import (
+    FileCheckError,
+    confined_path,
+    is_sha256,
+    read_json_object,
+    regular_file_size,
+    safetensors_header,
+)
 from decoct.io import (
     atomic_write_json,
     fsync_paths,
     load_tensors_bytes,
     replace_dir,
     sha256_bytes,
+    sha256_file,
     tensors_to_bytes,
 )
 
-__all__ = ["FORMAT", "VERSION", "ArtifactError", "DistilledSet", "class_dir_name", "verify"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "EXPORT_MARKER",
+    "FORMAT",
+    "MAX_IMAGE_SIDE",
+    "VERSION",
+    "ArtifactError",
+    "DistilledSet",
+    "ExportError",
+    "class_dir_name",
+    "inspect",
+    "verify",
+]
 
 FORMAT = "decoct-distilled-set"
 VERSION = 1
@@ -61,10 +84,25 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SOFT_FILE = "labels/soft.safetensors"
 _FLOAT_FILE = "images.safetensors"
 _FP16_MAX = 65504.0
+_COMPONENTS = ("images", "labels", "extra")
+MAX_IMAGE_SIDE = 2048
+"""Largest image height/width an artifact may declare (an 8-bit RGB image of 2048x2048 is 12 MB);
+checked, with each PNG's own header, before anything is decoded."""
+MAX_CHANNELS = 64
+EXPORT_FORMAT = "decoct-imagefolder-export"
+EXPORT_MARKER = "decoct-export.json"
+"""Written at the top of every ImageFolder export: what evaluation applies to the images, and the
+mark that lets ``export --force`` replace a directory decoct itself exported (and nothing else)."""
+_EXPORT_LABELS = "labels.safetensors"
+_EXPORT_ZCA = "zca.safetensors"
 
 
 class ArtifactError(ValueError):
     """An artifact on disk is missing, corrupted, or not a decoct distilled set."""
+
+
+class ExportError(ValueError):
+    """An export target cannot be written (not empty, not ours, read-only)."""
 
 
 def _sanitise(name: str) -> str:
@@ -173,33 +211,69 @@ def _encode_png(
     return buf.getvalue()
 
 
+def _png_header(data: bytes, rel: str) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) from a PNG's IHDR, read without decoding."""
+    if len(data) < 33 or data[:8] != _PNG_MAGIC:
+        raise ArtifactError(f"{rel}: not a PNG file (no PNG signature and header)")
+    length, kind = struct.unpack(">I4s", data[8:16])
+    if kind != b"IHDR" or length != 13:
+        raise ArtifactError(f"{rel}: PNG does not start with its IHDR header — the file is corrupted")
+    w, h, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return w, h, depth, colour
+
+
 def _decode_png(
-    data: bytes, rel: str, info: DatasetInfo, palette_mode: bool
+    data: bytes, rel: str, info: DatasetInfo, palette_mode: bool, palette_size: int | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """PNG bytes -> (pixels (C,H,W), palette indices (H,W) or None, palette (K,C) or None)."""
+    """PNG bytes -> (pixels (C,H,W), palette indices (H,W) or None, palette (K,C) or None).
+
+    The PNG header (size, bit depth, colour type) is compared with what the manifest says
+    before Pillow decodes anything, so a 13000x13000 image in an 8x8 set costs nothing; Pillow's
+    decompression-bomb warning is turned into an error as a second guard.
+    """
+    w, h, depth, colour = _png_header(data, rel)
+    if (w, h) != (info.width, info.height):
+        raise ArtifactError(
+            f"{rel}: PNG header says {w}x{h} (WxH), dataset {info.name!r} in manifest.json is "
+            f"{info.width}x{info.height}; not decoded"
+        )
+    c = info.channels
+    if palette_mode:
+        want = (_png_depth_for_palette(palette_size) if palette_size is not None else depth, 3)
+        kind = f"a {palette_size}-colour palette PNG"
+    else:
+        want = (8, 2 if c == 3 else 0)
+        kind = "an 8-bit RGB PNG" if c == 3 else "an 8-bit greyscale PNG"
+    if (depth, colour) != want:
+        raise ArtifactError(
+            f"{rel}: PNG header has bit depth {depth} and colour type {colour}, the manifest's "
+            f"storage needs {kind} (depth {want[0]}, colour type {want[1]}); not decoded"
+        )
     try:
-        with Image.open(BytesIO(data)) as im:
-            im.load()
-            fmt, mode, size = im.format, im.mode, im.size
-            arr = np.array(im)
-            pal = im.getpalette() if mode == "P" else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(BytesIO(data)) as im:
+                fmt, mode, size = im.format, im.mode, im.size
+                if size != (info.width, info.height):  # Pillow's reading of the header, before load
+                    raise ValueError(f"Pillow reads the size as {size}")
+                im.load()
+                arr = np.array(im)
+                pal = im.getpalette() if mode == "P" else None
     except Exception as e:  # Pillow raises many types for damaged files
         raise ArtifactError(
             f"{rel}: cannot be decoded as a PNG ({e}) — the file is corrupted"
         ) from e
     if fmt != "PNG":
         raise ArtifactError(f"{rel}: is a {fmt} file, expected PNG")
-    if size != (info.width, info.height):
-        raise ArtifactError(
-            f"{rel}: image is {size[0]}x{size[1]} (WxH), dataset {info.name!r} needs "
-            f"{info.width}x{info.height}"
-        )
-    c = info.channels
     if palette_mode:
         if mode != "P" or not pal:
             raise ArtifactError(f"{rel}: PNG mode is {mode!r}, a palette set needs mode 'P'")
         # numpy, not torch: per-image torch indexing costs milliseconds of dispatch overhead
         palette = np.asarray(pal, dtype=np.uint8).reshape(-1, 3)[:, :c]
+        if palette_size is not None and palette.shape[0] != palette_size:
+            raise ArtifactError(
+                f"{rel}: palette has {palette.shape[0]} colours, manifest.json says {palette_size}"
+            )
         indices = arr.astype(np.uint8)
         if int(indices.max()) >= palette.shape[0]:
             raise ArtifactError(f"{rel}: pixel index {int(indices.max())} is outside its palette")
@@ -209,9 +283,9 @@ def _decode_png(
             torch.from_numpy(indices),
             torch.from_numpy(np.ascontiguousarray(palette)),
         )
-    want = "RGB" if c == 3 else "L"
-    if mode != want:
-        raise ArtifactError(f"{rel}: PNG mode is {mode!r}, expected {want!r} for {c} channel(s)")
+    want_mode = "RGB" if c == 3 else "L"
+    if mode != want_mode:
+        raise ArtifactError(f"{rel}: PNG mode is {mode!r}, expected {want_mode!r} for {c} channel(s)")
     hwc = arr.reshape(info.height, info.width, c)
     return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1).contiguous(), None, None
 
@@ -672,34 +746,37 @@ class DistilledSet:
                 raise ValueError("storage(): this set has not been saved or loaded; pass a path")
             return json.loads(json.dumps(self._last_storage))
         root = Path(path)
-        manifest = _read_manifest(root)
-        files = _files_table(manifest)
-        sizes: dict[str, dict[str, Any]] = {}
-        for rel, entry in files.items():
-            p = root / _safe_rel(rel)
-            if not p.is_file():
-                raise ArtifactError(f"{rel}: missing — listed in manifest.json but not found")
-            sizes[rel] = {"bytes": p.stat().st_size, "component": entry.get("component")}
-        return self._storage_from_sizes(_component_sizes(sizes))
+        layout = _parse_manifest(_read_manifest(root))
+        sizes: dict[str, int] = {}
+        for rel in layout.files:
+            try:
+                sizes[rel] = regular_file_size(confined_path(root, rel, "manifest.json"), rel)
+            except FileNotFoundError as e:
+                raise ArtifactError(f"{rel}: missing — listed in manifest.json but not found") from e
+            except FileCheckError as e:
+                raise ArtifactError(str(e)) from e
+        return self._storage_from_sizes(_measured_components(layout, sizes))
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> DistilledSet:
         """Read an artifact; with ``verify`` every file's size and SHA-256 are checked first.
 
-        Any problem (missing/changed/undecodable file, wrong format, inconsistent contents)
-        raises :class:`ArtifactError` naming the file.
+        Any problem (missing/changed/undecodable/linked/unlisted file, wrong format, numbers that
+        disagree with the files, storage claims that disagree with the measured files) raises
+        :class:`ArtifactError` naming the file: exactly the problems :func:`verify` and
+        ``decoct info`` report. ``verify=False`` skips hashing (sizes and headers are still
+        checked before anything is read or decoded).
         """
         root = Path(path)
-        manifest = _read_manifest(root)
-        if verify:
-            problems = _integrity_problems(root, manifest)
-            if problems:
-                raise ArtifactError(
-                    f"{root}: artifact failed verification:\n  " + "\n  ".join(problems)
-                )
-        ds = _decode(root, manifest)
-        ds._last_storage = ds.storage(root)
+        problems, ds, _ = _inspect(root, check_files=verify)
+        if problems or ds is None:
+            if len(problems) == 1:
+                one = problems[0]
+                raise ArtifactError(one if one.startswith(str(root)) else f"{root}: {one}")
+            raise ArtifactError(
+                f"{root}: artifact failed verification ({len(problems)} problems):\n  " + "\n  ".join(problems)
+            )
         return ds
 
     @staticmethod
@@ -709,26 +786,43 @@ class DistilledSet:
 
     # ------------------------------------------------------------------ export
     def export_imagefolder(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-        """Write a plain ``<out>/<class_name>/<k:05d>.png`` tree for tools that read ImageFolder.
+        """Write a plain ``<out>/<class_name>/<k:05d>.png`` tree for tools that read ImageFolder,
+        plus what evaluation applies to those pixels, so nothing the set needs is lost.
 
         8-bit PNGs (RGB, or L for one channel; palette sets are expanded), written via a temp
         directory so the export appears complete or not at all. Classes without images get no
-        directory (ImageFolder rejects empty class folders). Note that ImageFolder numbers
-        classes in sorted name order, which may differ from ``info.classes`` order.
+        directory (ImageFolder rejects empty class folders). Beside the class folders:
+
+        - ``decoct-export.json``: class order and folders, the file of every row, hard labels,
+          normalisation, the learned learning rate, which side files exist and how to apply them
+          (``apply``: the lines :meth:`export_notes` returns), and what was not exported;
+        - ``labels.safetensors`` (soft-label sets): ``soft_labels`` (N, classes) float32 logits,
+          row i for ``files[i]``, columns in decoct's class order;
+        - ``zca.safetensors`` (ZCA sets): ``mean`` (D,) and ``W`` (D, D) float32, applied after
+          normalisation as ``x' = (x.reshape(N, D) - mean) @ W``.
+
+        ``out_dir`` must be new, empty, or an earlier decoct export (replaced only with
+        ``overwrite=True``; a foreign non-empty directory is never replaced). Raises
+        :class:`ExportError` otherwise, or when the location is not writable.
         """
         out = Path(out_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise FileExistsError(
-                f"{out} exists and is not empty; pass overwrite=True to replace it"
-            )
+        _check_export_target(out, overwrite)
         names = [_folder_name(c, name) for c, name in enumerate(self.info.classes)]
         if len(set(names)) != len(names):
             raise ValueError(f"class names collide after making them file-system safe: {names}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        parent = out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(13, "permission denied", str(parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        except OSError as e:
+            raise ExportError(f"cannot export to {out}: {parent} is not writable ({e.strerror or e}); "
+                              "choose a directory you can write to") from e
         try:
             written: list[Path] = []
             dirs: list[Path] = []
+            rows: list[tuple[str, int]] = []
             for c, name in enumerate(names):
                 members = (self.labels == c).nonzero().flatten().tolist()
                 if not members:
@@ -740,13 +834,120 @@ class DistilledSet:
                     p = d / f"{k:05d}.png"
                     p.write_bytes(_encode_png(self.images[i]))
                     written.append(p)
+                    rows.append((f"{name}/{k:05d}.png", i))
+            written += self._write_export_side_files(tmp, names, rows)
             fsync_paths(written)
-            fsync_paths(dirs)
+            fsync_paths(dirs + [tmp])
             replace_dir(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportError(f"cannot export to {out}: {e.strerror or e} ({e.filename or out})") from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out
+
+    def _label_store_summary(self) -> dict[str, Any] | None:
+        from decoct.labels.store import HEADER_FILE, LabelStore
+
+        if HEADER_FILE not in self.label_files:
+            return None
+        out: dict[str, Any] = {"name": HEADER_FILE, "exported": False}
+        try:
+            store = LabelStore.from_label_files(self.label_files)
+            if store is not None:
+                out.update(epochs=store.header["epochs"], batch=store.batch, prune_factor=store.prune_factor)
+        except ValueError:
+            pass
+        out["note"] = ("FKD label store: teacher logits of recorded crops/flips/mixes of these images, replayed "
+                       "by decoct's soft protocol; not exported (it needs decoct's replay). Use it with "
+                       "`decoct evaluate RUN --protocol soft`, or relabel the exported images with your teacher")
+        return out
+
+    def export_notes(self) -> list[str]:
+        """What a consumer of an ImageFolder export must apply to train as decoct evaluates this
+        set (printed by ``decoct export`` and stored as ``apply`` in decoct-export.json)."""
+        info = self.info
+        mean = ", ".join(f"{v:.4g}" for v in info.mean)
+        std = ", ".join(f"{v:.4g}" for v in info.std)
+        notes = [f"normalise: x = (pixel / 255 - mean) / std per channel, mean ({mean}), std ({std})"]
+        if "zca" in self.attachments:
+            notes.append(f"this set was trained with ZCA whitening: apply {_EXPORT_ZCA} after normalising, "
+                         "x' = (x.reshape(N, -1) - mean) @ W (train and test images alike); without it the "
+                         "images are not what the set was distilled for")
+        if "syn_lr" in self.meta:
+            notes.append(f"learned lr {float(self.meta['syn_lr']):.6g}: the set was distilled with this student "
+                         "step size (meta.syn_lr); decoct's classic/fast protocols train the student with it as "
+                         "the SGD learning rate")
+        folders = [_folder_name(c, n) for c, n in enumerate(info.classes)]
+        used = [f for c, f in enumerate(folders) if bool((self.labels == c).any())]
+        reordered = sorted(used) != folders
+        if self.soft_labels is not None:
+            notes.append(f"soft labels in {_EXPORT_LABELS}: 'soft_labels' row i belongs to files[i] of "
+                         f"{EXPORT_MARKER}; they are logits, train with KL(softmax(t) || softmax(out)) "
+                         "(temperature 1) instead of the folder labels"
+                         + ("; columns follow decoct's class order (classes[].index), not ImageFolder's"
+                            if reordered else ""))
+        if reordered:
+            notes.append(f"class indices: ImageFolder numbers the folders in sorted order, decoct's class index "
+                         f"of each folder is in {EXPORT_MARKER} (classes[].index)")
+        store = self._label_store_summary()
+        if store is not None:
+            notes.append("not exported: the FKD label store (" + store["note"] + ")")
+        other = sorted(set(self.attachments) - {"zca"}) + sorted(f"labels/{k}" for k in self.label_files
+                                                                   if store is None or not k.startswith("fkd"))
+        if other:
+            notes.append(f"not exported: {', '.join(other)} (decoct-specific files of the artifact)")
+        return notes
+
+    def _write_export_side_files(self, root: Path, folders: list[str], rows: list[tuple[str, int]]) -> list[Path]:
+        """decoct-export.json (+ labels.safetensors, zca.safetensors when the set has them)."""
+        from decoct.augment import ZCA
+
+        written: list[Path] = []
+        side = [EXPORT_MARKER]
+        order = torch.tensor([i for _, i in rows], dtype=torch.long)
+        soft = None
+        if self.soft_labels is not None:
+            (root / _EXPORT_LABELS).write_bytes(
+                tensors_to_bytes({"soft_labels": self.soft_labels[order].float().contiguous()}))
+            written.append(root / _EXPORT_LABELS)
+            side.append(_EXPORT_LABELS)
+            soft = {"file": _EXPORT_LABELS, "tensor": "soft_labels", "shape": [len(rows), self.info.num_classes],
+                    "dtype": "float32", "kind": "logits",
+                    "loss": "KL(softmax(soft_labels / T) || softmax(out / T)) * T^2 with T = 1"}
+        zca = None
+        if "zca" in self.attachments:
+            z = ZCA.from_state_dict(self.attachments["zca"])
+            (root / _EXPORT_ZCA).write_bytes(tensors_to_bytes({"mean": z.mean.float(), "W": z.W.float()}))
+            written.append(root / _EXPORT_ZCA)
+            side.append(_EXPORT_ZCA)
+            zca = {"file": _EXPORT_ZCA, "tensors": {"mean": [int(z.mean.numel())],
+                                                    "W": [int(z.W.shape[0]), int(z.W.shape[1])]},
+                   "formula": "after normalising: x' = ((x.reshape(N, D) - mean) @ W).reshape(N, C, H, W)"}
+        used = sorted({f.split("/")[0] for f, _ in rows})
+        marker = {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "source": {"method": self.method, "dataset": self.info.name, "image_storage": self.image_storage},
+            "dataset": self.info.to_dict(),
+            "classes": [{"index": c, "name": n, "folder": folders[c], "images": int((self.labels == c).sum())}
+                        for c, n in enumerate(self.info.classes)],
+            "imagefolder_index": {f: k for k, f in enumerate(used)},
+            "files": [f for f, _ in rows],
+            "hard_labels": [int(self.labels[i]) for _, i in rows],
+            "normalize": {"mean": list(self.info.mean), "std": list(self.info.std),
+                          "formula": "x[c] = (pixel[c] / 255 - mean[c]) / std[c]"},
+            "zca": zca,
+            "soft_labels": soft,
+            "learned_lr": float(self.meta["syn_lr"]) if "syn_lr" in self.meta else None,
+            "label_store": self._label_store_summary(),
+            "side_files": side,
+            "apply": self.export_notes(),
+        }
+        (root / EXPORT_MARKER).write_text(json.dumps(marker, indent=2, allow_nan=False) + "\n", "utf-8")
+        written.append(root / EXPORT_MARKER)
+        return written
 
 
 # ---------------------------------------------------------------------- module helpers
@@ -782,6 +983,39 @@ def _check_target(final: Path, overwrite: bool) -> None:
         )
 
 
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    """An export goes to a new or empty directory, or replaces an earlier decoct export (with
+    ``overwrite``) that holds nothing but what that export wrote; anything else is refused."""
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; export to a real directory path")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; choose another --imagefolder path")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ExportError(f"{out} is not writable (read-only?); choose a directory you can write to")
+    if not any(out.iterdir()):
+        return
+    marker = out / EXPORT_MARKER
+    try:
+        m = read_json_object(marker, str(marker)) if marker.is_file() and not marker.is_symlink() else None
+    except FileCheckError:
+        m = None
+    if m is None or m.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{out} is not empty and is not a decoct export (no {EXPORT_MARKER}); refusing to "
+                          "replace it: choose a new or empty directory")
+    if not overwrite:
+        raise ExportError(f"{out} holds an earlier decoct export; pass --force (overwrite=True) to replace it")
+    ours = set(m.get("files") or []) | set(m.get("side_files") or [])
+    for dirpath, dirnames, filenames in os.walk(out):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(out).as_posix()
+            if p.is_symlink() or (not p.is_dir() and rel not in ours):
+                raise ExportError(f"{out} holds an earlier decoct export plus {rel}, which the export did not "
+                                  "write; refusing to replace it (move that file out first)")
+
+
 def _component_sizes(files: dict[str, dict[str, Any]]) -> dict[str, int]:
     sizes = {"images": 0, "labels": 0, "extra": 0}
     for rel, entry in files.items():
@@ -794,7 +1028,7 @@ def _component_sizes(files: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 def _safe_rel(rel: Any) -> PurePosixPath:
     """A manifest path, refused if it could point outside the artifact directory."""
-    if not isinstance(rel, str) or not rel or "\\" in rel:
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
         raise ArtifactError(f"manifest.json: invalid file path {rel!r}")
     p = PurePosixPath(rel)
     if p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or rel == MANIFEST:
@@ -803,142 +1037,314 @@ def _safe_rel(rel: Any) -> PurePosixPath:
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json as a dict with the right format and version (nothing else checked yet)."""
     if not root.is_dir():
         raise ArtifactError(f"{root}: not a directory")
     mpath = root / MANIFEST
-    if not mpath.is_file():
+    if not mpath.exists() and not mpath.is_symlink():
         raise ArtifactError(f"{root}: no manifest.json — not a decoct distilled-set artifact")
     try:
-        manifest = json.loads(mpath.read_text("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"manifest.json: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"manifest.json: format is not {FORMAT!r}")
+        manifest = read_json_object(mpath, str(mpath))
+    except FileCheckError as e:
+        raise ArtifactError(str(e)) from e
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: format is {str(manifest.get('format'))[:40]!r}, not {FORMAT!r} — "
+                            "not a decoct distilled-set manifest")
     if manifest.get("version") != VERSION:
         raise ArtifactError(
-            f"manifest.json: version {manifest.get('version')!r} is not supported "
+            f"{mpath}: version {str(manifest.get('version'))[:20]!r} is not supported "
             f"(this decoct reads version {VERSION})"
         )
     return manifest
 
 
 def _files_table(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` table, every entry checked: safe path, sha256, size, component."""
     files = manifest.get("files")
-    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+    if not isinstance(files, dict):
         raise ArtifactError("manifest.json: 'files' must map paths to {sha256, bytes, component}")
+    for rel, entry in files.items():
+        _safe_rel(rel)
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"manifest.json: files[{rel!r}] must be {{sha256, bytes, component}}")
+        if not is_sha256(entry.get("sha256")):
+            raise ArtifactError(f"manifest.json: files[{rel!r}] has no valid sha256 (64 hex digits)")
+        size = entry.get("bytes")
+        if not _is_int(size) or size < 0:
+            raise ArtifactError(f"manifest.json: files[{rel!r}].bytes must be a non-negative integer")
+        if entry.get("component") not in _COMPONENTS:
+            raise ArtifactError(f"{rel}: unknown component {entry.get('component')!r} in manifest.json")
     return files
 
 
-def _integrity_problems(root: Path, manifest: dict[str, Any]) -> list[str]:
-    """Size/SHA-256 mismatches, missing files and unlisted files, one message each."""
-    problems: list[str] = []
-    files = _files_table(manifest)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v: Any, what: str, lo: int, hi: int) -> list[int]:
+    if not isinstance(v, list) or not all(_is_int(x) and lo <= x <= hi for x in v):
+        raise ArtifactError(f"manifest.json: {what} must be a list of integers in [{lo}, {hi}]")
+    return v
+
+
+def _dataset_info(d: Any) -> DatasetInfo:
+    """DatasetInfo from the manifest, with every field type- and range-checked first."""
+    if not isinstance(d, dict):
+        raise ArtifactError("manifest.json: 'dataset' must be an object")
+    name, classes = d.get("name"), d.get("classes")
+    if not isinstance(name, str) or not name:
+        raise ArtifactError("manifest.json: dataset.name must be a non-empty string")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ArtifactError("manifest.json: dataset.classes must be a non-empty list of strings")
+    c, h, w = d.get("channels"), d.get("height"), d.get("width")
+    if not (_is_int(c) and 1 <= c <= MAX_CHANNELS):
+        raise ArtifactError(f"manifest.json: dataset.channels must be an integer in 1..{MAX_CHANNELS}")
+    for key, v in (("height", h), ("width", w)):
+        if not (_is_int(v) and 1 <= v <= MAX_IMAGE_SIDE):
+            raise ArtifactError(f"manifest.json: dataset.{key} is {str(v)[:20]}; decoct reads images of "
+                                f"1..{MAX_IMAGE_SIDE} pixels a side")
+    for key in ("mean", "std"):
+        v = d.get(key)
+        if (not isinstance(v, list) or len(v) != c
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise ArtifactError(f"manifest.json: dataset.{key} must be {c} finite numbers")
+    if any(x <= 0 for x in d["std"]):
+        raise ArtifactError("manifest.json: dataset.std must be positive")
+    return DatasetInfo.from_dict(d)
+
+
+@dataclass
+class _Layout:
+    """What a manifest says, every number checked against the files it lists (nothing read yet)."""
+
+    info: DatasetInfo
+    counts: list[int]
+    num_images: int
+    storage_kind: str
+    palette_sizes: list[int] | None
+    files: dict[str, dict[str, Any]]
+    image_files: list[str]  # in storage order
+    method: str
+    config: dict
+    meta: dict
+
+
+def _parse_manifest(m: dict[str, Any]) -> _Layout:
+    """Check a manifest's structure and numbers before anything is sized by them.
+
+    Every count is bounded by what the manifest itself holds (``labels.hard`` lists every image,
+    every PNG must be a listed file) and image sizes by :data:`MAX_IMAGE_SIDE`, so a forged
+    manifest fails here, before any allocation proportional to its numbers.
+    """
+    files = _files_table(m)
+    info = _dataset_info(m.get("dataset"))
+    counts = _int_list(m.get("counts_per_class"), "counts_per_class", 0, 1 << 62)
+    num_images = m.get("num_images")
+    if not _is_int(num_images) or num_images < 1:
+        raise ArtifactError("manifest.json: num_images must be a positive integer")
+    labels = m.get("labels")
+    hard = labels.get("hard") if isinstance(labels, dict) else None
+    if not isinstance(hard, list) or len(hard) != num_images:
+        raise ArtifactError(
+            f"manifest.json: labels.hard must list one class per image ({str(num_images)[:20]} images), "
+            f"it has {len(hard) if isinstance(hard, list) else 'none'}")
+    if len(counts) != info.num_classes or sum(counts) != num_images:
+        raise ArtifactError(
+            f"manifest.json: counts_per_class {str(counts)[:80]} do not match {info.num_classes} classes "
+            f"and num_images={num_images}"
+        )
+    pos = 0
+    for c, n in enumerate(counts):  # sum(counts) == len(hard): bounded by the manifest's own size
+        if any(v != c or not _is_int(v) for v in hard[pos:pos + n]):
+            raise ArtifactError("manifest.json: labels.hard disagree with counts_per_class")
+        pos += n
+    storage_kind = m.get("image_storage")
+    palette_sizes = m.get("palette_sizes")
+    if storage_kind == "png-palette":
+        palette_sizes = _int_list(palette_sizes, "palette_sizes", 1, 256)
+        if len(palette_sizes) != num_images:
+            raise ArtifactError("manifest.json: png-palette storage needs one palette size per image")
+    elif palette_sizes is not None:
+        raise ArtifactError(f"manifest.json: palette_sizes given for {str(storage_kind)[:30]!r} storage")
+    listed_images = {rel for rel, e in files.items() if e["component"] == "images"}
+    if storage_kind in _FLOAT_STORAGE_DTYPES:
+        image_files = [_FLOAT_FILE]
+    elif storage_kind in ("png-rgb", "png-gray", "png-palette"):
+        want_c = {"png-rgb": (3,), "png-gray": (1,), "png-palette": (1, 3)}[storage_kind]
+        if info.channels not in want_c:
+            raise ArtifactError(f"manifest.json: {storage_kind} storage with {info.channels} channels")
+        if num_images > len(listed_images):
+            raise ArtifactError(f"manifest.json: num_images={num_images} but only {len(listed_images)} image "
+                                "files are listed")
+        image_files = [f"images/{class_dir_name(c, name)}/{k:05d}.png"
+                       for c, name in enumerate(info.classes) for k in range(counts[c])]
+    else:
+        raise ArtifactError(f"manifest.json: unknown image_storage {str(storage_kind)[:40]!r}")
+    if listed_images != set(image_files):
+        extra = sorted(listed_images - set(image_files))
+        missing = [r for r in image_files if r not in listed_images]
+        raise ArtifactError(
+            "manifest.json: the image files listed do not match counts_per_class and the classes "
+            f"(not listed: {missing[:3]}; listed but not expected: {extra[:3]})")
     for rel, entry in files.items():
-        try:
-            p = root / _safe_rel(rel)
-        except ArtifactError as e:
-            problems.append(str(e))
+        if entry["component"] == "images":
             continue
-        if not p.is_file():
-            problems.append(f"{rel}: missing — listed in manifest.json but not found")
-            continue
-        data = p.read_bytes()
-        if len(data) != entry.get("bytes"):
-            problems.append(
-                f"{rel}: size is {len(data)} bytes, manifest.json says {entry.get('bytes')} — "
-                "the file was truncated or changed after saving"
-            )
-        elif sha256_bytes(data) != entry.get("sha256"):
-            problems.append(
-                f"{rel}: sha256 mismatch — the file was changed or corrupted after saving"
-            )
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(root).as_posix()
-            if rel != MANIFEST and rel not in files:
-                problems.append(f"{rel}: not listed in manifest.json — added after saving")
+        parts = _safe_rel(rel).parts
+        ok = (len(parts) == 2 and parts[0] in ("labels", "extra") and parts[1].endswith(".safetensors")
+              and _NAME_RE.match(parts[1][: -len(".safetensors")]) is not None)
+        if not ok:
+            raise ArtifactError(f"{rel}: unexpected file listed in manifest.json")
+        if entry["component"] != parts[0]:
+            raise ArtifactError(f"{rel}: wrong component {entry['component']!r} in manifest.json")
+    method, config, meta = m.get("method"), m.get("config"), m.get("meta")
+    if not isinstance(method, str) or not isinstance(config, dict) or not isinstance(meta, dict):
+        raise ArtifactError("manifest.json: method must be a string, config and meta objects")
+    if not isinstance(m.get("storage"), dict):
+        raise ArtifactError("manifest.json: 'storage' must be an object")
+    return _Layout(info, counts, num_images, storage_kind, palette_sizes, files, image_files, method,
+                   config, meta)
+
+
+def _measured_components(layout: _Layout, sizes: dict[str, int]) -> dict[str, int]:
+    """Bytes per component of the files as measured on disk (listed files only)."""
+    out = {c: 0 for c in _COMPONENTS}
+    for rel, entry in layout.files.items():
+        out[entry["component"]] += sizes.get(rel, 0)
+    return out
+
+
+def _storage_claim_problems(claimed: Any, measured: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """Where the manifest's ``storage`` section says something other than what was measured."""
+    problems = []
+    if not isinstance(claimed, dict):
+        return ["manifest.json: 'storage' must be an object"]
+    for section in keys:
+        want, got = measured[section], claimed.get(section)
+        if isinstance(want, dict):
+            got = got if isinstance(got, dict) else {}
+            for k, v in want.items():
+                if got.get(k) != v:
+                    problems.append(
+                        f"manifest.json: storage.{section}.{k} claims {str(got.get(k))[:30]}, the files measure "
+                        f"{v:,} — the manifest was edited after saving" if isinstance(v, int) else
+                        f"manifest.json: storage.{section}.{k} claims {str(got.get(k))[:30]}, the contents give "
+                        f"{v} — the manifest was edited after saving")
+        elif got != want:
+            problems.append(f"manifest.json: storage.{section} claims {str(got)[:30]!r}, the contents give {want!r}")
     return problems
 
 
-def _decode(root: Path, m: dict[str, Any]) -> DistilledSet:
-    """Rebuild a DistilledSet from an artifact directory (integrity is checked by the caller)."""
-    files = _files_table(m)
-
-    def read(rel: str) -> bytes:
-        if rel not in files:
-            raise ArtifactError(f"{rel}: expected file is not listed in manifest.json")
-        p = root / _safe_rel(rel)
-        if not p.is_file():
-            raise ArtifactError(f"{rel}: missing — listed in manifest.json but not found")
-        return p.read_bytes()
-
-    def read_tensors(rel: str) -> dict[str, Tensor]:
+def _integrity_problems(root: Path, layout: _Layout, manifest: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+    """Links, unlisted files, missing files, size and SHA-256 mismatches, and storage claims that
+    disagree with the measured files; one message each. Files are hashed in chunks (streamed).
+    Returns (problems, measured size of every listed file present)."""
+    problems: list[str] = []
+    sizes: dict[str, int] = {}
+    files = layout.files
+    links: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            p = base / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                links.add(rel)
+                problems.append(f"{rel}: is a symbolic link; an artifact may hold only plain files and directories")
+            elif name in filenames and rel != MANIFEST and rel not in files:
+                problems.append(f"{rel}: not listed in manifest.json — added after saving (remove it)")
+        dirnames[:] = sorted(n for n in dirnames if not (base / n).is_symlink())
+    for rel, entry in files.items():
+        parts = rel.split("/")
+        if any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1)):
+            continue  # reported above
         try:
-            return load_tensors_bytes(read(rel))
-        except ArtifactError:
-            raise
-        except Exception as e:
-            raise ArtifactError(f"{rel}: cannot be read as safetensors ({e})") from e
-
-    try:
-        info = DatasetInfo.from_dict(m["dataset"])
-        counts = [int(v) for v in m["counts_per_class"]]
-        num_images = int(m["num_images"])
-        storage_kind = str(m["image_storage"])
-        hard = [int(v) for v in m["labels"]["hard"]]
-        palette_sizes = [int(v) for v in m["palette_sizes"]] if "palette_sizes" in m else None
-        method, config, meta = m["method"], m["config"], m["meta"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"manifest.json: malformed ({type(e).__name__}: {e})") from e
-
-    if len(counts) != info.num_classes or sum(counts) != num_images or min(counts, default=0) < 0:
-        raise ArtifactError(
-            f"manifest.json: counts_per_class {counts} do not match {info.num_classes} classes "
-            f"and num_images={num_images}"
-        )
-    labels = torch.repeat_interleave(torch.arange(info.num_classes), torch.tensor(counts))
-    if hard != labels.tolist():
-        raise ArtifactError("manifest.json: labels.hard disagree with counts_per_class")
-
-    palette_mode = storage_kind == "png-palette"
-    kwargs: dict[str, Any] = {}
-    if storage_kind in _FLOAT_STORAGE_DTYPES:
-        x = read_tensors(_FLOAT_FILE).get("images")
-        want = _FLOAT_STORAGE_DTYPES[storage_kind]
-        if x is None or x.dtype != want or tuple(x.shape) != (num_images, *info.image_shape):
-            raise ArtifactError(
-                f"{_FLOAT_FILE}: expected tensor 'images' {want} of shape "
-                f"{(num_images, *info.image_shape)}"
+            p = confined_path(root, rel, "manifest.json")
+            size = regular_file_size(p, rel)
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing — listed in manifest.json but not found")
+            continue
+        except FileCheckError as e:
+            problems.append(str(e))
+            continue
+        sizes[rel] = size
+        if size != entry["bytes"]:
+            problems.append(
+                f"{rel}: size is {size} bytes, manifest.json says {entry['bytes']} — "
+                "the file was truncated or changed after saving"
             )
+        elif sha256_file(p) != entry["sha256"]:
+            problems.append(
+                f"{rel}: sha256 mismatch — the file was changed or corrupted after saving"
+            )
+    if not problems:
+        comp = _measured_components(layout, sizes)
+        measured = {"bytes_on_disk": dict(comp, total=comp["images"] + comp["labels"])}
+        problems += _storage_claim_problems(manifest.get("storage"), measured, ("bytes_on_disk",))
+    return problems, sizes
+
+
+def _read_listed(root: Path, layout: _Layout, rel: str) -> bytes:
+    """A listed file's bytes, its size checked against the manifest before it is read."""
+    if rel not in layout.files:
+        raise ArtifactError(f"{rel}: expected file is not listed in manifest.json")
+    try:
+        p = confined_path(root, rel, "manifest.json")
+        size = regular_file_size(p, rel)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{rel}: missing — listed in manifest.json but not found") from e
+    except FileCheckError as e:
+        raise ArtifactError(str(e)) from e
+    if size != layout.files[rel]["bytes"]:
+        raise ArtifactError(f"{rel}: size is {size} bytes, manifest.json says {layout.files[rel]['bytes']} — "
+                            "the file was truncated or changed after saving")
+    return p.read_bytes()
+
+
+def _read_tensors(data: bytes, rel: str, expect: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] | None = None
+                  ) -> dict[str, Tensor]:
+    """Tensors of a listed safetensors file; the header (dtypes, shapes) is checked first."""
+    try:
+        header = safetensors_header(data, rel)
+    except FileCheckError as e:
+        raise ArtifactError(str(e)) from e
+    for name, (dtypes, shape) in (expect or {}).items():
+        h = header.get(name)
+        if h is None:
+            raise ArtifactError(f"{rel}: has no tensor named {name!r}")
+        if h["dtype"] not in dtypes or h["shape"] != shape:
+            raise ArtifactError(f"{rel}: tensor {name!r} is {h['dtype']} {h['shape']}, expected "
+                                f"{'/'.join(dtypes)} {shape}")
+    try:
+        return load_tensors_bytes(data)
+    except Exception as e:  # the header was valid; anything else is damage
+        raise ArtifactError(f"{rel}: cannot be read as safetensors ({e})") from e
+
+
+def _decode(root: Path, layout: _Layout) -> DistilledSet:
+    """Rebuild a DistilledSet from an artifact directory (integrity is checked by the caller).
+
+    Sizes are checked before any file is read, and each PNG's header before it is decoded.
+    """
+    info = layout.info
+    num_images = layout.num_images
+    labels = torch.repeat_interleave(torch.arange(info.num_classes), torch.tensor(layout.counts))
+    palette_mode = layout.storage_kind == "png-palette"
+    kwargs: dict[str, Any] = {}
+    if layout.storage_kind in _FLOAT_STORAGE_DTYPES:
+        want = _FLOAT_STORAGE_DTYPES[layout.storage_kind]
+        st_dtype = {torch.float16: "F16", torch.float32: "F32"}[want]
+        x = _read_tensors(_read_listed(root, layout, _FLOAT_FILE), _FLOAT_FILE,
+                          {"images": ((st_dtype,), (num_images, *info.image_shape))})["images"]
         images = to_uint8(x.float(), info)
         kwargs["float_images"] = x
-        image_files = {_FLOAT_FILE}
-    elif storage_kind in ("png-rgb", "png-gray", "png-palette"):
-        if palette_mode and (palette_sizes is None or len(palette_sizes) != num_images):
-            raise ArtifactError(
-                "manifest.json: png-palette storage needs one palette size per image"
-            )
+    else:
         pixels, all_idx, all_pal = [], [], []
-        image_files = set()
-        i = 0
-        for c, name in enumerate(info.classes):
-            for k in range(counts[c]):
-                rel = f"images/{class_dir_name(c, name)}/{k:05d}.png"
-                image_files.add(rel)
-                px, idx, pal = _decode_png(read(rel), rel, info, palette_mode)
-                if (
-                    pal is not None
-                    and palette_sizes is not None
-                    and pal.shape[0] != palette_sizes[i]
-                ):
-                    raise ArtifactError(
-                        f"{rel}: palette has {pal.shape[0]} colours, manifest.json says "
-                        f"{palette_sizes[i]}"
-                    )
-                pixels.append(px)
-                all_idx.append(idx)
-                all_pal.append(pal)
-                i += 1
+        for i, rel in enumerate(layout.image_files):
+            k = layout.palette_sizes[i] if layout.palette_sizes is not None else None
+            px, idx, pal = _decode_png(_read_listed(root, layout, rel), rel, info, palette_mode, k)
+            pixels.append(px)
+            all_idx.append(idx)
+            all_pal.append(pal)
         images = torch.stack(pixels)
         if palette_mode:
             if len({p.shape[0] for p in all_pal}) != 1:
@@ -947,38 +1353,29 @@ def _decode(root: Path, m: dict[str, Any]) -> DistilledSet:
                 )
             kwargs["palette_indices"] = torch.stack(all_idx)
             kwargs["palettes"] = torch.stack(all_pal)
-    else:
-        raise ArtifactError(f"manifest.json: unknown image_storage {storage_kind!r}")
 
     label_files: dict[str, dict[str, Tensor]] = {}
     attachments: dict[str, dict[str, Tensor]] = {}
-    for rel, entry in files.items():
-        if rel in image_files:
+    for rel, entry in layout.files.items():
+        if entry["component"] == "images":
             continue
         parts = _safe_rel(rel).parts
+        data = _read_listed(root, layout, rel)
         if rel == _SOFT_FILE:
-            soft = read_tensors(rel).get("soft_labels")
-            if soft is None:
-                raise ArtifactError(f"{rel}: has no tensor named 'soft_labels'")
-            kwargs["soft_labels"] = soft.float()
-        elif len(parts) == 2 and parts[0] in ("labels", "extra") and rel.endswith(".safetensors"):
-            target = label_files if parts[0] == "labels" else attachments
-            target[parts[1][: -len(".safetensors")]] = read_tensors(rel)
+            soft = _read_tensors(data, rel, {"soft_labels": (("F16", "F32"), (num_images, info.num_classes))})
+            kwargs["soft_labels"] = soft["soft_labels"].float()
         else:
-            raise ArtifactError(f"{rel}: unexpected file listed in manifest.json")
-        if entry.get("component") != ("extra" if parts[0] == "extra" else "labels"):
-            raise ArtifactError(
-                f"{rel}: wrong component {entry.get('component')!r} in manifest.json"
-            )
+            target = label_files if parts[0] == "labels" else attachments
+            target[parts[1][: -len(".safetensors")]] = _read_tensors(data, rel)
 
     try:
         return DistilledSet(
             info=info,
             images=images,
             labels=labels,
-            method=method,
-            config=config,
-            meta=meta,
+            method=layout.method,
+            config=layout.config,
+            meta=layout.meta,
             label_files=label_files,
             attachments=attachments,
             **kwargs,
@@ -989,18 +1386,60 @@ def _decode(root: Path, m: dict[str, Any]) -> DistilledSet:
         raise ArtifactError(f"{root}: contents are inconsistent: {e}") from e
 
 
+def _inspect(root: Path, check_files: bool = True) -> tuple[list[str], DistilledSet | None, dict[str, int]]:
+    """The one check behind ``load``, ``verify`` and ``decoct info``: (problems, set, measured sizes).
+
+    The set is returned only when there is no problem: ``load`` raises exactly when ``verify``
+    reports something. ``check_files=False`` skips hashing the files (sizes are still checked
+    before each read) and the storage claims.
+    """
+    sizes: dict[str, int] = {}
+    try:
+        manifest = _read_manifest(root)
+        layout = _parse_manifest(manifest)
+        if check_files:
+            problems, sizes = _integrity_problems(root, layout, manifest)
+            if problems:
+                return problems, None, sizes
+        ds = _decode(root, layout)
+    except ArtifactError as e:
+        return [str(e)], None, sizes
+    if not sizes:
+        sizes = {rel: e["bytes"] for rel, e in layout.files.items()}
+    storage = ds._storage_from_sizes(_measured_components(layout, sizes))
+    if check_files:
+        problems = _storage_claim_problems(manifest["storage"], storage, tuple(storage))
+        if problems:
+            return problems, None, sizes
+    ds._last_storage = storage
+    return [], ds, sizes
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """What ``decoct info`` shows: every problem, and what was *measured* from the files.
+
+    ``problems`` is empty exactly when :meth:`DistilledSet.load` succeeds. ``storage`` is
+    computed from the files' sizes on disk and the decoded contents, never copied from the
+    manifest; for a damaged artifact only ``bytes_measured`` (listed files present) is given.
+    """
+    root = Path(path)
+    problems, ds, sizes = _inspect(root)
+    out: dict[str, Any] = {"path": str(root), "intact": not problems, "problems": problems}
+    if ds is not None:
+        out.update(method=ds.method, dataset=ds.info.name, num_images=len(ds), counts_per_class=ds.ipc,
+                   image_storage=ds.image_storage, soft_labels=ds.soft_labels is not None,
+                   label_files=sorted(ds.label_files), attachments=sorted(ds.attachments),
+                   storage=ds.storage())
+    else:
+        out["bytes_measured"] = sum(sizes.values())
+    return out
+
+
 def verify(path: str | Path) -> list[str]:
     """Every problem with the artifact at ``path``: integrity first, then a full decode.
 
     Returns an empty list when the artifact is intact and loads; never raises for content
-    problems, so it suits ``decoct verify`` style reporting.
+    problems, so it suits ``decoct info`` style reporting. It runs the same check as
+    :meth:`DistilledSet.load`, so it reports a problem exactly when ``load`` would raise.
     """
-    root = Path(path)
-    try:
-        manifest = _read_manifest(root)
-        problems = _integrity_problems(root, manifest)
-        if not problems:
-            _decode(root, manifest)
-    except ArtifactError as e:
-        return [str(e)]
-    return problems
+    return _inspect(Path(path))[0]

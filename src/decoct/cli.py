@@ -116,17 +116,28 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .api import info
 
-    print(json.dumps(info(args.path), indent=2))
+    report = info(args.path)
+    print(json.dumps(report, indent=2))
+    problems = report["problems"]
+    if problems:  # exit 2 exactly when loading the set would fail
+        print(f"decoct info: error: {report['path']} failed its integrity check ({len(problems)} "
+              f"problem{'s' if len(problems) > 1 else ''}); the set will not load:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .artifact import DistilledSet
+    from .artifact import EXPORT_MARKER, DistilledSet
     from .runs import resolve_artifact
 
     dset = DistilledSet.load(resolve_artifact(args.path))
-    dset.export_imagefolder(args.imagefolder)
-    print(f"wrote {len(dset)} images as an ImageFolder tree to {args.imagefolder}")
+    dset.export_imagefolder(args.imagefolder, overwrite=args.force)
+    print(f"wrote {len(dset)} images as an ImageFolder tree to {args.imagefolder}, with {EXPORT_MARKER}")
+    print("to train on it as decoct evaluates it:")
+    for line in dset.export_notes():
+        print(f"  - {line}")
     return 0
 
 
@@ -228,9 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "Show a distilled set's manifest summary, storage and integrity.", run=False)
     p.add_argument("path", help="run directory or artifact directory")
 
-    p = add("export", cmd_export, "Export a distilled set as a plain ImageFolder tree.", run=False)
+    p = add("export", cmd_export,
+            "Export a distilled set as a plain ImageFolder tree (<out>/<class>/<k>.png), with what evaluation "
+            "applies to it beside the tree: decoct-export.json (class order, file of every row, hard labels, "
+            "normalisation mean/std, learned lr, what to apply), labels.safetensors (soft-label sets: "
+            "'soft_labels' logits, row i = files[i]) and zca.safetensors (ZCA sets: 'mean', 'W'; "
+            "x' = (x.flatten() - mean) @ W after normalising). Prints what a consumer must apply.",
+            run=False)
     p.add_argument("path", help="run directory or artifact directory")
-    p.add_argument("--imagefolder", required=True, help="output directory")
+    p.add_argument("--imagefolder", required=True,
+                   help="output directory: new, empty, or an earlier decoct export (with --force)")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an earlier decoct export in --imagefolder (never a directory decoct did not "
+                        "export)")
 
     p = add("report", cmd_report, "Markdown table and accuracy-vs-bytes plot for a set of runs.", run=False)
     p.add_argument("paths", nargs="+", help="run directories")

@@ -382,6 +382,19 @@ def _decode_header(tensors: dict[str, Tensor]) -> dict[str, Any]:
     missing = [k for k in need if k not in header]
     if missing:
         raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header lacks {missing}")
+    # numbers that size a training run or index tensors: integers in range, checked before use
+    for key, lo in (("num_images", 1), ("num_classes", 1), ("epochs", 1), ("batch", 1), ("units_per_epoch", 1),
+                    ("full_units_per_epoch", 0), ("seed", 0)):
+        v = header.get(key, 0 if key == "full_units_per_epoch" else None)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < (1 << 31):
+            raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header {key} must be an integer in "
+                                  f"[{lo}, 2^31), got {str(v)[:20]}")
+    stored = header["stored_epochs"]
+    if not isinstance(stored, dict) or not all(
+            isinstance(k, str) and k.isdigit() and int(k) < header["epochs"] and isinstance(v, int)
+            and not isinstance(v, bool) and 0 <= v <= header["units_per_epoch"] for k, v in stored.items()):
+        raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header stored_epochs must map epochs below "
+                              f"{header['epochs']} to batch counts of at most units_per_epoch")
     ViewRecipe.from_dict(header["view"])
     return header
 
