@@ -1,6 +1,7 @@
 """Expert trajectories: training recipe, on-disk format (safetensors + manifest), resume, checks."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -150,3 +151,126 @@ def test_bad_inputs_fail_up_front(digits, tmp_path):
         _train(digits, tmp_path / "b", augment="colour")
     with pytest.raises(FileNotFoundError, match="decoct experts"):
         load_experts(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------- issue 10: verified on every load
+@pytest.fixture(scope="module")
+def expert_dir(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("ex") / "e"
+    _train(digits, out, n=2, epochs=1)
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(root, fn):
+    m = json.loads((root / "manifest.json").read_text())
+    fn(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def _payload_rehashed(root, payload):
+    """Replace expert 0's file with ``payload`` and record its hash, as a forger would."""
+    from decoct.io import sha256_file
+
+    (root / "expert_0000.safetensors").write_bytes(payload)
+    _edit(root, lambda m: m["experts"][0].__setitem__("sha256", sha256_file(root / "expert_0000.safetensors")))
+
+
+def test_expert_files_are_verified_on_every_load(expert_dir, tmp_path):
+    import pickle
+
+    from decoct.methods.experts import ExpertFileError
+
+    assert len(load_experts(expert_dir)) == 2
+    outside = tmp_path / "x.safetensors"
+    outside.write_bytes((expert_dir / "expert_0001.safetensors").read_bytes())
+
+    # a byte changed inside the data (same size): the checksum check that was never called
+    e = _copy(expert_dir, tmp_path / "hash")
+    data = bytearray((e / "expert_0000.safetensors").read_bytes())
+    data[-3] ^= 0x55
+    (e / "expert_0000.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ExpertFileError, match="expert_0000.safetensors does not match its sha256"):
+        load_experts(e)
+
+    # paths outside the directory: parent, absolute; and a symbolic link
+    for name, bad in (("dotdot", "../x.safetensors"), ("abs", str(outside))):
+        e = _copy(expert_dir, tmp_path / name)
+        _edit(e, lambda m, bad=bad: m["experts"][1].__setitem__("file", bad))
+        with pytest.raises(ExpertFileError, match="unsafe file path"):
+            load_experts(e)
+    e = _copy(expert_dir, tmp_path / "link")
+    (e / "expert_0001.safetensors").unlink()
+    (e / "expert_0001.safetensors").symlink_to(outside)
+    with pytest.raises(ExpertFileError, match="symbolic link"):
+        load_experts(e)
+
+    # not safetensors (hash made consistent): random bytes, a pickle, a truncated file
+    good = (expert_dir / "expert_0000.safetensors").read_bytes()
+    for name, payload in (("rand", os.urandom(500)), ("pickle", pickle.dumps({"trajectory": [0.0] * 10})),
+                          ("trunc", good[: len(good) // 2])):
+        e = _copy(expert_dir, tmp_path / name)
+        _payload_rehashed(e, payload)
+        with pytest.raises(ExpertFileError, match="expert_0000.safetensors: not a valid safetensors file"):
+            load_experts(e)
+
+    # a valid safetensors file whose shape is not what the manifest says: refused before reading
+    e = _copy(expert_dir, tmp_path / "shape")
+    _edit(e, lambda m: m["settings"].__setitem__("epochs", 7))
+    with pytest.raises(ExpertFileError, match=r"needs trajectory F32 \(8, "):
+        load_experts(e)
+
+    # no hash recorded, and manifests that are not objects
+    e = _copy(expert_dir, tmp_path / "nohash")
+    _edit(e, lambda m: m["experts"][0].pop("sha256"))
+    with pytest.raises(ExpertFileError, match="a sha256 is required"):
+        load_experts(e)
+    for text in ("[]", "3", '"x"'):
+        e = tmp_path / f"m{len(text)}"
+        if not e.exists():
+            _copy(expert_dir, e)
+        (e / "manifest.json").write_text(text)
+        with pytest.raises(ExpertFileError, match="manifest.json: holds a JSON"):
+            load_experts(e)
+
+
+def test_expert_zca_file_is_confined_and_hashed(digits, tmp_path):
+    from decoct.methods.experts import ExpertFileError
+
+    z = tmp_path / "z"
+    _train(digits, z, n=1, epochs=1, zca=True)
+    m = json.loads((z / "manifest.json").read_text())
+    assert len(m["zca_sha256"]) == 64
+    e = _copy(z, tmp_path / "zhash")
+    zf = e / "zca.safetensors"
+    data = bytearray(zf.read_bytes())
+    data[-5] ^= 0x11
+    zf.write_bytes(bytes(data))
+    with pytest.raises(ExpertFileError, match="zca.safetensors does not match its sha256"):
+        load_experts(e)
+    e = _copy(z, tmp_path / "zpath")
+    _edit(e, lambda m: m.__setitem__("zca_file", "../z/zca.safetensors"))
+    with pytest.raises(ExpertFileError, match="unsafe file path"):
+        load_experts(e)
+    e = _copy(z, tmp_path / "zjunk")
+    (e / "zca.safetensors").write_bytes(b"not a tensor file at all")
+    with pytest.raises(ExpertFileError, match="zca.safetensors: not a valid safetensors file"):
+        load_experts(e)
+
+
+def test_expert_cli_errors_are_one_line(expert_dir, tmp_path, capsys):
+    from decoct.cli import main
+
+    e = _copy(expert_dir, tmp_path / "e")
+    _edit(e, lambda m: m["experts"][0].__setitem__("file", "../../etc/passwd"))
+    capsys.readouterr()
+    rc = main(["distill", "tm", "--dataset", "digits", "--ipc", "1", "--experts", str(e), "--out",
+               str(tmp_path / "run"), "--iterations", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unsafe file path '../../etc/passwd'" in err and "Traceback" not in err

@@ -34,7 +34,7 @@ the set. Different settings in an existing directory are refused unless ``force`
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +50,14 @@ from torch import Tensor, nn
 from ..augment import DSA, ZCA
 from ..augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from ..data import Dataset, DatasetInfo, load_dataset, normalize
+from ..filecheck import (
+    FileCheckError,
+    confined_path,
+    is_sha256,
+    read_json_object,
+    regular_file_size,
+    safetensors_header,
+)
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 from ..models import model_for
 from ..train import evaluate_accuracy, seeded_model
@@ -71,6 +79,10 @@ _SETTING_KEYS = ("dataset", "image_shape", "num_classes", "model", "model_kwargs
 
 class ExpertMismatchError(ValueError):
     """Experts were trained for another dataset / model / ZCA setting than the one asked for."""
+
+
+class ExpertFileError(ValueError):
+    """An expert directory's files are missing, changed, linked, outside it, or not safetensors."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,14 +170,22 @@ class ExpertSet:
         return dict(self.manifest["settings"])
 
     def build_model(self) -> nn.Module:
-        """A fresh module of the experts' architecture whose layout matches the stored vectors."""
-        model = model_for(self.model_name, self.info, **self.model_kwargs)
-        layout = FlatParams(model).layout()
+        """A fresh module of the experts' architecture whose layout matches the stored vectors.
+
+        The layout is compared on a shape-only (``meta``) model first, so options read from the
+        manifest cannot allocate a huge model before they are checked against the stored vectors.
+        """
+        try:
+            with torch.device("meta"):
+                layout = FlatParams(model_for(self.model_name, self.info, **self.model_kwargs)).layout()
+        except (TypeError, ValueError, KeyError) as e:
+            raise ExpertMismatchError(f"{self.path}/manifest.json: model {self.model_name!r} with options "
+                                      f"{self.model_kwargs} cannot be built here: {e}") from e
         if layout != self.manifest["param_layout"]:
             raise ExpertMismatchError(
                 f"the model {self.model_name}({self.model_kwargs}) built here has a different parameter "
                 f"layout than the experts in {self.path} (was the model code changed?)")
-        return model
+        return model_for(self.model_name, self.info, **self.model_kwargs)
 
     def final_accuracy(self) -> float:
         """Mean final-epoch test accuracy of the experts (a sanity number for logs)."""
@@ -245,14 +265,31 @@ class ExpertSet:
                 self._cache[k] = load_tensors(self._file(k))["trajectory"]
 
     def verify(self) -> list[str]:
-        """sha256 of every expert file against the manifest; returns the problems found."""
+        """Every expert file checked against the manifest; returns the problems found.
+
+        Per file: its path stays inside the directory (no ``..``, no absolute path, no symbolic
+        link), it is a safetensors file whose header holds ``trajectory`` float32
+        (epochs + 1, num_params) (checked before anything is read), and its SHA-256 (streamed)
+        is the manifest's. :func:`load_experts` runs this on every load.
+        """
         problems = []
+        shape = (self.epochs + 1, self.num_params)
+        where = f"{self.path}/manifest.json"
         for e in self.experts:
-            p = self.path / e["file"]
-            if not p.exists():
-                problems.append(f"{p} is missing")
-            elif sha256_file(p) != e["sha256"]:
-                problems.append(f"{p} does not match its sha256 in the manifest")
+            try:
+                p = confined_path(self.path, e["file"], where)
+                regular_file_size(p)
+                t = safetensors_header(p).get("trajectory")
+                if t is None or t["dtype"] != "F32" or t["shape"] != shape:
+                    got = "no 'trajectory' tensor" if t is None else f"trajectory {t['dtype']} {t['shape']}"
+                    problems.append(f"{p}: holds {got}; the manifest needs trajectory F32 {shape}")
+                elif sha256_file(p) != e["sha256"]:
+                    problems.append(f"{p} does not match its sha256 in the manifest (changed or corrupted "
+                                    "after training)")
+            except FileNotFoundError:
+                problems.append(f"{self.path / e['file']} is missing")
+            except FileCheckError as err:
+                problems.append(str(err))
         return problems
 
 
@@ -269,36 +306,103 @@ def experts_command(dataset: str, out: str | None = None, epochs: int = 50, zca:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
+    """manifest.json of an expert directory, every field that sizes or locates something checked."""
     m = path / "manifest.json"
-    if not m.exists():
+    if not m.exists() and not m.is_symlink():
         raise FileNotFoundError(f"{path} holds no expert manifest (manifest.json); make experts with "
                                 f"`decoct experts --dataset D --out {path} ...`")
-    manifest = json.loads(m.read_text())
+    try:
+        manifest = read_json_object(m, str(m))
+    except FileCheckError as e:
+        raise ExpertFileError(str(e)) from e
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{m} is not a decoct expert manifest (format {manifest.get('format')!r})")
-    if int(manifest.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{m} has format version {manifest['version']}; this decoct reads up to {FORMAT_VERSION}")
+        raise ExpertFileError(f"{m} is not a decoct expert manifest (format {str(manifest.get('format'))[:40]!r})")
+    version = manifest.get("version", 0)
+    if not _is_int(version, 0, FORMAT_VERSION):
+        raise ExpertFileError(f"{m} has format version {str(version)[:20]}; this decoct reads up to {FORMAT_VERSION}")
+    s, d = manifest.get("settings"), manifest.get("dataset")
+    bad: str | None = None
+    if not isinstance(s, dict) or not isinstance(d, dict):
+        bad = "settings and dataset must be objects"
+    elif not _is_int(s.get("epochs"), 1, _MAX_EPOCHS):
+        bad = f"settings.epochs must be an integer in 1..{_MAX_EPOCHS}"
+    elif not isinstance(s.get("zca"), bool) or not isinstance(s.get("model"), str):
+        bad = "settings.zca must be true/false and settings.model a name"
+    elif not isinstance(s.get("model_kwargs"), dict) or not isinstance(s.get("dataset"), str):
+        bad = "settings.model_kwargs must be an object and settings.dataset a name"
+    elif (not isinstance(s.get("image_shape"), list) or len(s["image_shape"]) != 3
+          or not all(_is_int(v, 1, 1 << 14) for v in s["image_shape"]) or not _is_int(s.get("num_classes"), 1, 1 << 20)):
+        bad = "settings.image_shape must be 3 positive integers and settings.num_classes a positive integer"
+    elif not _is_int(manifest.get("num_params"), 1, _MAX_PARAMS) or not isinstance(manifest.get("param_layout"), list):
+        bad = "num_params must be a positive integer and param_layout a list"
+    elif s["zca"] and not isinstance(manifest.get("zca_file"), str):
+        bad = "zca_file must name the ZCA file of experts trained with ZCA"
+    elif manifest.get("zca_sha256") is not None and not is_sha256(manifest["zca_sha256"]):
+        bad = "zca_sha256 must be a SHA-256 (64 hex digits)"
+    elif not isinstance(manifest.get("experts"), list) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and is_sha256(e.get("sha256"))
+            and _is_int(e.get("index"), 0, 1 << 31) and isinstance(e.get("test_accuracy"), list)
+            for e in manifest["experts"]):
+        bad = "experts must list {index, file, sha256, test_accuracy} per expert (a sha256 is required)"
+    if bad is None:
+        try:
+            info = DatasetInfo.from_dict(d)
+            if [info.channels, info.height, info.width] != list(s["image_shape"]):
+                bad = "dataset and settings.image_shape disagree"
+        except (KeyError, TypeError, ValueError) as e:
+            bad = f"dataset is malformed ({type(e).__name__}: {e})"
+    if bad is not None:
+        raise ExpertFileError(f"{m}: {bad}")
     return manifest
+
+
+def _load_zca(p: Path, manifest: dict[str, Any]) -> ZCA:
+    """The experts' ZCA, its path confined, header checked against the image size, hash checked
+    (expert sets written before the hash was recorded have only the header and shape checks)."""
+    where = f"{p}/manifest.json"
+    try:
+        zf = confined_path(p, manifest["zca_file"], where)
+        regular_file_size(zf)
+        header = safetensors_header(zf)
+    except FileNotFoundError as e:
+        raise ExpertFileError(f"{p / manifest['zca_file']} is missing: the experts in {p} were trained "
+                              "with ZCA") from e
+    except FileCheckError as e:
+        raise ExpertFileError(str(e)) from e
+    dim = math.prod(manifest["settings"]["image_shape"])
+    want = {"mean": (dim,), "shape": (3,)}
+    want.update({"evecs": (dim, dim), "evals": (dim,)} if "evecs" in header else {"W": (dim, dim), "W_inv": (dim, dim)})
+    wrong = [k for k, shape in want.items() if k not in header or header[k]["shape"] != shape]
+    if wrong:
+        raise ExpertFileError(f"{zf}: tensors {wrong} are missing or not shaped for {dim}-pixel images "
+                              "(a ZCA of another dataset?)")
+    want_sha = manifest.get("zca_sha256")
+    if want_sha is not None and sha256_file(zf) != want_sha:
+        raise ExpertFileError(f"{zf} does not match its sha256 in the manifest (changed or corrupted)")
+    try:
+        return ZCA.from_state_dict(load_tensors(zf))
+    except (KeyError, ValueError) as e:
+        raise ExpertFileError(f"{zf}: not a valid ZCA state ({e})") from e
 
 
 def load_experts(path: str | Path, *, preload: bool | None = None) -> ExpertSet:
     """Open an expert directory written by :func:`train_experts` (safetensors only, no pickle).
 
-    ``preload=None`` keeps the trajectories in memory when they total at most ``PRELOAD_BYTES``;
-    otherwise each distillation iteration reads just the two epochs it needs.
+    Every load verifies the directory first (:meth:`ExpertSet.verify`: paths confined, no links,
+    headers shaped as the manifest says, SHA-256 of every file) and raises
+    :class:`ExpertFileError` listing what is wrong. ``preload=None`` keeps the trajectories in
+    memory when they total at most ``PRELOAD_BYTES``; otherwise each distillation iteration reads
+    just the two epochs it needs.
     """
     p = Path(path)
     manifest = _read_manifest(p)
-    zca = None
-    if manifest["settings"]["zca"]:
-        zf = p / manifest["zca_file"]
-        if not zf.exists():
-            raise FileNotFoundError(f"{zf} is missing: the experts in {p} were trained with ZCA")
-        zca = ZCA.from_state_dict(load_tensors(zf))
-    missing = [e["file"] for e in manifest["experts"] if not (p / e["file"]).exists()]
-    if missing:
-        raise FileNotFoundError(f"expert files listed in {p}/manifest.json are missing: {missing[:5]}")
+    zca = _load_zca(p, manifest) if manifest["settings"]["zca"] else None
     es = ExpertSet(p, manifest, zca, {})
+    problems = es.verify()
+    if problems:
+        raise ExpertFileError(f"expert set {p} failed verification ({len(problems)} problem"
+                              f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems[:5])
+                              + ("; ..." if len(problems) > 5 else ""))
     total = len(es) * (es.epochs + 1) * es.num_params * 4
     if preload or (preload is None and total <= PRELOAD_BYTES):
         es.preload()
@@ -424,10 +528,11 @@ def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, 
     if use_zca:
         zpath = root / "zca.safetensors"
         if zpath.exists():
-            zca_obj = ZCA.from_state_dict(load_tensors(zpath))
+            zca_obj = _load_zca(root, manifest)
         else:
             zca_obj = ZCA().fit(x)
             atomic_save_tensors(zpath, zca_obj.state_dict())
+        manifest["zca_sha256"] = sha256_file(zpath)  # load_experts checks it
         zca_obj.to(dev)
         x, xt = zca_obj.transform(x), zca_obj.transform(xt)
     atomic_write_json(root / "manifest.json", manifest)
@@ -491,5 +596,5 @@ def describe(es: ExpertSet) -> str:
             f"{size / 2**20:.1f} MiB, mean final test accuracy {100 * es.final_accuracy():.2f}%")
 
 
-__all__ = ["ExpertMismatchError", "ExpertSet", "FlatParams", "ZCA_DATASETS", "default_zca", "describe",
+__all__ = ["ExpertFileError", "ExpertMismatchError", "ExpertSet", "FlatParams", "ZCA_DATASETS", "default_zca", "describe",
            "experts_command", "load_experts", "train_experts"]
