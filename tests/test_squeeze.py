@@ -248,3 +248,81 @@ def test_pretrained_torchvision_only_from_cache(tmp_path, monkeypatch):
     t = squeeze(data, "resnet18", force=True, **kw)
     assert torch.equal(t.model.net.fc.weight, ref.fc.weight)
     assert len(t.stats.layers) == 20 and t.meta["pretrained"] == "torchvision"
+
+
+# ---------------------------------------------------------------------- issue 10: verified on every load
+def _teacher_copy(teacher_dir, dst):
+    import shutil
+
+    shutil.copytree(teacher_dir, dst)
+    return dst
+
+
+def _edit_meta(t, fn):
+    meta = json.loads((t / "teacher.json").read_text())
+    fn(meta)
+    (t / "teacher.json").write_text(json.dumps(meta))
+
+
+def test_teacher_without_hashes_is_refused(teacher_dir, tmp_path):
+    for name, edit in (("nofiles", lambda m: m.pop("files")),
+                       ("nomodel", lambda m: m["files"].pop("model.safetensors")),
+                       ("nostats", lambda m: m["files"].pop("bn_stats.safetensors")),
+                       ("badhash", lambda m: m["files"].__setitem__("model.safetensors", "abc"))):
+        t = _teacher_copy(teacher_dir, tmp_path / name)
+        _edit_meta(t, edit)
+        with pytest.raises(TeacherError, match="no sha256 recorded"):
+            load_teacher(t)
+        with pytest.raises(TeacherError, match="no sha256 recorded"):
+            load_teacher_full(t, with_stats=False)
+
+
+def test_teacher_files_that_are_not_safetensors_are_named(teacher_dir, tmp_path):
+    import io
+    import os
+    import pickle
+
+    model = (teacher_dir / "model.safetensors").read_bytes()
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    for i, payload in enumerate((os.urandom(400), pickle.dumps({"a": 1}), buf.getvalue(), model[: len(model) // 2],
+                                 b"")):
+        for fname in ("model.safetensors", "bn_stats.safetensors"):
+            t = _teacher_copy(teacher_dir, tmp_path / f"{i}-{fname}")
+            (t / fname).write_bytes(payload)
+            _edit_meta(t, lambda m, f=fname, t=t: m["files"].__setitem__(f, sha256_file(t / f)))
+            with pytest.raises(TeacherError, match=f"{fname}: not a valid safetensors file"):
+                load_teacher_full(t)
+
+
+def test_teacher_links_and_forged_sizes_are_refused(teacher_dir, tmp_path):
+    t = _teacher_copy(teacher_dir, tmp_path / "link")
+    (tmp_path / "m.safetensors").write_bytes((t / "model.safetensors").read_bytes())
+    (t / "model.safetensors").unlink()
+    (t / "model.safetensors").symlink_to(tmp_path / "m.safetensors")
+    with pytest.raises(TeacherError, match="symbolic link"):
+        load_teacher(t)
+    # options read from teacher.json that would build a far larger model: refused by shape, before allocating
+    t = _teacher_copy(teacher_dir, tmp_path / "wide")
+    _edit_meta(t, lambda m: m.__setitem__("model_kwargs", {"width": 100_000}))
+    with pytest.raises(TeacherError, match="does not fit model convnet_bn"):
+        load_teacher(t)
+    for text in ("[]", "3", '"x"'):
+        t = tmp_path / f"json{len(text)}"
+        if not t.exists():
+            _teacher_copy(teacher_dir, t)
+        (t / "teacher.json").write_text(text)
+        with pytest.raises(TeacherError, match="teacher.json: holds a JSON"):
+            load_teacher(t)
+
+
+def test_teacher_cli_error_is_one_line(teacher_dir, tmp_path, capsys):
+    from decoct.cli import main
+
+    t = _teacher_copy(teacher_dir, tmp_path / "t")
+    _edit_meta(t, lambda m: m.pop("files"))
+    capsys.readouterr()
+    rc = main(["distill", "sre2l", "--teacher", str(t), "--dataset", "digits", "--ipc", "1", "--out",
+               str(tmp_path / "run"), "--iterations", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no sha256 recorded" in err and "Traceback" not in err

@@ -42,11 +42,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Dataset, DatasetInfo, load_dataset, normalize
+from .filecheck import (
+    FileCheckError,
+    is_sha256,
+    read_json_object,
+    regular_file_size,
+    safetensors_header,
+)
 from .io import (
     atomic_save_tensors,
     atomic_write_json,
     load_tensors,
-    load_tensors_metadata,
     sha256_file,
 )
 from .models import MODELS, model_for
@@ -400,29 +406,51 @@ def save_bn_stats(path: str | Path, stats: BNStats, model_name: str) -> None:
     atomic_save_tensors(path, stats.to_tensors(), metadata=meta)
 
 
-def load_bn_stats(path: str | Path) -> BNStats:
-    """Read ``bn_stats.safetensors`` (a teacher directory or the file itself)."""
+def load_bn_stats(path: str | Path, sha256: str | None = None) -> BNStats:
+    """Read ``bn_stats.safetensors`` (a teacher directory or the file itself).
+
+    The safetensors header (format, layer list, tensor names and shapes) is checked before any
+    tensor is read; with ``sha256`` the file's streamed hash must match it.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / "bn_stats.safetensors"
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise TeacherError(f"{p}: no BN statistics file (run `decoct squeeze` to make one)")
-    meta = load_tensors_metadata(p)
+    header = _checked_header(p)
+    if sha256 is not None:
+        _verify_hash(p, sha256)
+    meta = header.get("__metadata__", {})
     if meta.get("format") != BN_STATS_FORMAT:
-        raise TeacherError(f"{p}: not a decoct BN-statistics file (format {meta.get('format')!r})")
+        raise TeacherError(f"{p}: not a decoct BN-statistics file (format {str(meta.get('format'))[:40]!r})")
+    try:
+        layers = json.loads(meta["layers"])
+        num_classes = int(meta["num_classes"])
+        momentum = float(meta.get("momentum", 0.1))
+    except (KeyError, TypeError, ValueError) as e:
+        raise TeacherError(f"{p}: malformed BN-statistics metadata ({type(e).__name__}: {e})") from e
+    if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers) or num_classes < 1:
+        raise TeacherError(f"{p}: malformed BN-statistics metadata (layers, num_classes)")
+    for key, h in header.items():
+        if key == "__metadata__":
+            continue
+        name, _, stat = key.rpartition(".")
+        if name not in layers or stat not in _STAT_KEYS:
+            raise TeacherError(f"{p}: unexpected tensor {key!r}")
+        per_class = stat.startswith("class_")
+        if len(h["shape"]) != (1 if stat in ("mean", "var", "class_count") else 2) or (
+                per_class and h["shape"][0] != num_classes):
+            raise TeacherError(f"{p}: tensor {key!r} has shape {h['shape']}, not a {num_classes}-class statistic")
     tensors = load_tensors(p)
-    layers = json.loads(meta["layers"])
     stats: dict[str, dict[str, Tensor]] = {n: {} for n in layers}
     for key, t in tensors.items():
         name, _, stat = key.rpartition(".")
-        if name not in stats or stat not in _STAT_KEYS:
-            raise TeacherError(f"{p}: unexpected tensor {key!r}")
         stats[name][stat] = t
     for n in layers:
         miss = [k for k in _STAT_KEYS if k not in stats[n]]
         if miss:
             raise TeacherError(f"{p}: layer {n!r} lacks {miss}")
-    return BNStats(layers, stats, int(meta["num_classes"]), float(meta.get("momentum", 0.1)))
+    return BNStats(layers, stats, num_classes, momentum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,25 +467,42 @@ class Teacher:
 
 
 def _verify_hash(path: Path, want: str | None) -> None:
-    if want and sha256_file(path) != want:
+    """The file's streamed SHA-256 must be ``want`` (a teacher.json without it is refused earlier)."""
+    if not is_sha256(want):
+        raise TeacherError(f"{path}: teacher.json records no sha256 for it; the teacher cannot be verified")
+    if sha256_file(path) != want:
         raise TeacherError(f"{path}: sha256 differs from teacher.json (file changed or corrupted)")
 
 
+_TEACHER_FILES = ("model.safetensors", "bn_stats.safetensors")
+
+
 def read_teacher_meta(path: str | Path) -> dict[str, Any]:
-    """teacher.json of a teacher directory, validated (format, version)."""
+    """teacher.json of a teacher directory, validated (format, version, model, the files' sha256)."""
     p = Path(path)
     j = p / "teacher.json"
-    if not j.exists():
+    if not j.exists() and not j.is_symlink():
         hint = " (an unfinished squeeze? rerun it with --resume)" if (p / "checkpoint.pt").exists() else ""
         raise TeacherError(f"{p} is not a teacher directory: no teacher.json{hint}")
-    meta = json.loads(j.read_text())
+    try:
+        meta = read_json_object(j, str(j))
+    except FileCheckError as e:
+        raise TeacherError(str(e)) from e
     if meta.get("format") != TEACHER_FORMAT:
-        raise TeacherError(f"{j}: format {meta.get('format')!r}, expected {TEACHER_FORMAT!r}")
-    if int(meta.get("version", -1)) > TEACHER_VERSION:
-        raise TeacherError(f"{j}: format version {meta.get('version')} is newer than this decoct "
-                           f"({TEACHER_VERSION}); upgrade decoct")
+        raise TeacherError(f"{j}: format {str(meta.get('format'))[:40]!r}, expected {TEACHER_FORMAT!r}")
+    version = meta.get("version", -1)
+    if not isinstance(version, int) or isinstance(version, bool) or version > TEACHER_VERSION:
+        raise TeacherError(f"{j}: format version {str(version)[:20]} is not one this decoct reads "
+                           f"(up to {TEACHER_VERSION}); upgrade decoct")
     if meta.get("model") not in MODELS:
-        raise TeacherError(f"{j}: unknown model {meta.get('model')!r}; known: {', '.join(MODELS.names())}")
+        raise TeacherError(f"{j}: unknown model {str(meta.get('model'))[:40]!r}; known: {', '.join(MODELS.names())}")
+    files = meta.get("files")
+    missing = [f for f in _TEACHER_FILES if not (isinstance(files, dict) and is_sha256(files.get(f)))]
+    if missing:
+        raise TeacherError(f"{j}: no sha256 recorded for {', '.join(missing)} ('files' entry), so the teacher "
+                           "cannot be verified; make it again with `decoct squeeze ... --force`")
+    if not isinstance(meta.get("dataset"), dict) or not isinstance(meta.get("model_kwargs", {}), dict):
+        raise TeacherError(f"{j}: 'dataset' and 'model_kwargs' must be objects")
     return meta
 
 
@@ -478,29 +523,49 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu", *, with_s
 
 def load_teacher_full(path: str | Path, device: torch.device | str = "cpu", *, with_stats: bool = True,
                       verify: bool = True) -> Teacher:
-    """Like :func:`load_teacher` but returns a :class:`Teacher` (stats loaded by default)."""
+    """Like :func:`load_teacher` but returns a :class:`Teacher` (stats loaded by default).
+
+    Before any tensor is read: teacher.json must record both files' sha256, the files must be
+    plain safetensors files (no links) and their headers must hold exactly the tensor names and
+    shapes of the model teacher.json names (compared on a shape-only ``meta`` model, so options
+    read from the file cannot allocate a huge model first); then the streamed hash is checked.
+    ``verify=False`` skips only the hashing.
+    """
     p = Path(path)
     meta = read_teacher_meta(p)
-    info = DatasetInfo.from_dict(meta["dataset"])
-    files = meta.get("files", {})
+    files = meta["files"]
+    try:
+        info = DatasetInfo.from_dict(meta["dataset"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TeacherError(f"{p / 'teacher.json'}: malformed dataset ({type(e).__name__}: {e})") from e
     model_file = p / "model.safetensors"
-    if not model_file.exists():
+    if not model_file.exists() and not model_file.is_symlink():
         raise TeacherError(f"{p}: model.safetensors is missing")
+    header = _checked_header(model_file)
+    kwargs = meta.get("model_kwargs", {})
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in model_for(meta["model"], info, **kwargs).state_dict().items()}
+    except (TypeError, ValueError, KeyError) as e:
+        raise TeacherError(f"{p / 'teacher.json'}: model {meta['model']} {kwargs} cannot be built: {e}") from e
+    got = {k: h["shape"] for k, h in header.items() if k != "__metadata__"}
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))[:5]
+        raise TeacherError(f"{model_file}: does not fit model {meta['model']} {kwargs} (tensors differing in "
+                           f"name or shape: {diff})")
     if verify:
         _verify_hash(model_file, files.get("model.safetensors"))
-    model = model_for(meta["model"], info, **meta.get("model_kwargs", {}))
+    model = model_for(meta["model"], info, **kwargs)
     state = load_tensors(model_file)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise TeacherError(f"{model_file}: does not fit model {meta['model']} {meta.get('model_kwargs', {})}: {e}") from e
+        raise TeacherError(f"{model_file}: does not fit model {meta['model']} {kwargs}: {e}") from e
     model.to(torch.device(device)).eval()
     stats = None
     if with_stats:
         sp = p / "bn_stats.safetensors"
-        if verify and sp.exists():
-            _verify_hash(sp, files.get("bn_stats.safetensors"))
-        stats = load_bn_stats(sp)
+        stats = load_bn_stats(sp, files.get("bn_stats.safetensors") if verify else None)
         if stats.num_classes != info.num_classes:
             raise TeacherError(f"{sp}: statistics for {stats.num_classes} classes, the teacher has {info.num_classes}")
         stats.check_model(model, f"BN statistics in {sp}")
