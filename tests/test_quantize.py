@@ -180,3 +180,27 @@ def test_quantize_cli_single_and_grid(tmp_path, capsys) -> None:
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "10 images" in ln]
     assert len(lines) == 5  # one summary per run: the single one, then one per grid cell
     assert main(["quantize", "--colors", "4", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_quantize_drops_label_files_it_cannot_use(tmp_path, capsys) -> None:
+    """A label store labels the source pixels; the palette copy neither uses nor pays for it."""
+    info = DatasetInfo("t", tuple("ab"), 3, 12, 12, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    x = _smooth_images(2, 3)
+    store = {"fkd": {"header": torch.arange(40, dtype=torch.uint8)},
+             "fkd-e00000": {"logits": torch.randn(64, 2).half()}}
+    soft = torch.rand(2, 2)
+    src = DistilledSet(info, x, torch.tensor([0, 1]), method="dm", soft_labels=soft, label_files=store,
+                       meta={"syn_lr": 0.01})
+    q = quantize_set(src, 4)
+    assert q.label_files == {} and q.meta["quantizer"]["dropped_label_files"] == ["fkd", "fkd-e00000"]
+    assert torch.equal(q.soft_labels, soft) and "kept" in q.meta["quantizer"]["soft_labels"]
+    assert q.meta["syn_lr"] == 0.01
+    src.save(tmp_path / "src")
+    capsys.readouterr()
+    quantize_command(tmp_path / "src", colors=4, out=tmp_path / "q", device="cpu")
+    assert "dropped the source's label files (fkd, fkd-e00000)" in capsys.readouterr().out
+    art = tmp_path / "q" / "artifact"
+    labels = sorted(p.name for p in (art / "labels").iterdir())
+    assert labels == ["soft.safetensors"]  # the store's files are gone, soft labels stay
+    st = DistilledSet.load(art).storage(art)
+    assert st["bytes_on_disk"]["labels"] == (art / "labels" / "soft.safetensors").stat().st_size

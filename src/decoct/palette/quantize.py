@@ -195,17 +195,28 @@ def quantize_float(x: Tensor, info: DatasetInfo, k: int, method: str = "mediancu
 
 def quantize_set(dset: DistilledSet, k: int, method: str = "mediancut", *, seed: int = 0,
                  **kwargs: Any) -> DistilledSet:
-    """A palette copy of a distilled set: same labels, soft labels, label files and attachments.
+    """A palette copy of a distilled set: same hard labels, soft labels and attachments (ZCA).
 
-    The method is recorded as ``<source method>+<quantiser><k>`` and in ``meta["quantizer"]``; the
-    storage is what the palette PNGs cost once saved (``DistilledSet.storage``).
+    Label files (``labels/<name>.safetensors``, e.g. an FKD label store) are dropped: they hold a
+    teacher's logits of views of the *source* pixels (an FKD store is even tied to them by its
+    fingerprint), so the quantised set could not use them and must not pay for their bytes;
+    relabel the quantised set to get a store for it. Per-image soft labels are kept: they are
+    the targets the images were distilled with (TM/DATM learn them jointly), a per-image class
+    distribution rather than a teacher's reading of particular pixels, and the palette image is
+    the same image with fewer colours. Both decisions are recorded in ``meta["quantizer"]``
+    (``dropped_label_files``, ``soft_labels``). The method is recorded as
+    ``<source method>+<quantiser><k>``; the storage is what the palette PNGs cost once saved.
     """
     idx, pal = quantize(dset.images, k, method, seed=seed, **kwargs)
-    meta = dict(dset.meta, quantizer=dict(method=method, colors=k, seed=seed, source_method=dset.method))
+    q: dict[str, Any] = dict(method=method, colors=k, seed=seed, source_method=dset.method,
+                             dropped_label_files=sorted(dset.label_files))
+    if dset.soft_labels is not None:
+        q["soft_labels"] = "kept from the source set (per-image targets the images were distilled with)"
+    meta = dict(dset.meta, quantizer=q)
     meta.pop("seconds", None)
     return DistilledSet.from_palette(dset.info, idx, pal, dset.labels, soft_labels=dset.soft_labels,
                                      method=f"{dset.method}+{method}{k}", config=dict(dset.config),
-                                     meta=meta, attachments=dset.attachments, label_files=dset.label_files)
+                                     meta=meta, attachments=dset.attachments)
 
 
 def quantize_command(src: str | Path | None = None, *, colors: int, method: str = "mediancut",
@@ -253,8 +264,14 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
     dset.save(run.artifact_dir, overwrite=True)
     save_grid(dset.images, dset.labels, run.path / "grid.png")
     st = dset.storage(run.artifact_dir)
+    dropped = dset.meta["quantizer"]["dropped_label_files"]
     run.log(event="quantized", method=method, colors=colors, num_images=len(dset), seconds=round(seconds, 3),
-            bytes_on_disk=st["bytes_on_disk"]["total"], raw_bytes=st["raw_bytes"]["total"])
+            bytes_on_disk=st["bytes_on_disk"]["total"], raw_bytes=st["raw_bytes"]["total"],
+            dropped_label_files=dropped)
+    if dropped:
+        print(f"note: {out}: dropped the source's label files ({', '.join(dropped)}): they label the "
+              f"un-quantised pixels and do not count towards this set; relabel it: "
+              f"decoct relabel {out} --teacher DIR --epochs E")
     run.finish()
     return _summary(run, skipped=False)
 
