@@ -79,7 +79,7 @@ def test_missing_data_names_paths_and_fix(tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError) as e:
         load_dataset("cifar100")
     msg = str(e.value)
-    assert "nowhere" in msg and "--data-root" in msg and "--download" in msg
+    assert "nowhere" in msg and "--data-root" in msg and "--download" in msg and "\n" not in msg
 
 
 def test_unknown_dataset():

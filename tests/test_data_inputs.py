@@ -402,7 +402,7 @@ def _refused_cases():
         "F-pfm": (_save(Image.fromarray(GRAY.astype(np.float32)), "PPM"), "floating-point"),
         "LAB-tiff": (_save(Image.new("LAB", (4, 2), (50, 0, 0)), "TIFF"), "mode LAB"),
         "truncated-jpeg": (_jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))[:600],
-                           "cannot be decoded (OSError: "),
+                           "cannot be decoded: the file is damaged or cut short (OSError: "),
         "truncated-png": (_png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))[:3000],
                           "cannot be decoded"),
         "not-an-image": (b"GIF89a but not really", "is not an image Pillow can read"),

@@ -37,7 +37,8 @@ def _common(p: argparse.ArgumentParser, *, run: bool = True) -> None:
                    help="override one config key (repeatable); applied after --config and flags")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--data-root", default=None,
-                   help="directory (or archive, for imagefolder) holding the dataset; also $DECOCT_DATA")
+                   help="directory (or archive, for imagefolder) holding the dataset, the only root "
+                        "searched when given; without it $DECOCT_DATA, ./data, ../shared/datasets")
     g.add_argument("--download", action="store_true", help="download the dataset if missing (torchvision sets)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     if run:

@@ -107,8 +107,8 @@ def _find(candidates: list[str], root: str | None) -> tuple[Path | None, list[Pa
 
 
 def _not_found(name: str, tried: list[Path], fix: str) -> DataNotFoundError:
-    listing = "\n  ".join(str(p) for p in tried)
-    return DataNotFoundError(f"dataset {name!r} not found; tried:\n  {listing}\n{fix}")
+    listing = ", ".join(str(p) for p in tried)
+    return DataNotFoundError(f"dataset {name!r} not found (tried {listing}). {fix}")
 
 
 @DATASETS.register("digits")
@@ -132,9 +132,10 @@ def _digits(root: str | None = None, download: bool = False) -> Dataset:
     return Dataset(info, train, ImageSplit(x[idx_test], y[idx_test]))
 
 
-def _torchvision_cifar(name: str, cls_name: str, folder: str, mean, std, root, download) -> Dataset:
+def _torchvision_cifar(name: str, cls_name: str, folder: str, mean, std, root, download,
+                       tried_before: tuple[Path, ...] = ()) -> Dataset:
     roots = data_roots(root)
-    tried = [r / folder for r in roots]
+    tried = [*tried_before, *(r / folder for r in roots)]
     base = next((r for r in roots if (r / folder).exists()), None)
     if base is None and not download:
         raise _not_found(
@@ -169,10 +170,11 @@ def _torchvision_cifar(name: str, cls_name: str, folder: str, mean, std, root, d
 @DATASETS.register("cifar10")
 def _cifar10(root: str | None = None, download: bool = False, skip_bad: bool = False) -> Dataset:
     """CIFAR-10: the shared ImageFolder archive when present, else torchvision's files."""
-    archive, _ = _find(["cifar10.tar.gz", "cifar10"], root)
+    archive, tried = _find(["cifar10.tar.gz", "cifar10"], root)
     if archive is not None and (archive.is_file() or (archive / "train").exists()):
         return _from_imagefolder(archive, "cifar10", CIFAR10_MEAN, CIFAR10_STD, skip_bad=skip_bad)
-    return _torchvision_cifar("cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD, root, download)
+    return _torchvision_cifar("cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_MEAN, CIFAR10_STD, root, download,
+                              tuple(tried))
 
 
 @DATASETS.register("cifar100")
@@ -227,11 +229,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
         raise ValueError(
             f"dataset {name!r} takes no option {', '.join(repr(k) for k in kwargs if k not in allowed)}; "
             f"its options: {', '.join(allowed) or 'none'}") from None
-    data = factory(root=str(root) if root is not None else None, download=download, **kwargs)
-    # recorded by sets and teachers made from it, so later commands find this data again
-    data.source = {"registry": name.lower(), "root": str(Path(root).expanduser().absolute()) if root else None,
-                   **({"options": dict(kwargs)} if kwargs else {})}
-    return data
+    return factory(root=str(root) if root is not None else None, download=download, **kwargs)
 
 
 def list_datasets() -> list[str]:

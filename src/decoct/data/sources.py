@@ -462,7 +462,8 @@ def decode_image(data: bytes, where: str, channels: int = 3, image_size: int | N
     except MemoryError:
         raise
     except Exception as e:  # any decoder failure on this file's bytes: cut short, corrupt, ...
-        raise BadImageError(f"{where} cannot be decoded ({type(e).__name__}: {str(e)[:160]})") from None
+        raise BadImageError(f"{where} cannot be decoded: the file is damaged or cut short "
+                            f"({type(e).__name__}: {str(e)[:160]})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     if image_size is not None and arr.shape[:2] != (image_size, image_size):
@@ -515,8 +516,8 @@ def read_imagefolder(
     if entries is None:
         entries = scan_directory(source)[0] if is_dir else scan_archive(source)
     lay = _layout(source, entries, splits)
-    hint = ("delete or move it (names starting with '.' are ignored), or load with skip_bad=True "
-            "to skip such files")
+    hint = ("delete or move it (names starting with '.' are ignored); in Python, "
+            "load_dataset(..., skip_bad=True) skips such files")
     skipped: list[tuple[str, str]] = []
     for name, why in sorted(lay.bad):
         if not skip_bad:
@@ -544,8 +545,8 @@ def read_imagefolder(
                 arr = decode_image(data, where, channels, image_size)
             except BadImageError as e:
                 if not skip_bad:
-                    raise BadImageError(f"{e}; replace or delete the file, or load with skip_bad=True "
-                                        "to skip such files") from None
+                    raise BadImageError(f"{e}; replace or delete the file (in Python, "
+                                        "load_dataset(..., skip_bad=True) skips such files)") from None
                 skipped.append((name, str(e)[len(where) + 1:]))
                 continue
             decoded[split].append((cls, within, arr))
@@ -608,7 +609,7 @@ def _check_one_size(source: Path, decoded: dict, channels: int) -> None:
     if channels != 3:
         cmd += f" --channels {channels}"
     raise ImageFolderError(
-        f"{source}: images have different sizes ({s1[1]}x{s1[2]} {f1}, {s2[1]}x{s2[2]} {f2}"
+        f"{source}: images have different sizes (width x height {s1[2]}x{s1[1]} {f1}, {s2[2]}x{s2[1]} {f2}"
         f"{', ...' if len(first) > 2 else ''}); make a copy at one size with `{cmd}` and pass "
         f"--data-root {shlex.quote(dst)} (in Python: load_dataset(..., image_size={size}))")
 
