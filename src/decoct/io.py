@@ -120,7 +120,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.filename is None:
+        if isinstance(e, OSError) and e.strerror and e.filename is None:
             e.filename = str(target)  # a full disk (ENOSPC from write/fsync) names no file: this one
         raise
     fsync_dir(directory)
