@@ -817,7 +817,7 @@ class DistilledSet:
                 raise PermissionError(13, "permission denied", str(parent))
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         except OSError as e:
-            raise ExportError(f"cannot export to {out}: {parent} is not writable ({e.strerror or e}); "
+            raise ExportError(f"cannot export to {out}: cannot write in {parent} ({e.strerror or e}); "
                               "choose a directory you can write to") from e
         try:
             written: list[Path] = []
@@ -859,9 +859,9 @@ class DistilledSet:
                 out.update(epochs=store.header["epochs"], batch=store.batch, prune_factor=store.prune_factor)
         except ValueError:
             pass
-        out["note"] = ("FKD label store: teacher logits of recorded crops/flips/mixes of these images, replayed "
-                       "by decoct's soft protocol; not exported (it needs decoct's replay). Use it with "
-                       "`decoct evaluate RUN --protocol soft`, or relabel the exported images with your teacher")
+        out["note"] = ("teacher logits of recorded crops/flips/mixes of these images, replayed by decoct's soft "
+                       "protocol: use it with `decoct evaluate RUN --protocol soft`, or label the exported images "
+                       "with your own teacher")
         return out
 
     def export_notes(self) -> list[str]:
@@ -893,7 +893,8 @@ class DistilledSet:
                          f"of each folder is in {EXPORT_MARKER} (classes[].index)")
         store = self._label_store_summary()
         if store is not None:
-            notes.append("not exported: the FKD label store (" + store["note"] + ")")
+            epochs = f", {store['epochs']} epochs" if "epochs" in store else ""
+            notes.append(f"not exported: the FKD label store (labels/fkd*{epochs}): " + store["note"])
         other = sorted(set(self.attachments) - {"zca"}) + sorted(f"labels/{k}" for k in self.label_files
                                                                    if store is None or not k.startswith("fkd"))
         if other:

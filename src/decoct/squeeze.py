@@ -466,6 +466,15 @@ class Teacher:
     path: Path | None = None
 
 
+def _checked_header(path: Path) -> dict[str, Any]:
+    """A teacher file's safetensors header: a plain file (no link), really safetensors."""
+    try:
+        regular_file_size(path)
+        return safetensors_header(path)
+    except FileCheckError as e:
+        raise TeacherError(str(e)) from e
+
+
 def _verify_hash(path: Path, want: str | None) -> None:
     """The file's streamed SHA-256 must be ``want`` (a teacher.json without it is refused earlier)."""
     if not is_sha256(want):
@@ -499,8 +508,11 @@ def read_teacher_meta(path: str | Path) -> dict[str, Any]:
     files = meta.get("files")
     missing = [f for f in _TEACHER_FILES if not (isinstance(files, dict) and is_sha256(files.get(f)))]
     if missing:
+        d = meta.get("dataset")
+        name = str(d.get("name"))[:40] if isinstance(d, dict) else "NAME"
         raise TeacherError(f"{j}: no sha256 recorded for {', '.join(missing)} ('files' entry), so the teacher "
-                           "cannot be verified; make it again with `decoct squeeze ... --force`")
+                           f"cannot be verified; make it again: decoct squeeze --dataset {name} --model "
+                           f"{meta['model']} --out {p} --force")
     if not isinstance(meta.get("dataset"), dict) or not isinstance(meta.get("model_kwargs", {}), dict):
         raise TeacherError(f"{j}: 'dataset' and 'model_kwargs' must be objects")
     return meta

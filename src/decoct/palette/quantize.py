@@ -210,6 +210,15 @@ def quantize_set(dset: DistilledSet, k: int, method: str = "mediancut", *, seed:
     idx, pal = quantize(dset.images, k, method, seed=seed, **kwargs)
     q: dict[str, Any] = dict(method=method, colors=k, seed=seed, source_method=dset.method,
                              dropped_label_files=sorted(dset.label_files))
+    try:  # how the dropped store was made, so the note can give the relabel command as typed
+        from ..labels.store import LabelStore
+
+        store = LabelStore.from_label_files(dset.label_files)
+        if store is not None:
+            q["dropped_store"] = dict(teacher=store.header.get("teacher", {}).get("path"),
+                                      epochs=int(store.header["epochs"]))
+    except (ValueError, AttributeError):
+        pass
     if dset.soft_labels is not None:
         q["soft_labels"] = "kept from the source set (per-image targets the images were distilled with)"
     meta = dict(dset.meta, quantizer=q)
@@ -269,9 +278,11 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
             bytes_on_disk=st["bytes_on_disk"]["total"], raw_bytes=st["raw_bytes"]["total"],
             dropped_label_files=dropped)
     if dropped:
+        made = dset.meta["quantizer"].get("dropped_store") or {}
+        teacher, epochs = made.get("teacher") or "TEACHER_DIR", made.get("epochs") or "EPOCHS"
         print(f"note: {out}: dropped the source's label files ({', '.join(dropped)}): they label the "
-              f"un-quantised pixels and do not count towards this set; relabel it: "
-              f"decoct relabel {out} --teacher DIR --epochs E")
+              f"un-quantised pixels and do not count towards this set; to give it a label store: "
+              f"decoct relabel {out} --teacher {teacher} --epochs {epochs}")
     run.finish()
     return _summary(run, skipped=False)
 
