@@ -305,6 +305,14 @@ def experts_command(dataset: str, out: str | None = None, epochs: int = 50, zca:
     return f"decoct experts --dataset {name} --out {out} --num-experts 10 --epochs {epochs}{flag}"
 
 
+_MAX_EPOCHS = 100_000
+_MAX_PARAMS = 1 << 34
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     """manifest.json of an expert directory, every field that sizes or locates something checked."""
     m = path / "manifest.json"
