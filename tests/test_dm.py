@@ -258,3 +258,79 @@ def test_cli_distill_dm_interrupted_then_resumed(tmp_path) -> None:
     b = DistilledSet.load(tmp_path / "cut" / "artifact")
     assert torch.equal(a.images, b.images) and a.method == "dm"
     assert main(["distill", "dm", "--ipc", "1", "--out", str(tmp_path / "x")]) == 2  # no --dataset
+
+
+# ---------------------------------------------------------------------- divergence (issue 10, point 15)
+def _strict_log(path) -> list[dict]:
+    import json
+
+    def refuse(token: str):
+        raise ValueError(f"log.jsonl holds the non-JSON token {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def test_extreme_lr_img_stops_the_run_before_any_set_is_written(tmp_path) -> None:
+    """Issue 10: DM with an extreme --lr-img logged "loss": NaN and wrote a finished, all-black set."""
+    from decoct.health import DivergedError
+
+    data = _tiny_dataset()
+    with pytest.raises(DivergedError) as err:
+        distill_dm(data, tmp_path / "r", device="cpu", progress=False, ipc=2, iterations=30, batch_real=10, width=16,
+                   lr_img=1e12)
+    msg = str(err.value)
+    assert msg.startswith("dm diverged at iteration ") and "lower --lr-img (now 1e+12)" in msg and "--force" in msg
+    assert not (tmp_path / "r" / "DONE").exists() and not (tmp_path / "r" / "artifact").exists()
+    events = _strict_log(tmp_path / "r")
+    assert events[-1]["event"] == "diverged" and events[-1]["message"] == msg
+
+
+def test_a_nan_loss_stops_at_its_iteration(tmp_path, monkeypatch) -> None:
+    import decoct.methods.dm as dm_mod
+    from decoct.health import DivergedError
+
+    calls = []
+
+    def nan_from_third(real, syn):
+        calls.append(1)
+        loss = dm_loss(real, syn)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(dm_mod, "dm_loss", nan_from_third)
+    with pytest.raises(DivergedError, match=r"^dm diverged at iteration 3: loss is nan; lower --lr-img \(now 1\)"):
+        distill_dm(_tiny_dataset(), tmp_path / "r", device="cpu", progress=False, ipc=2, iterations=10,
+                   batch_real=10, width=16, checkpoint_every=2)
+    assert not (tmp_path / "r" / "DONE").exists() and not (tmp_path / "r" / "artifact").exists()
+    assert (tmp_path / "r" / "checkpoint.pt").exists()  # iteration 2's, kept
+    steps = [e for e in _strict_log(tmp_path / "r") if e["event"] == "step"]
+    assert steps[-1]["iteration"] == 3 and steps[-1]["loss"] == "nan"
+
+
+def test_non_finite_images_or_palette_stop_the_run() -> None:
+    """check() after each step: a NaN in any learned tensor (pixels, palette net) is caught at once."""
+    from decoct.health import DivergedError
+
+    data = _tiny_dataset(n_per_class=(40, 40, 40))
+    for kw in ({}, {"ipc": 1, "palette": 64, "palette_flags": {"palette_init": "real", "palette_aux_images": 4}}):
+        m = _method(**kw)
+        m.init(data, torch.device("cpu"))
+        m.check(0)  # healthy
+        name, p = list(m.param.named_parameters())[-1]
+        with torch.no_grad():
+            p.view(-1)[0] = float("inf")
+        with pytest.raises(DivergedError, match=f"dm diverged at iteration 5: synthetic {name} is not finite"):
+            m.check(4)
+
+
+@pytest.mark.slow
+def test_cli_extreme_lr_img_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    from decoct.cli import main
+
+    out = tmp_path / "dmnan"
+    rc = main(["distill", "dm", "--dataset", "digits", "--ipc", "1", "--iterations", "20", "--batch-real", "16",
+               "--width", "16", "--lr-img", "1e12", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("decoct distill") and ": error: dm diverged at iteration " in err[0]
+    assert "--lr-img (now 1e+12)" in err[0]
+    assert not (out / "DONE").exists() and not (out / "artifact").exists()

@@ -1,5 +1,8 @@
 """The shared distillation loop: checkpoints, resume to an identical result, artifact + grid."""
 
+import json
+
+import pytest
 import torch
 
 from decoct.artifact import DistilledSet
@@ -86,3 +89,59 @@ def test_warm_start_runs_once_on_a_fresh_run_and_not_on_resume(tmp_path):
                    checkpoint_every=5, show_progress=False)
     assert first.warm_calls == 1 and again.warm_calls == 0  # the checkpoint already holds its effect
     assert torch.equal(a.images, b.images)
+
+
+# ---------------------------------------------------------------------- divergence (issue 10, points 7 and 15)
+class Diverging(Toy):
+    """A Toy whose metric ``key`` becomes ``value`` at step ``at`` (0-based), or whose check() refuses it."""
+
+    def __init__(self, at: int, key: str = "loss", value: float = float("nan"), via_check: bool = False) -> None:
+        super().__init__(20)
+        self.at, self.key, self.value, self.via_check = at, key, value, via_check
+        self.divergence_hint = "lower --lr-toy (now 7) and start over with --force"
+
+    def step(self, it: int) -> dict[str, float]:
+        metrics = super().step(it)
+        if it >= self.at and not self.via_check:
+            metrics[self.key] = self.value
+        return metrics
+
+    def check(self, it: int) -> None:
+        from decoct.health import DivergedError
+
+        if self.via_check and it >= self.at:
+            raise DivergedError("toy", f"iteration {it + 1}", "the toy step size", -1.0, self.divergence_hint)
+
+
+@pytest.mark.parametrize("case", [dict(key="loss", value=float("nan")), dict(key="loss", value=float("inf")),
+                                  dict(key="grad_norm", value=-float("inf")), dict(via_check=True)])
+def test_a_diverged_step_stops_at_once_without_artifact_or_done(tmp_path, case):
+    from decoct.health import DivergedError
+
+    run = Run.open(tmp_path / "r", {"m": "toy"})
+    with pytest.raises(DivergedError) as err:
+        run_method(Diverging(at=6, **case), run, None, torch.device("cpu"), seed=3, checkpoint_every=5,
+                   show_progress=False)
+    msg = str(err.value)
+    assert msg.startswith("toy diverged at iteration 7: ") and "lower --lr-toy (now 7)" in msg and "--force" in msg
+    quantity = "the toy step size" if case.get("via_check") else case["key"]
+    assert quantity in msg and "\n" not in msg
+    assert not run.done and not run.artifact_dir.exists() and not (run.path / "grid.png").exists()
+    assert int(run.load_checkpoint()["iteration"]) == 5  # the last good checkpoint is kept
+    lines = (run.path / "log.jsonl").read_text().splitlines()
+
+    def refuse(token: str):
+        raise ValueError(token)
+
+    events = [json.loads(line, parse_constant=refuse) for line in lines]  # strict JSON, even after a NaN
+    assert events[-1]["event"] == "diverged" and events[-1]["at"] == "iteration 7" and events[-1]["message"] == msg
+    assert events[-2]["event"] == "step" and events[-2]["iteration"] == 7  # the offending step is logged
+
+
+def test_default_hint_says_how_to_start_over(tmp_path):
+    from decoct.health import DivergedError
+
+    method = Diverging(at=0)
+    del method.divergence_hint
+    with pytest.raises(DivergedError, match="lower the learning rate.*--force"):
+        run_method(method, Run.open(tmp_path / "r", {"m": "toy"}), None, torch.device("cpu"), show_progress=False)

@@ -322,3 +322,74 @@ def test_palette_warmup_through_tm(digits, experts, tmp_path):
                       device="cpu", progress=False)
     assert "colors_used" in dset.meta["palette_warmup_end"]
     assert [e["event"] for e in Run(tmp_path / "ap").read_log()].count("warm_start") == 1
+
+
+# ---------------------------------------------------------------------- divergence (issue 10, point 15)
+def test_check_bounds_the_learned_step_size_and_learned_tensors(digits, experts):
+    """syn_lr must stay finite, > 0 and <= SYN_LR_LIMIT x lr_teacher; images and soft labels finite."""
+    from decoct.health import DivergedError
+    from decoct.methods.tm import SYN_LR_LIMIT
+
+    cfg = TMConfig(ipc=1, iterations=50, syn_steps=2, max_start_epoch=2, lr_img=100, soft_labels=True)
+    m = TrajectoryMatching(cfg, experts)
+    m.init(digits, torch.device("cpu"))
+    m.check(0)
+    healthy = [0.0058, 0.035, 0.5 * SYN_LR_LIMIT * cfg.lr_teacher]  # measured: digits 0.0058, CIFAR-10 0.026-0.035
+    bad = {-0.01: "is -0.01; lower --lr-lr (now 1e-05) or --syn-steps (now 2)", 0.0: "is 0;",
+           math.nan: "is nan", math.inf: "is inf", 2.2: "is 2.2, more than 100 x --lr-teacher 0.01; lower --lr-lr"}
+    for v in healthy:
+        with torch.no_grad():
+            m.syn_lr.fill_(v)
+        m.check(3)
+    for v, text in bad.items():
+        with torch.no_grad():
+            m.syn_lr.fill_(v)
+        with pytest.raises(DivergedError) as err:
+            m.check(3)
+        assert str(err.value).startswith("tm diverged at iteration 4: the learned step size (syn_lr) ")
+        assert text in str(err.value) and "--force" in str(err.value)
+    with torch.no_grad():
+        m.syn_lr.fill_(0.01)
+        m.labels_soft[0, 0] = math.nan
+    with pytest.raises(DivergedError, match="the soft labels is not finite.*--lr-labels \\(now 2\\)"):
+        m.check(3)
+    with torch.no_grad():
+        m.labels_soft.nan_to_num_(0.0)
+        m.param.images.mul_(1e6)  # finite, but every pixel far outside [0, 1]
+    m.check(3)  # the pixel range is looked at every 10 iterations (and at the last)
+    far = r"iteration 10: the share of synthetic pixels far outside \[0, 1\] \(beyond \[-1, 2\]\) is 100.0%"
+    with pytest.raises(DivergedError, match=far):
+        m.check(9)
+
+
+def test_a_run_whose_step_size_diverges_stops_without_a_set(digits, experts, tmp_path):
+    """Issue 10: syn_lr went negative after one iteration and the run reported success. Now it stops
+    at that iteration (a huge --lr-lr moves it out of bounds in one step, whichever way)."""
+    from decoct.health import DivergedError
+
+    with pytest.raises(DivergedError, match=r"^tm diverged at iteration 1: the learned step size \(syn_lr\) is "):
+        distill_tm(digits, tmp_path / "r", experts, ipc=1, iterations=5, syn_steps=4, max_start_epoch=2,
+                   lr_img=100, lr_lr=1e3, device="cpu", progress=False)
+    run = Run(tmp_path / "r")
+    assert not run.done and not run.artifact_dir.exists()
+    assert run.read_log()[-1]["event"] == "diverged"
+
+
+def test_a_nan_loss_stops_before_the_update(digits, experts, monkeypatch):
+    import decoct.methods.tm as tm_mod
+    from decoct.health import DivergedError
+
+    real = tm_mod.match_gradients
+
+    def nan_loss(*a, **kw):
+        res = real(*a, **kw)
+        res.loss = res.loss * math.nan
+        return res
+
+    monkeypatch.setattr(tm_mod, "match_gradients", nan_loss)
+    m = TrajectoryMatching(TMConfig(ipc=1, iterations=5, syn_steps=2, max_start_epoch=2, lr_img=100), experts)
+    m.init(digits, torch.device("cpu"))
+    before = m.param.images.detach().clone()
+    with pytest.raises(DivergedError, match=r"^tm diverged at iteration 2: loss is nan; lower --lr-img \(now 100\)"):
+        m.step(1)
+    assert torch.equal(m.param.images.detach(), before)  # the NaN never reached the images

@@ -241,3 +241,24 @@ def test_vmap_engine_trains_mlp():
     got = fit_students(factory, x, y, cfg, seeds=[0, 1], engine="vmap")
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(flat_params(a), flat_params(b), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- progress inside an epoch (issue 10, point 9)
+@pytest.mark.parametrize("engine", ["sequential", "grouped"])
+def test_progress_counts_images_inside_the_epoch_in_plain_lines(engine, monkeypatch, capsys):
+    """Into a file (not a terminal) the trainers print plain lines counting images, not epochs, so an
+    epoch of a large set shows progress before it ends; no carriage-return redraws."""
+    import decoct.progress as prog
+
+    monkeypatch.setattr(prog, "QUIET_S", 0.0)  # tiny loops: print every 10 % line
+    monkeypatch.delenv("DECOCT_PROGRESS", raising=False)
+    x, y = separable(n=600)
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.01)
+    fit_students(tiny_convnet, x, y, cfg, seeds=[0, 1], engine=engine, progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train")]
+    bars = 2 if engine == "sequential" else 1  # one bar per training loop
+    assert "\r" not in err and 8 * bars <= len(lines) <= 12 * bars, err
+    first = lines[0]  # crossing 10 % of 1200 images: after 2 batches of 64, inside epoch 1
+    assert "% 128/1200 img" in first and "img/s" in first, first
+    assert lines[-1].split(":", 1)[1].lstrip().startswith("100% 1200/1200 img")

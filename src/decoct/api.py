@@ -188,15 +188,16 @@ def quickstart(out: str | Path = "runs/quickstart", method: str = "dm", ipc: int
                           progress=progress)
         st = dset.storage(Path(out) / "artifact")
         print(f"dm: {len(dset)} images -> {out}  {st['bytes_on_disk']['total']:,} B on disk, "
-              f"{st['raw_bytes']['total']:,} B raw")
+              f"{st['raw_bytes']['total']:,} B raw", flush=True)
     else:
         print(select(method, dataset="digits", ipc=ipc, out=out, device=device, force=force,
-                     progress=progress).summary())
+                     progress=progress).summary(), flush=True)
+    # results are flushed as they come: with `> log 2>&1` they interleave with the progress lines in order
     r = evaluate_run(out, protocol="fast", runs=runs, epochs=epochs, baseline="random", device=device,
                      force=force, progress=progress)
-    print(r.summary(method))
+    print(r.summary(method), flush=True)
     if r.baseline is not None:
-        print(r.baseline.summary("random real"))
-        print(f"improvement over random real of equal storage: {100 * (r.mean - r.baseline.mean):+.2f} points")
-    print(f"quickstart done in {time.perf_counter() - t0:.0f}s; run directory: {out}")
+        print(r.baseline.summary("random real"), flush=True)
+        print(f"improvement over random real of equal storage: {100 * (r.mean - r.baseline.mean):+.2f} points", flush=True)
+    print(f"quickstart done in {time.perf_counter() - t0:.0f}s; run directory: {out}", flush=True)
     return r

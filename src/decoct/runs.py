@@ -34,18 +34,17 @@ Nothing is overwritten or deleted by accident:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
 import sys
 import time
 import weakref
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
 
 from .io import (
     atomic_torch_save,
@@ -55,6 +54,7 @@ from .io import (
     recover_dir,
     safe_torch_load,
 )
+from .progress import progress  # noqa: F401  (re-exported: callers import it from here)
 from .runlock import LOCK_NAME, RunLock, RunLockError
 
 
@@ -377,8 +377,10 @@ class Run:
     # --- logging ---------------------------------------------------------------------------
     def log(self, **event: Any) -> None:
         event = {"time": round(time.time(), 3), **event}
+        # strict JSON: a NaN/inf metric (a diverging run) is written as the string "nan"/"inf"/"-inf"
+        line = json.dumps(json_safe(event), default=str, allow_nan=False)
         with open(self.path / "log.jsonl", "a") as f:
-            f.write(json.dumps(event, default=str) + "\n")
+            f.write(line + "\n")
 
     def read_log(self) -> list[dict]:
         p = self.path / "log.jsonl"
@@ -393,12 +395,6 @@ class Run:
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path / "checkpoint.pt"
         return safe_torch_load(p) if p.exists() else None
-
-
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             enabled: bool = True, **kw: Any) -> tqdm:
-    """A tqdm bar (stderr), off when ``enabled`` is False or when output is not a terminal in CI."""
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, **kw)
 
 
 def _recover_artifact(final: Path, run_dir: Path | None) -> None:
@@ -428,3 +424,17 @@ def resolve_artifact(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p} is neither a distilled-set artifact nor a run directory holding one "
                             "(no manifest.json found)")
 
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``"nan"``, ``"inf"`` or ``"-inf"`` (nested too).
+
+    ``json.dumps`` would write the bare tokens ``NaN``/``Infinity``, which strict JSON readers (jq,
+    JavaScript, ``json.loads(parse_constant=...)``) reject, so one diverged metric made log.jsonl unreadable.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

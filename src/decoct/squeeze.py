@@ -49,6 +49,7 @@ from .filecheck import (
     regular_file_size,
     safetensors_header,
 )
+from .health import DivergedError, rerun_hint
 from .io import (
     atomic_save_tensors,
     atomic_write_json,
@@ -371,7 +372,7 @@ def collect_bn_stats(model: nn.Module, images: Tensor, labels: Tensor, info: Dat
     aug = teacher_augment(augment, info)
     order = torch.randperm(len(labels), generator=perm_gen)
     try:
-        bar = progress(total=len(labels), desc="bn stats", enabled=show_progress)
+        bar = progress(total=len(labels), desc="bn stats", enabled=show_progress, unit="img")
         for start, stop in minibatches(len(labels), batch_size):
             idx = order[start:stop]
             x = normalize(images[idx], info, dev)
@@ -703,7 +704,11 @@ def _train_teacher(model: nn.Module, data: Dataset, cfg: SqueezeConfig, run: Run
         run.log(event="resumed", epoch=start)
     t0 = time.perf_counter()
     n = len(labels)
-    bar = progress(total=tc.epochs, initial=start, desc="squeeze", enabled=show_progress)
+    # one bar over every image of every epoch (progress inside an epoch: a CPU epoch takes minutes)
+    bar = progress(total=tc.epochs * n, initial=start * n, desc="squeeze", enabled=show_progress, unit="img",
+                   span=f"{tc.epochs - start} epochs", log=run.log)
+    hint = rerun_hint(("--lr", tc.lr))
+    post: dict[str, str] = {}
     done_here = 0
     for epoch in range(start, tc.epochs):
         model.train()
@@ -712,7 +717,9 @@ def _train_teacher(model: nn.Module, data: Dataset, cfg: SqueezeConfig, run: Run
             g["lr"] = lr
         perm = torch.randperm(n, generator=perm_gen)
         total = torch.zeros((), device=dev)
-        for s, e in minibatches(n, tc.batch_size):
+        post["epoch"] = f"{epoch + 1}/{tc.epochs}"  # the epoch under way; loss and lr: the last finished one
+        bar.set_postfix(post, refresh=False)
+        for step, (s, e) in enumerate(minibatches(n, tc.batch_size)):
             idx = perm[s:e]
             xb = normalize(images[idx.to(images.device)], info, dev)
             if aug is not None:
@@ -726,11 +733,15 @@ def _train_teacher(model: nn.Module, data: Dataset, cfg: SqueezeConfig, run: Run
             loss.backward()
             opt.step()
             total += loss.detach()
+            bar.update(e - s)
+            if step % 20 == 19 and not bool(torch.isfinite(total)):  # a cheap sync every 20 batches
+                _diverged(run, bar, f"epoch {epoch + 1}, batch {step + 1}", float(total), hint)
         steps = math.ceil(n / tc.batch_size)
         mean_loss = total.item() / max(1, steps)
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", refresh=False)
         run.log(event="epoch", epoch=epoch + 1, lr=lr, loss=mean_loss)
+        if not math.isfinite(mean_loss):
+            _diverged(run, bar, f"epoch {epoch + 1}", mean_loss, hint)
+        post.update(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}")
         done_here += 1
         last = epoch + 1 == tc.epochs
         stop = stop_after is not None and done_here >= stop_after and not last
@@ -744,6 +755,14 @@ def _train_teacher(model: nn.Module, data: Dataset, cfg: SqueezeConfig, run: Run
             return False, elapsed + time.perf_counter() - t0
     bar.close()
     return True, elapsed + time.perf_counter() - t0
+
+
+def _diverged(run: Run, bar: Any, where: str, loss: float, hint: str) -> None:
+    """Stop teacher training: a non-finite loss would only give a NaN teacher (logged, no checkpoint)."""
+    err = DivergedError("squeeze", where, "the training loss", loss, hint)
+    bar.close()
+    run.log(**err.event())
+    raise err
 
 
 def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Path, epochs: int = 30,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,8 @@ def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 
 
 def _generate_epoch(teacher: nn.Module, x: Tensor, plan: RelabelPlan, epoch: int, units: list[int],
-                    view: ViewRecipe, seed: int, fill: Tensor, amp: bool, channels_last: bool) -> EpochLabels:
+                    view: ViewRecipe, seed: int, fill: Tensor, amp: bool, channels_last: bool,
+                    on_batch: Callable[[int], None] | None = None) -> EpochLabels:
     from decoct.train.fkd import teacher_logits
 
     order = _epoch_order(seed, epoch, plan.num_images)
@@ -194,6 +196,8 @@ def _generate_epoch(teacher: nn.Module, x: Tensor, plan: RelabelPlan, epoch: int
         idxs.append(idx)
         recs.append(rec)
         logits.append(out.half().cpu())
+        if on_batch is not None:
+            on_batch(len(idx))
     return EpochLabels.build(epoch, units, idxs, recs, logits)
 
 
@@ -247,18 +251,25 @@ class _Job:
         _barrier()
         mine = [e for i, e in enumerate(sorted(self.units)) if i % world == rank]
         out: dict[int, EpochLabels] = {}
-        for e in bar_of(mine, desc="relabel", enabled=progress and rank == 0):
+        # one bar over every image view of every epoch (progress inside an epoch of a large set)
+        views = sum(self.plan.size(u) for e in mine for u in self.units[e])
+        bar = bar_of(total=views, desc="relabel", enabled=progress and rank == 0, unit="img",
+                     span=f"{len(mine)} epochs")
+        for e in mine:
+            bar.set_postfix(epoch=f"{e + 1}/{self.plan.epochs}", refresh=False)
             path = work / f"e{e:05d}.safetensors" if work is not None else None
             if path is not None and path.exists():
                 ep = self._load(path)
                 if ep is not None and ep.units.tolist() == self.units[e]:
                     out[e] = ep
+                    bar.update(sum(self.plan.size(u) for u in self.units[e]))
                     continue
             ep = _generate_epoch(self.model, self.x, self.plan, e, self.units[e], self.view, self.seed, self.fill,
-                                 self.amp, self.channels_last)
+                                 self.amp, self.channels_last, on_batch=bar.update)
             if path is not None:
                 atomic_save_tensors(path, ep.tensors())
             out[e] = ep
+        bar.close()
         _barrier()
         for e in self.units:
             if e not in out:  # another rank's epochs

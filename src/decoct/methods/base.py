@@ -10,6 +10,9 @@ A method is an object with::
     load_state_dict(state) -> None              # restore exactly what state_dict saved
     result() -> DistilledSet                    # the set as it would be stored
     warm_start(show_progress) -> dict[str, float]   # optional: one-off preparation of a fresh run
+    check(it) -> None                           # optional: raise DivergedError when a learned quantity
+                                                #   is invalid after step ``it`` (see decoct.health)
+    divergence_hint: str                        # optional: what to change when the run diverges
 
 ``warm_start`` runs once, after ``init`` and before the first step, only when the run starts
 from scratch: on resume its effect is already in the checkpoint, so it is not repeated. Its
@@ -17,7 +20,10 @@ metrics go to the log as a ``warm_start`` event.
 
 :func:`run_method` gives every method resume, checkpoints, a JSON-lines log, a progress bar
 (iteration, loss, images/s), the artifact and its grid for free, so a new method is one file
-plus a registry line. Resuming restores the method state *and* the global torch RNG states, so an
+plus a registry line. It also checks every step's metrics (the loss first) for NaN/inf, and calls the
+method's ``check`` after every step: a diverged run stops at once with a
+:class:`~decoct.health.DivergedError` (iteration, quantity, hint) logged as a ``diverged`` event,
+without writing the artifact or ``DONE``; the last checkpoint is kept. Resuming restores the method state *and* the global torch RNG states, so an
 interrupted run that is resumed ends with the same result as an uninterrupted run of the same seed
 (methods that keep their own ``torch.Generator`` put its state in ``state_dict``).
 """
@@ -31,6 +37,7 @@ import torch
 
 from ..artifact import DistilledSet
 from ..data import Dataset
+from ..health import DivergedError, check_metrics
 from ..registry import Registry
 from ..report import save_grid
 from ..runs import Run, progress
@@ -79,6 +86,9 @@ def run_method(method: DistillMethod, run: Run, dataset: Dataset, device: torch.
     """
     torch.manual_seed(seed)
     method.init(dataset, device)
+    hint = getattr(method, "divergence_hint", None) or (
+        "lower the learning rate(s) and start over with --force (a run with changed settings cannot --resume)")
+    check = getattr(method, "check", None)
     start, elapsed = 0, 0.0
     ckpt = run.load_checkpoint()
     if ckpt is not None:
@@ -95,19 +105,37 @@ def run_method(method: DistillMethod, run: Run, dataset: Dataset, device: torch.
             warm = warm_start(show_progress)
             if warm:
                 run.log(event="warm_start", seconds=round(time.perf_counter() - tw, 3), **warm)
+                try:
+                    check_metrics(warm, method.name, "the warm start", hint)
+                except DivergedError as e:
+                    run.log(**e.event())
+                    raise
 
     def checkpoint(it: int) -> None:
         run.save_checkpoint({"iteration": it, "method": method.state_dict(), "rng": _rng_state(),
                              "elapsed": elapsed + time.perf_counter() - t0})
 
     t0 = time.perf_counter()
-    bar = progress(total=method.iterations, initial=start, desc=method.name, enabled=show_progress)
+    bar = progress(total=method.iterations, initial=start, desc=method.name, enabled=show_progress,
+                   span=f"{method.iterations - start} iterations", log=run.log)
     done_here = 0
     it = start
     for it in range(start, method.iterations):
         ts = time.perf_counter()
-        metrics = method.step(it)
-        dt = time.perf_counter() - ts
+        metrics: dict[str, float] | None = None
+        try:  # a method may detect divergence inside its step (before a NaN update), or after it
+            metrics = method.step(it)
+            dt = time.perf_counter() - ts
+            check_metrics(metrics, method.name, f"iteration {it + 1}", hint)
+            if check is not None:
+                check(it)
+        except DivergedError as e:
+            bar.close()
+            if metrics is not None:  # the offending step, for the record
+                run.log(event="step", iteration=it + 1, seconds=round(time.perf_counter() - ts, 4),
+                        **{k: float(v) for k, v in metrics.items()})
+            run.log(**e.event())
+            raise
         post = {k: f"{v:.4g}" for k, v in metrics.items()}
         if images_per_step:
             post["img/s"] = f"{images_per_step / max(dt, 1e-9):.0f}"
@@ -136,4 +164,4 @@ def run_method(method: DistillMethod, run: Run, dataset: Dataset, device: torch.
     return dset
 
 
-__all__ = ["METHODS", "DistillMethod", "run_method"]
+__all__ = ["METHODS", "DistillMethod", "DivergedError", "run_method"]

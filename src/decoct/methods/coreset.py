@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..data.types import Dataset, normalize
 from ..models import model_for
+from ..progress import progress as progress_bar
 
 CORESET_METHODS: tuple[str, ...] = ("random", "herding", "kcenter", "graphcut")
 EMBEDDINGS: tuple[str, ...] = ("random", "trained")
@@ -253,7 +253,9 @@ def _train_embedder(
     images, labels = dataset.train.images, dataset.train.labels
     n = len(labels)
     net.train()
-    for _ in tqdm(range(epochs), desc="coreset: train embedder", disable=not progress):
+    bar = progress_bar(total=epochs * n, desc="coreset: train embedder", enabled=progress, unit="img",
+                       span=f"{epochs} epochs")
+    for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, 256):
             idx = order[start : start + 256]
@@ -262,6 +264,8 @@ def _train_embedder(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            bar.update(len(idx))
+    bar.close()
 
 
 def _embed_train(
@@ -278,9 +282,8 @@ def _embed_train(
     images = dataset.train.images
     out: list[Tensor] = []
     with torch.no_grad():
-        for start in tqdm(
-            range(0, len(images), batch_size), desc="coreset: embed", disable=not progress
-        ):
+        for start in progress_bar(range(0, len(images), batch_size), desc="coreset: embed", enabled=progress,
+                                  unit="batch"):
             x = normalize(images[start : start + batch_size], dataset.info, device)
             out.append(net.embed(x).flatten(1).float().cpu())
     return torch.cat(out)

@@ -50,6 +50,7 @@ from ..artifact import DistilledSet
 from ..augment import DSA, ZCA
 from ..augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from ..data import Dataset, normalize
+from ..health import check_saturation, check_tensors, rerun_hint
 from ..models import model_for
 from .base import METHODS
 
@@ -445,6 +446,24 @@ class DistributionMatching:
         for opt in self.opts.values():
             opt.step()
         return metrics
+
+    # --- validity (decoct.health; run_method calls check after every step) ------------------
+    @property
+    def divergence_hint(self) -> str:
+        """What to change when the run diverges: the learning rates of what DM optimises."""
+        flags: list[tuple[str, Any]] = [("--lr-img", self.lr_img)]
+        if self.cfg.palette:
+            flags.append(("--lr-palette", self.opts["palette"].param_groups[0]["lr"]))
+        return rerun_hint(*flags)
+
+    def check(self, it: int) -> None:
+        """The learned tensors are finite after step ``it``; every 10 steps (and the last) the pixels
+        are not mostly saturated (an exploding image lr drives them far outside [0, 1])."""
+        where = f"iteration {it + 1}"
+        check_tensors(((f"synthetic {n}", t.detach()) for n, t in self.param.named_parameters()), "dm", where,
+                      self.divergence_hint)
+        if (it + 1) % 10 == 0 or it + 1 == self.iterations:
+            check_saturation(self.param, self.info, "dm", where, self.divergence_hint)
 
     # --- resume -----------------------------------------------------------------------------
     def warm_start(self, show_progress: bool = False) -> dict[str, float]:

@@ -58,6 +58,7 @@ from ..filecheck import (
     regular_file_size,
     safetensors_header,
 )
+from ..health import DivergedError, rerun_hint
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 from ..models import model_for
 from ..train import evaluate_accuracy, seeded_model
@@ -428,9 +429,15 @@ def default_zca(dataset: str) -> bool:
 def _train_expert(net: FlatParams, model: nn.Module, x: Tensor, y: Tensor, xt: Tensor, yt: Tensor, *,
                   epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
                   augment: Callable[[Tensor, torch.Generator], Tensor] | None, seed: int, device: torch.device,
-                  amp: bool, channels_last: bool, progress: Callable[[int, float], None] | None
+                  amp: bool, channels_last: bool, progress: Callable[[int, float], None] | None,
+                  on_batch: Callable[[int], None] | None = None, hint: str = "", label: str = "expert"
                   ) -> tuple[Tensor, list[float], list[float]]:
-    """Train one expert; return (trajectory (E+1, P), test accuracy per saved point, train loss per epoch)."""
+    """Train one expert; return (trajectory (E+1, P), test accuracy per saved point, train loss per epoch).
+
+    ``on_batch(images)`` after every minibatch, ``progress(epoch, loss)`` after every epoch; a
+    non-finite loss raises :class:`~decoct.health.DivergedError` at once (checked every 20 batches and
+    at each epoch's end), naming ``label`` and saying what to change (``hint``).
+    """
     traj = torch.empty(epochs + 1, net.num_params)
     traj[0] = net.flatten(model).cpu()
     accs = [evaluate_accuracy(model, xt, yt, device=device, amp=amp, channels_last=channels_last)]
@@ -458,8 +465,15 @@ def _train_expert(net: FlatParams, model: nn.Module, x: Tensor, y: Tensor, xt: T
             opt.step()
             total += loss.detach()
             steps += 1
+            if on_batch is not None:
+                on_batch(stop - start)
+            if steps % 20 == 0 and not bool(torch.isfinite(total)):  # a cheap sync every 20 batches
+                raise DivergedError("expert training", f"{label}, epoch {e + 1}, batch {steps}",
+                                    "the training loss", float(total), hint)
         traj[e + 1] = net.flatten(model).cpu()
         losses.append(total.item() / max(1, steps))
+        if not math.isfinite(losses[-1]):
+            raise DivergedError("expert training", f"{label}, epoch {e + 1}", "the training loss", losses[-1], hint)
         accs.append(evaluate_accuracy(model, xt, yt, device=device, amp=amp, channels_last=channels_last))
         if progress is not None:
             progress(e + 1, losses[-1])
@@ -549,24 +563,35 @@ def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, 
     aug_fn = (lambda xb, gen: dsa(xb, generator=gen)) if dsa is not None else None  # noqa: E731
     done = {int(e["index"]) for e in manifest["experts"]}
     todo = [k for k in range(num_experts) if k not in done]
-    bar = progress_bar(total=len(todo) * epochs, desc="experts", enabled=progress)
+    # one bar over every image of every epoch of every expert still to train (progress inside an epoch)
+    bar = progress_bar(total=len(todo) * epochs * len(x), desc="experts", enabled=progress, unit="img",
+                       span=f"{len(todo)} experts x {epochs} epochs",
+                       log=(lambda **ev: log(ev)) if log is not None else None)
+    hint = rerun_hint(("--lr", lr))
     for k in todo:
         t0 = time.perf_counter()
         s = int(seed) + k
         m = seeded_model(factory, s).to(dev)
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
+        bar.set_postfix(expert=k, epoch=f"1/{epochs}", refresh=False)
 
         def tick(epoch: int, loss: float, k: int = k) -> None:
-            bar.update(1)
-            bar.set_postfix(expert=k, epoch=epoch, loss=f"{loss:.3f}", refresh=False)
+            bar.set_postfix(expert=k, epoch=f"{min(epoch + 1, epochs)}/{epochs}", loss=f"{loss:.3f}", refresh=False)
 
-        traj, accs, losses = _train_expert(net, m, x, y, xt, yt, epochs=epochs, lr=lr, momentum=momentum,
-                                           weight_decay=weight_decay, batch_size=batch_size, augment=aug_fn,
-                                           seed=s, device=dev, amp=amp, channels_last=channels_last,
-                                           progress=tick)
-        if not torch.isfinite(traj).all():
-            raise RuntimeError(f"expert {k} diverged (non-finite parameters); lower --lr")
+        try:
+            traj, accs, losses = _train_expert(net, m, x, y, xt, yt, epochs=epochs, lr=lr, momentum=momentum,
+                                               weight_decay=weight_decay, batch_size=batch_size, augment=aug_fn,
+                                               seed=s, device=dev, amp=amp, channels_last=channels_last,
+                                               progress=tick, on_batch=bar.update, hint=hint, label=f"expert {k}")
+            if not torch.isfinite(traj).all():
+                raise DivergedError("expert training", f"expert {k}", "the trajectory", "not finite (NaN or inf)",
+                                    hint)
+        except DivergedError as err:
+            bar.close()
+            if log is not None:
+                log(err.event())
+            raise
         fname = f"expert_{k:04d}.safetensors"
         atomic_save_tensors(root / fname, {"trajectory": traj},
                             metadata={"format": FORMAT, "index": str(k), "seed": str(s)})

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from ..artifact import DistilledSet
 from ..data import Dataset, DatasetInfo, normalize, to_uint8
 from ..distributed import shard_range
+from ..health import check_metrics, check_tensors, rerun_hint
 from ..squeeze import (
     BNStats,
     Teacher,
@@ -557,12 +558,17 @@ class Recover:
         bn = bn_matching_loss(self.hooks.collect(), cur["targets"], first_bn_multiplier=cfg.first_bn_multiplier,
                               r_var=cfg.r_var)
         loss = ce + cfg.r_bn * bn
+        metrics = {"loss": float(loss.detach()), "ce": float(ce.detach()), "bn": float(bn.detach()), "batch": float(cur["batch"].index)}
+        # checked here, not only by run_method, so the torchrun shards (decoct.distributed) stop too;
+        # the loss before the update (a NaN gradient never reaches the images), the images after it
+        where = f"iteration {it + 1} (batch {cur['batch'].index})"
+        check_metrics(metrics, self.name, where, self.divergence_hint)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             x.copy_(torch.maximum(torch.minimum(x, self.hi), self.lo))
-        metrics = {"loss": float(loss.detach()), "ce": float(ce.detach()), "bn": float(bn.detach()), "batch": float(cur["batch"].index)}
+        check_tensors([("the synthetic images", x.detach())], self.name, where, self.divergence_hint)
         if cfg.dwa_steps > 0:
             metrics["adjust"] = cur["adjust"]
         if t == cfg.iterations - 1:
@@ -574,6 +580,12 @@ class Recover:
             self.last_metrics[cur["batch"].index] = {k: v for k, v in metrics.items() if k != "batch"}
             self.cur = None
         return metrics
+
+    @property
+    def divergence_hint(self) -> str:
+        """What to change when the loss or the images stop being finite."""
+        cfg = self.config
+        return rerun_hint(("--lr", cfg.lr), ("--r-bn", cfg.r_bn))
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

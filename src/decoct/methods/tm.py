@@ -86,6 +86,7 @@ from ..artifact import DistilledSet
 from ..augment import DSA
 from ..augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from ..data import Dataset, normalize
+from ..health import DivergedError, check_saturation, check_tensors, rerun_hint
 from .base import METHODS
 from .experts import ExpertSet, FlatParams, experts_command, load_experts
 
@@ -357,6 +358,13 @@ class SavedTensorMeter:
 
 # ------------------------------------------------------------------------------------------
 # the method
+SYN_LR_LIMIT = 100.0
+"""The learned step size may grow to this multiple of its start (``lr_teacher``) before the run counts
+as diverged. Healthy runs stay within a few x: the CIFAR-10 runs in benchmarks/logs learned 0.026-0.035
+from 0.01, and MTT/DATM report learned rates of the same order as their teachers'. A run that grew it to
+2.2 (220 x) scored chance accuracy with 98 % of its pixels saturated (issue 10)."""
+
+
 # ------------------------------------------------------------------------------------------
 @dataclass
 class TMConfig:
@@ -511,8 +519,8 @@ class TrajectoryMatching:
                               augment=self.augment, mode=cfg.grad, snapshot_every=cfg.snapshot_every,
                               amp=cfg.amp, channels_last=cfg.channels_last)
         loss = float(res.loss)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"TM loss became {loss} at iteration {it}; lower --lr-img or --lr-lr")
+        if not math.isfinite(loss):  # before any update: a NaN gradient must not reach the images
+            raise DivergedError("tm", f"iteration {it + 1}", "loss", loss, self.divergence_hint)
         for opt in self._optimizers():
             opt.zero_grad(set_to_none=True)
         accept = not cfg.threshold or loss <= cfg.threshold
@@ -534,6 +542,36 @@ class TrajectoryMatching:
             del x_all
         metrics["accepted"] = float(accept)
         return metrics
+
+    # --- validity (decoct.health; run_method calls check after every step) ------------------
+    @property
+    def divergence_hint(self) -> str:
+        """What to change when the run diverges: the learning rates of what TM optimises."""
+        cfg = self.cfg
+        flags: list[tuple[str, Any]] = [("--lr-img", cfg.lr_img), ("--lr-lr", cfg.lr_lr)]
+        if self.labels_soft is not None:
+            flags.append(("--lr-labels", cfg.lr_labels))
+        return rerun_hint(*flags)
+
+    def check(self, it: int) -> None:
+        """After step ``it``: the learned step size is finite, positive and at most ``SYN_LR_LIMIT`` x
+        ``lr_teacher``; images, palette net and soft labels are finite; every 10 steps (and the last)
+        the pixels are not mostly saturated."""
+        cfg, where = self.cfg, f"iteration {it + 1}"
+        lr = float(self.syn_lr.detach())
+        if not math.isfinite(lr) or lr <= 0:  # overshooting: many synthetic steps make dL/dlr large
+            raise DivergedError("tm", where, "the learned step size (syn_lr)", lr,
+                                rerun_hint(("--lr-lr", cfg.lr_lr), ("--syn-steps", cfg.syn_steps)))
+        if lr > SYN_LR_LIMIT * cfg.lr_teacher:
+            raise DivergedError("tm", where, "the learned step size (syn_lr)",
+                                f"{lr:.4g}, more than {SYN_LR_LIMIT:g} x --lr-teacher {cfg.lr_teacher:g}",
+                                rerun_hint(("--lr-lr", cfg.lr_lr)))
+        tensors = [(f"synthetic {n}", t.detach()) for n, t in self.param.named_parameters()]
+        if self.labels_soft is not None:
+            tensors.append(("the soft labels", self.labels_soft.detach()))
+        check_tensors(tensors, "tm", where, self.divergence_hint)
+        if (it + 1) % 10 == 0 or it + 1 == self.iterations:
+            check_saturation(self.param, self.info, "tm", where, self.divergence_hint)
 
     def _apply_lr_factors(self) -> None:
         """Set each optimiser's lr from the accepted count (the schedule is a pure function of it)."""
@@ -662,5 +700,5 @@ def distill_tm(dataset: str | Dataset, out: str | Path, experts: str | Path | Ex
                       show_progress=progress, stop_after=stop_after, images_per_step=batch * cfg.syn_steps)
 
 
-__all__ = ["GRAD_MODES", "MatchResult", "StepPlan", "TMConfig", "TrajectoryMatching", "distill_tm", "dsa_augment",
+__all__ = ["GRAD_MODES", "MatchResult", "SYN_LR_LIMIT", "StepPlan", "TMConfig", "TrajectoryMatching", "distill_tm", "dsa_augment",
            "inner_loss", "make_plan", "match_gradients"]

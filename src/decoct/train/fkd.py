@@ -289,8 +289,16 @@ def train_fkd(
     opt = _optimizer(model, cfg)
     model.train()
     steps, used = 0, set()
-    bar = bar_of(range(cfg.epochs), desc="soft", enabled=progress)
-    for epoch in bar:
+    if store is not None:
+        n_batches = sum(len(plan[e]) for e in range(cfg.epochs))
+    else:  # the online batches: full ones, plus the last one unless it holds a single image
+        n_batches = cfg.epochs * (n // bs + (1 if n % bs > 1 else 0))
+    # one bar over every batch of every epoch: progress shows inside an epoch of a large set too
+    bar = bar_of(total=n_batches, desc="soft", enabled=progress, unit="batch", span=f"{cfg.epochs} epochs")
+    post: dict[str, str] = {}
+    for epoch in range(cfg.epochs):
+        post["epoch"] = f"{epoch + 1}/{cfg.epochs}"  # the epoch under way; loss and lr: the last finished one
+        bar.set_postfix(post, refresh=False)
         lr = cfg.lr * lr_factor(cfg, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -329,14 +337,16 @@ def train_fkd(
             opt.step()
             total += loss.detach()
             steps += 1
+            bar.update(1)
         if world > 1 and (log is not None or progress):
             torch.distributed.all_reduce(total)
             total /= world
         if log is not None or progress:
             mean = total.item() / max(1, len(batches))
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}")
+            post.update(loss=f"{mean:.4f}", lr=f"{lr:.3g}")
             if log is not None:
                 log({"epoch": epoch, "lr": lr, "loss": mean})
+    bar.close()
     return {"steps": steps, "label_source": "store" if store is not None else "online_teacher",
             "stored_batches_used": len(used), "ranks": world}
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
-from tqdm.auto import tqdm
 
 from ..models.convnet import ConvNet
+from ..progress import progress as progress_bar
 from .trainer import (
     Augment,
     TrainConfig,
@@ -253,8 +253,12 @@ def _fit_stacked(
     gens = [make_generators(s, dev) for s in seeds]
     opt = make_optimizer(params, cfg)
     set_train(True)
-    for epoch in tqdm(range(cfg.epochs), disable=not progress, desc=f"train x{R}", leave=False):
+    # one bar over every image of every epoch (per student): progress shows inside an epoch of a large set
+    bar = progress_bar(total=cfg.epochs * n, desc=f"train x{R}", enabled=progress, unit="img",
+                       span=f"{cfg.epochs} epochs of {R} students")
+    for epoch in range(cfg.epochs):
         lr = lr_at(cfg, epoch)
+        bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", refresh=False)
         for group in opt.param_groups:
             group["lr"] = lr
         perms = torch.stack([torch.randperm(n, generator=perm_gen) for perm_gen, _ in gens]).to(dev)
@@ -272,6 +276,8 @@ def _fit_stacked(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            bar.update(B)
+    bar.close()
 
 
 def _fit_vmap(

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from ..progress import progress as progress_bar
 
 __all__ = [
     "SCHEDULES",
@@ -219,8 +220,12 @@ def train_model(
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     model.train()
     want_loss = progress or log is not None
-    bar = tqdm(range(cfg.epochs), disable=not progress, desc="train", leave=False)
-    for epoch in bar:
+    # one bar over every image of every epoch: progress shows inside an epoch of a large set too
+    bar = progress_bar(total=cfg.epochs * n, desc="train", enabled=progress, unit="img", span=f"{cfg.epochs} epochs")
+    post: dict[str, str] = {}
+    for epoch in range(cfg.epochs):
+        post["epoch"] = f"{epoch + 1}/{cfg.epochs}"  # the epoch under way; loss and lr: the last finished one
+        bar.set_postfix(post, refresh=False)
         lr = lr_at(cfg, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -241,11 +246,13 @@ def train_model(
             if want_loss:
                 total += loss.detach()
             steps += 1
+            bar.update(stop - start)
         if want_loss:
             mean_loss = total.item() / max(1, steps)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}")
+            post.update(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}")
             if log is not None:
                 log({"epoch": epoch, "lr": lr, "loss": mean_loss})
+    bar.close()
     return model
 
 
