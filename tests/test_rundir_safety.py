@@ -84,6 +84,9 @@ def test_run_kind_and_legacy_runs(tmp_path):
     assert run_kind(only) == "legacy"
     (only / "notes.md").write_text("mine")  # anything a run never holds makes it foreign
     assert run_kind(only) == "foreign"
+    with pytest.raises(RunError, match=r"it holds notes\.md\); refusing to delete it"):
+        Run.open(only, {"x": 1}, force=True)
+    assert (only / "notes.md").exists() and (only / "log.jsonl").exists()
     (tmp_path / "notmap").mkdir()
     (tmp_path / "notmap" / "config.yaml").write_text("- a list\n")
     (tmp_path / "notmap" / "DONE").write_text("")

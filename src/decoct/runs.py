@@ -135,6 +135,9 @@ def _foreign_error(p: Path, kind: str, *, resume: bool, force: bool) -> RunError
     if kind == "file":
         return RunError(f"{p} exists and is not a directory; choose another --out")
     names = sorted(e.name for e in p.iterdir())
+    unknown = [n for n in names if not _known_entry(n)]
+    if "config.yaml" in names and unknown:  # an older run's layout, plus files a run never holds
+        names = unknown
     shown = ", ".join(names[:3]) + (f", ... ({len(names)} entries)" if len(names) > 3 else "")
     verb = "delete" if force else "write into"
     where = f"{p} ({p.resolve()})" if Path(p).name in ("", ".", "..") else str(p)  # --out . names the directory
