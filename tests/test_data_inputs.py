@@ -487,6 +487,12 @@ def test_cache_sees_added_replaced_and_deleted_images(tmp_path, tmp_cache):
     deleted = load_dataset("imagefolder", root=root)
     assert len(deleted.train) == 6 and deleted.train.class_counts(2).tolist() == [3, 3]
     assert len(list(tmp_cache.glob("*.safetensors"))) == 1  # older versions are removed
+    legacy = tmp_cache / "imagefolder-0123456789abcdef.safetensors"  # the first format's name
+    legacy.write_bytes(b"x")
+    (root / "train/a_cls/9.png").write_bytes(_png(new))
+    load_dataset("imagefolder", root=root)
+    assert not legacy.exists() and len(list(tmp_cache.glob("*.safetensors"))) == 1
+    (root / "train/a_cls/9.png").unlink()
 
     (root / "train/c_cls").mkdir()  # a new empty class folder is seen too (and refused)
     with pytest.raises(ImageFolderError, match="holds no images"):

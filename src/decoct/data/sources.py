@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import stat
 import sys
@@ -50,6 +51,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".web
 OS_LITTER = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin",
                        "system volume information", "icon\r"})
 CACHE_FORMAT = 2  # bump when the cached tensors' layout changes
+LEGACY_CACHE = re.compile(r"(imagefolder|cifar10|cifar100)-[0-9a-f]{16}\.safetensors")  # format 1 names
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -164,8 +166,9 @@ def cached(source: Path, tag: str, extra: dict, build: Callable[[], dict[str, to
 
     The file is ``<tag>-<slot>-<key>.safetensors``: ``slot`` names the source and loader options
     (``extra``), ``key`` its :func:`fingerprint`. A file that fails to load or has the wrong layout
-    is rebuilt, never trusted; writes are atomic, and older versions of the same slot are removed
-    once the new one is in place, so editing a tree does not grow the cache without bound.
+    is rebuilt, never trusted; writes are atomic, and older versions of the same slot (and files
+    of the first cache format) are removed once the new one is in place, so editing a tree does not
+    grow the cache without bound.
     """
     slot = _hash({"path": str(source.resolve()), "tag": tag, "format": CACHE_FORMAT, **extra})[:12]
     key = _hash(fingerprint(source, rows))[:16]
@@ -185,6 +188,9 @@ def cached(source: Path, tag: str, extra: dict, build: Callable[[], dict[str, to
         atomic_save_tensors(path, tensors)
         for old in folder.glob(f"{tag}-{slot}-*.safetensors"):
             if old != path:
+                old.unlink(missing_ok=True)
+        for old in folder.glob("*.safetensors"):  # format 1's files, never read again
+            if LEGACY_CACHE.fullmatch(old.name):
                 old.unlink(missing_ok=True)
     except OSError:
         pass  # a read-only cache dir only costs speed; the data itself is correct
