@@ -703,7 +703,8 @@ def test_manifest_that_is_not_an_object_is_one_clear_line(tmp_path, capsys):
         with pytest.raises(ArtifactError, match=f"manifest.json: holds a JSON {kind}, not an object"):
             DistilledSet.load(tmp_path / "a")
         for argv in (["info", str(tmp_path / "a")], ["export", str(tmp_path / "a"), "--imagefolder",
-                                                     str(tmp_path / "e")]):
+                                                     str(tmp_path / "e")],
+                     ["report", str(tmp_path / "a"), "--out", str(tmp_path / "rep")]):
             capsys.readouterr()
             assert main(argv) == 2
             err = capsys.readouterr().err

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .filecheck import read_json_object
 from .io import atomic_write_text
 
 
@@ -43,8 +44,11 @@ def collect(paths: list[str | Path]) -> list[dict]:
         manifest_path = p / "artifact" / "manifest.json" if (p / "artifact").exists() else p / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"{p}: no artifact manifest found (is it a decoct run directory?)")
-        m = json.loads(manifest_path.read_text())
+        m = read_json_object(manifest_path)  # an object, or one error naming the file
         counts = m.get("counts_per_class", [])
+        if not isinstance(m.get("dataset"), dict) or not isinstance(counts, list):
+            raise ValueError(f"{manifest_path}: not a decoct distilled-set manifest (no dataset / counts_per_class); "
+                             f"check it with: decoct info {p}")
         for ev in sorted(p.glob("eval-*.json")):
             r = json.loads(ev.read_text())
             if r.get("partial"):
