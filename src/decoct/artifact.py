@@ -9,10 +9,21 @@ Layout of an artifact directory::
     labels/<name>.safetensors              other label stores (e.g. FKD)
     extra/<name>.safetensors               attachments that are not distilled data (e.g. ZCA)
 
+:meth:`DistilledSet.export_imagefolder` writes a plain ImageFolder tree plus ``decoct-export.json``
+(and ``labels.safetensors`` / ``zca.safetensors``): what evaluation applies to the pixels.
+
 Why a directory of PNGs rather than one tensor file: the pixels a distilled set claims to cost
 are exactly the bytes in ``images/``, anyone can look at them, and the storage accounting
 (:meth:`DistilledSet.storage`) is measured from real files. Every file's SHA-256 lives in the
 manifest so a changed, truncated or missing file is caught at load time.
+
+Nothing read back is trusted unchecked: :meth:`DistilledSet.load`, :func:`verify` and ``decoct
+info`` run one check (``_inspect``): the manifest must be a JSON object whose counts, shapes and
+palette sizes agree with the files it lists (so its numbers cannot size an allocation), every file
+is a plain file (no symbolic links) of the listed size and SHA-256 (hashed in chunks), no file is
+unlisted, each PNG's header (size, bit depth, colour type) is checked before it is decoded (images
+are at most :data:`MAX_IMAGE_SIDE` pixels a side), each safetensors header before it is loaded,
+and the manifest's ``storage`` claims must equal what the files measure.
 
 Ordering: an artifact stores images class by class (class 0 first) and, within a class, in the
 order they appear in ``images``; loading returns them in that *canonical* order. ``save``

@@ -21,12 +21,14 @@ recorded in the manifest:
 On disk (a directory, reusable across distillation runs)::
 
     manifest.json                 settings, parameter layout, one entry per finished expert
-                                  (file, seed, sha256, test accuracy per epoch, train loss)
+                                  (file, seed, sha256, test accuracy per epoch, train loss),
+                                  zca_sha256 (when zca is on)
     zca.safetensors               the ZCA state (only when zca is on)
     expert_0000.safetensors       {"trajectory": float32 (epochs + 1, num_params)}
     ...
 
-Everything is written atomically and loaded with safetensors only (no pickle). An interrupted
+Everything is written atomically and loaded with safetensors only (no pickle); every load verifies
+the directory (:meth:`ExpertSet.verify`: paths confined, no links, headers, SHA-256). An interrupted
 ``train_experts`` keeps the finished experts: calling it again with the same settings trains the
 missing ones (a half-trained expert restarts from its seed), and a larger ``num_experts`` extends
 the set. Different settings in an existing directory are refused unless ``force``.
