@@ -66,10 +66,10 @@ def test_plain_lines_in_a_file_one_per_tenth_with_rate_and_eta():
 
 def test_short_loops_print_nothing_and_lines_are_spaced():
     out = io.StringIO()
-    _run(50, 0.01, out)  # half a second: no line at all
+    _run(50, 0.09, out)  # 4.5 s: no line at all
     assert out.getvalue() == ""
     out = io.StringIO()
-    _run(100, 0.05, out)  # 5 s: a 10 % step every 0.5 s, but lines at least 2 s apart
+    _run(100, 0.15, out)  # 15 s: a 10 % step every 1.5 s, but lines at least QUIET_S = 5 s apart
     assert 2 <= len(out.getvalue().splitlines()) <= 4
 
 

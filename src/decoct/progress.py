@@ -29,8 +29,9 @@ LINE_STEPS = 10
 """Plain-line mode prints a line each time the loop crosses another 1/LINE_STEPS of its total."""
 LINE_EVERY_S = 300.0
 """... and at least every this many seconds, whatever the fraction (a 10 % step of a long run is long)."""
-QUIET_S = 2.0
-"""Plain-line mode stays silent for loops (and between lines) shorter than this."""
+QUIET_S = 5.0
+"""Plain-line mode stays silent for loops (and between lines) shorter than this: a log shows signs of
+life of long loops, not ten lines for each of many short ones (the students of an evaluation)."""
 ESTIMATE_AFTER_S = 10.0
 """The run-time estimate is made after this many seconds of the loop (or 5 % of it, if sooner) ..."""
 ESTIMATE_MIN_S = 180.0
