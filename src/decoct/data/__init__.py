@@ -229,7 +229,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
         raise ValueError(
             f"dataset {name!r} takes no option {', '.join(repr(k) for k in kwargs if k not in allowed)}; "
             f"its options: {', '.join(allowed) or 'none'}") from None
-    return factory(root=str(root) if root is not None else None, download=download, **kwargs)
+    data = factory(root=str(root) if root is not None else None, download=download, **kwargs)
+    # recorded by sets and teachers made from it, so later commands find this data again
+    data.source = {"registry": name.lower(), "root": str(Path(root).expanduser().absolute()) if root else None,
+                   **({"options": dict(kwargs)} if kwargs else {})}
+    return data
 
 
 def list_datasets() -> list[str]:

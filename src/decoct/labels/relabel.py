@@ -341,7 +341,8 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
         raise LabelStoreError(
             f"{src} already holds a label store made with other settings (epochs {existing.header['epochs']}, "
             f"batch {existing.header['batch']}, prune {existing.prune_factor}x, seed {existing.header['seed']}); "
-            "pass force to replace it, or write the new one elsewhere with out=")
+            "pass --force (force=True) to replace it, or write the relabelled set elsewhere with --out DIR "
+            "(out=DIR)")
     store = job.run(work, progress)
     rank, _ = _dist()
     if rank == 0:
@@ -379,7 +380,8 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     pruned = prune_store(store, int(factor))
     dst = Path(out) if out is not None else src
     if out is None and not force:
-        raise ValueError(f"pruning in place replaces the full label store of {src}; pass force, or out=")
+        raise ValueError(f"pruning in place replaces the full label store of {src}; pass --force (force=True) "
+                         "to replace it, or write the pruned set elsewhere with --out DIR (out=DIR)")
     if out is not None and dst.exists() and any(dst.iterdir()) and not force:
         raise ValueError(f"{dst} exists; pass force=True to replace it")
     attach_store(dset, pruned).save(dst, overwrite=True)
