@@ -78,9 +78,9 @@ def test_a_long_step_still_prints_signs_of_life(monkeypatch):
     out, clock = io.StringIO(), Clock()
     bar = progress(desc="job", file=out, clock=clock)
     for _ in range(10):
-        clock.t += 100
+        clock.t += 50
         bar.update(1)
-    assert len(out.getvalue().splitlines()) == 3  # at 300, 600, 900 s
+    assert len(out.getvalue().splitlines()) == 3  # at 150, 300, 450 s (LINE_EVERY_S = 120)
     assert "3 it" in out.getvalue().splitlines()[0]
 
 

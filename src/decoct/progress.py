@@ -27,8 +27,8 @@ from typing import IO, Any
 
 LINE_STEPS = 10
 """Plain-line mode prints a line each time the loop crosses another 1/LINE_STEPS of its total."""
-LINE_EVERY_S = 300.0
-"""... and at least every this many seconds, whatever the fraction (a 10 % step of a long run is long)."""
+LINE_EVERY_S = 120.0
+"""... and at least every this many seconds, whatever the fraction: 10 % of a 3-hour teacher is 18 minutes."""
 QUIET_S = 5.0
 """Plain-line mode stays silent for loops (and between lines) shorter than this: a log shows signs of
 life of long loops, not ten lines for each of many short ones (the students of an evaluation)."""
@@ -117,7 +117,7 @@ class Progress:
 
             tqdm_kw.setdefault("dynamic_ncols", True)
             tqdm_kw.setdefault("leave", False)
-            if unit != "it":
+            if total is not None and total >= 10_000:  # 1.5M/15M img, not 1500000/15000000
                 tqdm_kw.setdefault("unit_scale", True)
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.file, **tqdm_kw)
 
