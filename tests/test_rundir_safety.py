@@ -12,6 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from decoct import io as dio
 from decoct.runlock import LOCK_NAME
@@ -266,6 +268,10 @@ def test_next_open_of_a_run_recovers_a_killed_artifact_replacement(tmp_path, mon
         with pytest.raises(_Killed):
             dio.replace_dir(tmp, r / "artifact")
     assert not (r / "artifact").exists()
+    from decoct.artifact import ArtifactError, DistilledSet
+
+    with pytest.raises(ArtifactError, match="interrupted.*decoct info"):  # not a bare "no manifest"
+        DistilledSet.load(r / "artifact")
     if opener == "run_open":
         Run.open(r, CFG).close()
     elif opener == "resume":
@@ -406,3 +412,54 @@ def test_lock_released_on_finish_error_and_interrupt(tmp_path, monkeypatch, caps
     monkeypatch.setattr(coreset, "select_coreset", interrupted)
     assert main(_select(tmp_path / "c")) == 130
     assert not (tmp_path / "c" / LOCK_NAME).exists() and not runlock._HELD
+
+
+def test_an_attempt_that_did_no_work_is_restarted_by_a_plain_rerun(tmp_path):
+    """A command that failed before any checkpoint (bad data, divergence at once) leaves only
+    config and log: re-running it (even with a corrected config) needs no --resume/--force."""
+    p = tmp_path / "r"
+    run = Run.open(p, {"ipc": 1, "lr": 1e12})
+    run.log(event="diverged", iteration=3)
+    run.close()
+    again = Run.open(p, {"ipc": 1, "lr": 0.1})
+    assert yaml.safe_load((p / "config.yaml").read_text())["lr"] == 0.1
+    events = [e["event"] for e in again.read_log()]
+    assert events == ["diverged", "restarted"]  # the failed attempt's log is kept
+    again.save_checkpoint({"it": torch.tensor(1)})
+    again.close()
+    with pytest.raises(RunError, match="--resume"):  # real work now: protected again
+        Run.open(p, {"ipc": 1, "lr": 0.1})
+
+
+_LOCKER = """
+import sys, time
+from decoct.runlock import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_run_another_process_writes(tmp_path, capsys, monkeypatch):
+    """eval-*.json and log.jsonl have one writer: evaluate on a locked run stops before training."""
+    import decoct.evaluation as evaluation
+    from decoct.cli import main
+
+    r = tmp_path / "r"
+    assert main(_select(r)) == 0
+    proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(r)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+
+        def no_training(*a, **k):
+            raise AssertionError("a student was trained on a locked run")
+
+        monkeypatch.setattr(evaluation, "evaluate", no_training)
+        monkeypatch.setattr("decoct.api.evaluate", no_training)
+        assert main(["evaluate", str(r), "--protocol", "fast", "--runs", "1", "--epochs", "1", "--no-progress"]) == 2
+        assert f"in use by pid {proc.pid}" in capsys.readouterr().err
+        assert not list(r.glob("eval-*.json"))
+    finally:
+        proc.kill()
+        proc.wait()

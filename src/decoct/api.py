@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -16,7 +17,7 @@ from .data import load_dataset
 from .evaluation import EvalResult, evaluate, resolve_device
 from .io import atomic_write_json
 from .report import save_grid
-from .runs import Run, RunError, resolve_artifact
+from .runs import Run, RunError, lock_run, resolve_artifact, run_kind
 
 
 @dataclass
@@ -113,21 +114,25 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                                "or --force to start over")
         if saved.get("partial") and same:
             state = saved.get("state", {})
+    lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if target is not None and writer:
         check_writable(run_dir)
+        if run_kind(run_dir) in ("run", "legacy"):
+            lock = lock_run(run_dir)  # one writer of eval-*.json and log.jsonl at a time
 
     def checkpoint(st: dict[str, list[float]]) -> None:
         if target is not None and writer:
             atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, state=st))
 
-    result = evaluate(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
-                      download=download, device=device, engine=engine,
-                      baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
-                      model=model, epochs=epochs, online_teacher=teacher)
-    if target is not None and writer:
-        atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs))
-        Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
-                         std=result.std, runs=runs, seconds=round(result.seconds, 2))
+    with lock:
+        result = evaluate(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
+                          download=download, device=device, engine=engine,
+                          baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
+                          model=model, epochs=epochs, online_teacher=teacher)
+        if target is not None and writer:
+            atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs))
+            Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
+                             std=result.std, runs=runs, seconds=round(result.seconds, 2))
     return result
 
 

@@ -64,6 +64,7 @@ from decoct.io import (
     atomic_write_json,
     fsync_paths,
     load_tensors_bytes,
+    pending_replacement,
     replace_dir,
     sha256_bytes,
     sha256_file,
@@ -780,6 +781,12 @@ class DistilledSet:
         checked before anything is read or decoded).
         """
         root = Path(path)
+        if not (root / "manifest.json").exists() and pending_replacement(root):
+            # a kill between replace_dir's renames: the run layer repairs it under the run's lock
+            run = root.parent if root.name == "artifact" else root
+            raise ArtifactError(
+                f"{root}: a replacement of this artifact was interrupted (a staged or backup copy waits "
+                f"beside it); repair it with `decoct info {run}` (or decoct.runs.resolve_artifact) and load again")
         problems, ds, _ = _inspect(root, check_files=verify)
         if problems or ds is None:
             if len(problems) == 1:

@@ -19,7 +19,9 @@ Nothing is overwritten or deleted by accident:
   nothing but the files a run holds, see :func:`run_kind`), or an empty or absent one. Any other
   non-empty directory is refused, whatever the flags.
 - Re-running a finished run is a no-op unless ``force``; an unfinished run needs ``resume``
-  (continue from the checkpoint) or ``force`` (start over). Both a re-run and ``resume`` compare
+  (continue from the checkpoint) or ``force`` (start over), except one whose last attempt stopped
+  before any work (only ``config.yaml`` and ``log.jsonl``: bad data, divergence before the first
+  checkpoint), which a plain re-run starts afresh with its new config. Both a re-run and ``resume`` compare
   the config with the run's ``config.yaml`` and refuse a difference, naming the keys; the keys in
   :data:`NON_IDENTITY_KEYS` (device, data root, checkpoint interval, ...) may differ, so a CPU
   run can be resumed on a GPU.
@@ -93,6 +95,13 @@ def _decoct_temporary(name: str) -> bool:
 
 def _known_entry(name: str) -> bool:
     return name in _RUN_ENTRIES or (name.startswith("eval-") and name.endswith(".json")) or _decoct_temporary(name)
+
+
+def _nothing_done(content: list[Path]) -> bool:
+    """True when an unfinished run holds only its config and log (plus temporaries): no
+    checkpoint, artifact, shards or results, so starting it again loses no work."""
+    return all(e.name in ("config.yaml", "log.jsonl") or _decoct_temporary(e.name) for e in content) \
+        and not any(e.name.endswith((".new", ".old", ".relabel")) for e in content)
 
 
 def _has_marker(p: Path) -> bool:
@@ -315,6 +324,12 @@ class Run:
                 else:
                     e.unlink()
             atomic_write_json(p / MARKER, _marker_record())
+        elif content and not self.done and not resume and _nothing_done(content):
+            # the last attempt stopped before any work (bad data, a refused option, divergence
+            # before the first checkpoint): nothing to lose, so this command starts it afresh
+            atomic_write_text(p / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+            self.log(event="restarted", reason="the previous attempt left no checkpoint or results")
+            clean_temporaries(p)
         elif content:
             if self.done or resume:
                 self._check_identity(config, finished=self.done)
