@@ -10,8 +10,9 @@ import torch
 
 from decoct.artifact import DistilledSet
 from decoct.cli import main
-from decoct.distributed import merge_parts, shard_dir
 from decoct.io import atomic_save_tensors
+from decoct.methods.recover import merge_parts
+from decoct.runtime.distributed import shard_dir
 from decoct.squeeze import squeeze
 
 

@@ -8,40 +8,17 @@ import os
 import shlex
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifact import DistilledSet
-from .data import load_dataset
-from .evaluation import EvalResult, evaluate, resolve_device
-from .io import atomic_write_json
-from .report import save_grid
-from .runs import Run, RunError, lock_run, resolve_artifact, run_kind
-
-
-@dataclass
-class RunSummary:
-    path: Path
-    method: str
-    num_images: int
-    bytes_on_disk: int
-    raw_bytes: int
-    seconds: float
-    skipped: bool = False
-
-    def summary(self) -> str:
-        state = "already done (use --force to redo)" if self.skipped else f"{self.seconds:.1f}s"
-        return (f"{self.method}: {self.num_images} images -> {self.path}  "
-                f"{self.bytes_on_disk:,} B on disk, {self.raw_bytes:,} B raw  [{state}]")
-
-
-def _summary(run: Run, skipped: bool) -> RunSummary:
-    dset = DistilledSet.load(run.artifact_dir)
-    st = dset.storage(run.artifact_dir)
-    seconds = float(dset.meta.get("seconds", 0.0))
-    return RunSummary(run.path, dset.method, len(dset), st["bytes_on_disk"]["total"], st["raw_bytes"]["total"],
-                      seconds, skipped)
+from decoct.artifact import DistilledSet
+from decoct.data import load_dataset
+from decoct.evaluation import EvalResult, evaluate
+from decoct.io import atomic_write_json
+from decoct.methods.base import RunSummary, run_summary
+from decoct.report import save_grid
+from decoct.runs import Run, RunError, lock_run, resolve_artifact, run_kind
+from decoct.runtime.distributed import resolve_device
 
 
 def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 0, embed: str = "random",
@@ -49,13 +26,13 @@ def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 
            download: bool = False, device: str = "auto", resume: bool = False, force: bool = False,
            progress: bool = True, config: dict[str, Any] | None = None) -> RunSummary:
     """Select ``ipc`` real images per class with a coreset rule and save them as a run."""
-    from .methods.coreset import select_coreset
+    from decoct.methods.coreset import select_coreset
 
     config = config or dict(method=method, dataset=dataset, ipc=ipc, seed=seed, embed=embed,
                             embed_model=embed_model, embed_epochs=embed_epochs)
     run = Run.open(out, config, resume=resume, force=force)
     if run.done:
-        return _summary(run, skipped=True)
+        return run_summary(run, skipped=True)
     data = load_dataset(dataset, root=data_root, download=download)
     dev = resolve_device(device)
     t0 = time.perf_counter()
@@ -70,7 +47,7 @@ def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 
     save_grid(dset.images, dset.labels, run.path / "grid.png")
     run.log(event="selected", method=method, ipc=ipc, seconds=round(seconds, 3), num_images=len(dset))
     run.finish()
-    return _summary(run, skipped=False)
+    return run_summary(run, skipped=False)
 
 
 def eval_filename(protocol: str, model: str, epochs: int | None, baseline: str | None) -> str:
@@ -94,8 +71,8 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store.
     Under torchrun every rank trains (DDP) but only rank 0 writes the result and the log line.
     """
-    from .distributed import rank
-    from .evaluation import protocol_config
+    from decoct.evaluation import protocol_config
+    from decoct.runtime.distributed import rank
 
     art = resolve_artifact(path)
     cfg = protocol_config(protocol, model=model, epochs=epochs)
@@ -167,7 +144,7 @@ def info(path: str | Path) -> dict[str, Any]:
     """Integrity check and summary of a set: ``problems`` (empty exactly when the set loads)
     and, for an intact set, its contents and storage *measured* from the files (sizes from disk,
     hashes from content), never copied from the manifest's own claims."""
-    from .artifact import inspect
+    from decoct.artifact import inspect
 
     return inspect(resolve_artifact(path))
 
@@ -187,7 +164,7 @@ def quickstart(out: str | Path = "runs/quickstart", method: str = "dm", ipc: int
         raise ValueError(f"quickstart method {method!r} unknown; known: {', '.join(QUICKSTART_METHODS)}")
     t0 = time.perf_counter()
     if method == "dm":
-        from .methods.dm import distill_dm
+        from decoct.methods.dm import distill_dm
 
         dset = distill_dm("digits", out, ipc=ipc, iterations=iterations, device=device, force=force,
                           progress=progress)

@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import ConfigError, check_value, clip, key_specs, load_yaml, merge, split_overrides
+from decoct.config import (
+    ConfigError,
+    check_value,
+    clip,
+    key_specs,
+    load_yaml,
+    merge,
+    split_overrides,
+)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,7 +86,7 @@ def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 def cmd_select(args: argparse.Namespace) -> int:
-    from .api import select
+    from decoct.api import select
 
     out = select(args.method, dataset=args.dataset, ipc=args.ipc, out=args.out, seed=args.seed,
                  embed=args.embed, embed_model=args.embed_model, embed_epochs=args.embed_epochs,
@@ -89,14 +97,14 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .api import evaluate_run
+    from decoct.api import evaluate_run
 
     result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
                           progress=args.progress, teacher=args.teacher, dataset=args.dataset,
                           download=args.download, save=args.save)
-    from .distributed import rank
+    from decoct.runtime.distributed import rank
 
     if rank() != 0:  # torchrun: one report, from rank 0
         return 0
@@ -107,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .api import quickstart
+    from decoct.api import quickstart
 
     quickstart(out=args.out, method=args.method, ipc=args.ipc, runs=args.runs, epochs=args.epochs,
                iterations=args.iterations, device=args.device, force=args.force, progress=args.progress)
@@ -115,7 +123,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .api import info
+    from decoct.api import info
 
     report = info(args.path)
     print(json.dumps(report, indent=2))
@@ -130,8 +138,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .artifact import EXPORT_MARKER, DistilledSet
-    from .runs import resolve_artifact
+    from decoct.artifact import EXPORT_MARKER, DistilledSet
+    from decoct.runs import resolve_artifact
 
     dset = DistilledSet.load(resolve_artifact(args.path))
     dset.export_imagefolder(args.imagefolder, overwrite=args.force)
@@ -143,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from decoct.report import write_report
 
     md = write_report(args.paths, args.out)
     print(f"wrote {md}")
@@ -177,9 +185,9 @@ class CommandAdder:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import QUICKSTART_METHODS
-    from .data import list_datasets
-    from .methods.coreset import CORESET_METHODS
+    from decoct.api import QUICKSTART_METHODS
+    from decoct.data import list_datasets
+    from decoct.methods.coreset import CORESET_METHODS
 
     parser = argparse.ArgumentParser(
         prog="decoct", description="Dataset distillation with exact storage accounting.",

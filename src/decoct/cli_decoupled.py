@@ -20,7 +20,7 @@ _RECOVER_HELP = {
 
 def parse_model_kwargs(value: Any) -> dict[str, Any]:
     """``"width=64,depth=3"`` (or a YAML mapping) -> dict, values parsed as YAML scalars."""
-    from .config import short, yaml_scalar
+    from decoct.config import short, yaml_scalar
 
     if value is None or value == "":
         return {}
@@ -36,8 +36,8 @@ def parse_model_kwargs(value: Any) -> dict[str, Any]:
 
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
-    from .cli import resolved_config
-    from .squeeze import squeeze
+    from decoct.cli import resolved_config
+    from decoct.squeeze import squeeze
 
     cfg = resolved_config(args)
     for k in ("max_epochs", "device", "download", "data_root", "checkpoint_every"):
@@ -69,9 +69,9 @@ def _recover_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .cli import resolved_config
-    from .methods.recover import recover
+    from decoct.cli import resolved_config
+    from decoct.methods.recover import recover
+    from decoct.runtime import distributed
 
     dset = recover(args.method, teacher=args.teacher, ipc=args.ipc, out=args.out, dataset=args.dataset,
                    data_root=args.data_root, download=args.download, device=args.device, resume=args.resume,
@@ -91,7 +91,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
-    from .squeeze import AUGMENTS, PRETRAINED
+    from decoct.squeeze import AUGMENTS, PRETRAINED
 
     p = cli.command("squeeze", cmd_squeeze,
                     "Train a BatchNorm teacher (or wrap torchvision's ImageNet weights) and record its "

@@ -12,9 +12,9 @@ from typing import Any
 
 
 def cmd_distill_dm(args: argparse.Namespace) -> int:
-    from .cli import resolved_config
-    from .methods.dm import DMConfig, distill_dm
-    from .runs import Run
+    from decoct.cli import resolved_config
+    from decoct.methods.dm import DMConfig, distill_dm
+    from decoct.runs import Run
 
     if not args.dataset:
         raise ValueError("distill dm needs --dataset (on the command line or in the --config preset)")
@@ -40,8 +40,8 @@ def cmd_distill_dm(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .cli import resolved_config
-    from .palette.quantize import quantize_command, quantize_grid
+    from decoct.cli import resolved_config
+    from decoct.palette.quantize import quantize_command, quantize_grid
 
     common = dict(dataset=args.dataset, ipc=args.ipc, seed=args.seed, data_root=args.data_root,
                   download=args.download, device=args.device, resume=args.resume, force=args.force)
@@ -64,10 +64,10 @@ def _dests(p: argparse.ArgumentParser) -> set[str]:
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
-    from .augment.dsa import DEFAULT_STRATEGY
-    from .methods.dm import INITS, PRESET_ITERATIONS
-    from .palette import add_palette_args
-    from .palette.quantize import QUANTIZERS
+    from decoct.augment.dsa import DEFAULT_STRATEGY
+    from decoct.methods.dm import INITS, PRESET_ITERATIONS
+    from decoct.palette import add_palette_args
+    from decoct.palette.quantize import QUANTIZERS
 
     p = cli.distill("dm", cmd_distill_dm,
                     "Distribution matching (DM): match per-class mean embeddings of real and synthetic images "

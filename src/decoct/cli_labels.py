@@ -9,13 +9,13 @@ from typing import Any
 
 
 def cmd_relabel(args: argparse.Namespace) -> int:
-    from .cli import resolved_config
-    from .distributed import barrier, rank, world_size
-    from .runs import Run, clean_temporaries, lock_run, resolve_artifact, run_kind
+    from decoct.cli import resolved_config
+    from decoct.runs import Run, clean_temporaries, lock_run, resolve_artifact, run_kind
+    from decoct.runtime.distributed import barrier, rank, world_size
 
     src = resolve_artifact(args.path)  # also finishes a replacement of it that a crash interrupted
     if world_size() > 1:  # torchrun: join now, so the ranks can wait for rank 0 to open the run
-        from .labels.relabel import join_torchrun
+        from decoct.runtime.distributed import join_torchrun
 
         join_torchrun(args.device)
     out_run = None
@@ -57,7 +57,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 
 def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Path:
     """Write the label store (relabel with the teacher, or prune the existing one); its artifact path."""
-    from .labels import prune_labels, relabel
+    from decoct.labels import prune_labels, relabel
 
     if args.teacher is None:
         if args.prune is None:
@@ -72,10 +72,10 @@ def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Pa
 
 
 def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int:
-    from .artifact import DistilledSet
-    from .distributed import rank
-    from .labels import LabelStore
-    from .runs import Run
+    from decoct.artifact import DistilledSet
+    from decoct.labels import LabelStore
+    from decoct.runs import Run
+    from decoct.runtime.distributed import rank
 
     if rank() != 0:
         return 0  # rank 0 wrote the artifact and reports it
@@ -101,7 +101,7 @@ def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
-    from .labels.prune import PRUNE_FACTORS
+    from decoct.labels.prune import PRUNE_FACTORS
 
     p = cli.command(
         "relabel", cmd_relabel,

@@ -26,7 +26,7 @@ def _model_kwargs(model: str, width: int, norm: str) -> dict[str, Any]:
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    from .methods.experts import describe, train_experts
+    from decoct.methods.experts import describe, train_experts
 
     es = train_experts(args.dataset, args.out, num_experts=args.num_experts, epochs=args.epochs, model=args.model,
                        model_kwargs=_model_kwargs(args.model, args.width, args.norm), lr=args.lr,
@@ -46,8 +46,8 @@ def _palette_keys(p: argparse.ArgumentParser) -> set[str]:
 
 
 def cmd_distill_tm(args: argparse.Namespace) -> int:
-    from .cli import resolved_config
-    from .methods.tm import TMConfig, distill_tm
+    from decoct.cli import resolved_config
+    from decoct.methods.tm import TMConfig, distill_tm
 
     # --max-iterations only says where this call stops; it is not part of the run's identity
     config = {k: v for k, v in resolved_config(args).items() if k != "max_iterations"}
@@ -57,7 +57,7 @@ def cmd_distill_tm(args: argparse.Namespace) -> int:
                       device=args.device, data_root=args.data_root, download=args.download, resume=args.resume,
                       force=args.force, progress=args.progress, checkpoint_every=args.checkpoint_every,
                       stop_after=args.max_iterations)
-    from .runs import Run
+    from decoct.runs import Run
 
     run = Run(args.out)
     if not run.done:
@@ -73,8 +73,8 @@ def cmd_distill_tm(args: argparse.Namespace) -> int:
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
-    from .augment.dsa import DEFAULT_STRATEGY
-    from .palette import INIT_METHODS, add_palette_args
+    from decoct.augment.dsa import DEFAULT_STRATEGY
+    from decoct.palette import INIT_METHODS, add_palette_args
 
     p = cli.command("experts", cmd_experts,
                     "Train expert trajectories for trajectory matching (MTT buffer.py recipe): N networks on "

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .data import DATASETS, Dataset, DatasetInfo, load_dataset
-from .data.sources import DataNotFoundError
+from decoct.data import DATASETS, Dataset, DatasetInfo, load_dataset
+from decoct.data.sources import DataNotFoundError
 
 SOURCE_KEY = "data_source"
 

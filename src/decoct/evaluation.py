@@ -33,12 +33,14 @@ from typing import Any
 
 import torch
 
-from .artifact import DistilledSet
-from .augment import DSA, ZCA
-from .data import Dataset, normalize
-from .datasource import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
-from .models import model_for
-from .train import TrainConfig, train_students
+from decoct.artifact import DistilledSet
+from decoct.augment import DSA, ZCA
+from decoct.data import Dataset, normalize
+from decoct.datasource import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
+from decoct.methods.coreset import random_baseline_indices
+from decoct.models import model_for
+from decoct.runtime.distributed import join_torchrun, resolve_device
+from decoct.train import TrainConfig, train_students
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "classic": dict(epochs=1000, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
@@ -90,16 +92,6 @@ class EvalResult:
         return (f"{label:<12} {100 * self.mean:6.2f} ± {100 * self.std:5.2f} %  "
                 f"({len(self.accuracies)} runs, {self.protocol}, {self.model})  "
                 f"{self.num_images} images, {self.bytes_on_disk:,} B on disk, {self.raw_bytes:,} B raw")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but CUDA is not available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
-    return torch.device(device)
 
 
 _CONVNETS = ("convnet", "convnetd3", "convnetd4", "convnetd5")
@@ -168,18 +160,6 @@ def _train_eval(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zc
         if on_progress is not None:
             on_progress(accs)
     return accs, engine
-
-
-def random_baseline_indices(dataset: Dataset, per_class: int, seed: int) -> torch.Tensor:
-    """``per_class`` random training images of every class (a seeded torch.Generator)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for c in range(dataset.info.num_classes):
-        idx = dataset.train.class_indices(c)
-        if per_class > len(idx):
-            raise ValueError(f"random baseline needs {per_class} images of class {c}, it has {len(idx)}")
-        out.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    return torch.cat(out)
 
 
 def equal_storage_ipc(dset: DistilledSet, raw_total: int) -> int:
@@ -287,9 +267,9 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     Everything that can be wrong (no store, a store of another set, a batch size the store was
     not made with, a teacher of other classes) fails here, before the first student trains.
     """
-    from .labels.relabel import check_teacher_output, join_torchrun, resolve_teacher
-    from .labels.store import LabelStore
-    from .train.fkd import FKDConfig, fill_value, fit_soft_students, soft_recipe_for
+    from decoct.labels.relabel import check_teacher_output, resolve_teacher
+    from decoct.labels.store import LabelStore
+    from decoct.train.fkd import FKDConfig, fill_value, fit_soft_students, soft_recipe_for
 
     device = join_torchrun(device)  # under torchrun every student trains with DDP
     info = dataset.info
@@ -373,4 +353,4 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     return result
 
 
-__all__ = ["EvalResult", "PROTOCOLS", "evaluate", "protocol_config", "resolve_device"]
+__all__ = ["EvalResult", "PROTOCOLS", "evaluate", "protocol_config"]

@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from .io import (
+from decoct.io import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
@@ -56,8 +56,8 @@ from .io import (
     recover_dir,
     safe_torch_load,
 )
-from .progress import progress  # noqa: F401  (re-exported: callers import it from here)
-from .runlock import LOCK_NAME, RunLock, RunLockError
+from decoct.progress import progress  # noqa: F401  (re-exported: callers import it from here)
+from decoct.runlock import LOCK_NAME, RunLock, RunLockError
 
 
 class RunError(RuntimeError):
@@ -188,7 +188,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _marker_record() -> dict[str, Any]:
-    from . import __version__
+    from decoct import __version__
 
     return {"format": MARKER_FORMAT, "version": MARKER_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "decoct": __version__, "command": shlex.join(sys.argv)}

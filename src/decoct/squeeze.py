@@ -41,24 +41,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import Dataset, DatasetInfo, load_dataset, normalize
-from .filecheck import (
+from decoct.data import Dataset, DatasetInfo, load_dataset, normalize
+from decoct.filecheck import (
     FileCheckError,
     is_sha256,
     read_json_object,
     regular_file_size,
     safetensors_header,
 )
-from .health import DivergedError, rerun_hint
-from .io import (
+from decoct.health import DivergedError, rerun_hint
+from decoct.io import (
     atomic_save_tensors,
     atomic_write_json,
     load_tensors,
     sha256_file,
 )
-from .models import MODELS, model_for
-from .runs import Run, RunError, progress
-from .train.trainer import (
+from decoct.models import MODELS, model_for
+from decoct.runs import Run, RunError, progress
+from decoct.train.trainer import (
     TrainConfig,
     autocast,
     check_device,
@@ -782,7 +782,7 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
     A finished directory is reused unless ``force``; an interrupted one needs ``resume``.
     ``stop_after`` ends training after that many epochs of this call with a checkpoint (tests).
     """
-    from .evaluation import resolve_device
+    from decoct.runtime.distributed import resolve_device
 
     name = dataset if isinstance(dataset, str) else dataset.info.name
     cfg = SqueezeConfig(dataset=name, model=model, model_kwargs=dict(model_kwargs or {}), pretrained=pretrained,

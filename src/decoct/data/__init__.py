@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..registry import Registry
-from .sources import (
+from decoct.data.sources import (
     BadImageError,
     DataNotFoundError,
     ImageFolderError,
@@ -32,7 +31,8 @@ from .sources import (
     scan_directory,
     summary_line,
 )
-from .types import Dataset, DatasetInfo, ImageSplit, denormalize, normalize, to_uint8
+from decoct.data.types import Dataset, DatasetInfo, ImageSplit, denormalize, normalize, to_uint8
+from decoct.registry import Registry
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 

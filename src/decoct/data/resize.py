@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from ..io import fsync_dir, fsync_paths
-from .sources import DataNotFoundError, data_roots, read_imagefolder
+from decoct.data.sources import DataNotFoundError, data_roots, read_imagefolder
+from decoct.io import fsync_dir, fsync_paths
 
 
 def resize_imagefolder(src: str | os.PathLike, dst: str | os.PathLike, size: int, channels: int = 3,

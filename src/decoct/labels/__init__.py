@@ -1,8 +1,15 @@
 """Stored soft labels: the FKD label store, relabel with a teacher, LPLD label pruning."""
 
-from .prune import GRANULARITIES, PRUNE_FACTORS, epoch_plan, kept_units, prune_ratio, prune_store
-from .relabel import prune_labels, relabel, relabel_set, replay_logits, resolve_teacher
-from .store import (
+from decoct.labels.prune import (
+    GRANULARITIES,
+    PRUNE_FACTORS,
+    epoch_plan,
+    kept_units,
+    prune_ratio,
+    prune_store,
+)
+from decoct.labels.relabel import prune_labels, relabel, relabel_set, replay_logits, resolve_teacher
+from decoct.labels.store import (
     FORMAT,
     VERSION,
     EpochLabels,
@@ -10,7 +17,6 @@ from .store import (
     LabelStoreError,
     attach_store,
     dataset_fingerprint,
-    payload_model,
     set_fingerprint,
     strip_store,
 )

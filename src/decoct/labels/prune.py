@@ -25,13 +25,14 @@ from fractions import Fraction
 
 import torch
 
-from .store import EpochLabels, LabelStore, LabelStoreError
+from decoct.labels.store import EpochLabels, LabelStore, LabelStoreError
 
 __all__ = [
     "GRANULARITIES",
     "PRUNE_FACTORS",
     "epoch_plan",
     "kept_units",
+    "payload_model",
     "prune_ratio",
     "prune_store",
 ]
@@ -143,3 +144,28 @@ def epoch_plan(store: LabelStore, epochs: int, granularity: str = "auto",
     per_epoch = int(store.header["full_units_per_epoch"])
     draws = torch.randint(len(pool), (epochs, per_epoch), generator=g).tolist()
     return [[pool[i] for i in row] for row in draws]
+
+
+def payload_model(num_images: int, num_classes: int, epochs: int, batch_size: int, mix: str = "none",
+                  prune: int | None = None) -> dict[str, int]:
+    """Bytes of a store's tensors, computed without building it (e.g. for paper-scale settings).
+
+    Per image and stored epoch ``2C`` (fp16 logits) + 8 (box) + 1 (flip) + 4 (index) + 2 (mix
+    partner, with a mix); per batch 8 (size, batch number) + 4 (lambda, with a mix) + 8 (CutMix
+    box); per epoch file 4 (epoch id). The JSON header and the safetensors file headers (about
+    0.5 KB per file) come on top. Batches as relabel makes them (see :mod:`decoct.labels.relabel`).
+    Compare LPLD's ``2C + 25`` per image and epoch plus ~3 KB per batch file (reference/lpld.md §7.2).
+    """
+    b = min(batch_size, num_images)
+    full = num_images // b
+    tail = num_images - full * b
+    tail = tail if tail > 1 else 0
+    per_image = 2 * num_classes + 8 + 1 + 4 + (2 if mix != "none" else 0)
+    per_batch = 8 + (4 if mix != "none" else 0) + (8 if mix == "cutmix" else 0)
+    if prune in (None, 1):
+        batches, images, files = epochs * (full + (1 if tail else 0)), epochs * (full * b + tail), epochs
+    else:
+        batches = kept_units(epochs * full, int(prune))
+        images, files = batches * b, -(-batches // full)
+    return {"batches": batches, "image_views": images, "files": files,
+            "bytes": images * per_image + batches * per_batch + files * 4}

@@ -37,9 +37,8 @@ from torch import Tensor, nn
 from decoct.artifact import DistilledSet
 from decoct.augment.fkd import ViewRecipe, apply_views, draw_views, seeded_generator
 from decoct.io import atomic_save_tensors, atomic_write_json, load_tensors
-
-from .prune import _prune_header, kept_units, pool_total, prune_ratio
-from .store import (
+from decoct.labels.prune import _prune_header, kept_units, pool_total, prune_ratio
+from decoct.labels.store import (
     FORMAT,
     VERSION,
     EpochLabels,
@@ -48,8 +47,9 @@ from .store import (
     attach_store,
     dataset_fingerprint,
 )
+from decoct.runtime.distributed import join_torchrun
 
-__all__ = ["RelabelPlan", "check_teacher_output", "join_torchrun", "prune_labels", "relabel", "relabel_set", "replay_logits", "resolve_teacher", "teacher_fingerprint"]
+__all__ = ["RelabelPlan", "check_teacher_output", "prune_labels", "relabel", "relabel_set", "replay_logits", "resolve_teacher", "teacher_fingerprint"]
 
 
 # ---------------------------------------------------------------------- distributed helpers
@@ -63,21 +63,6 @@ def _dist() -> tuple[int, int]:
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def join_torchrun(device: str | torch.device) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): join the process group and return this rank's device
-    (``cuda:LOCAL_RANK`` for CUDA); otherwise just resolve ``device``."""
-    from decoct import distributed
-    from decoct.evaluation import resolve_device
-
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    if distributed.world_size() > 1:
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", distributed.local_rank())
-            torch.cuda.set_device(dev)
-        distributed.init_process_group(dev)
-    return dev
 
 
 # ---------------------------------------------------------------------- teacher
@@ -370,9 +355,8 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     :func:`decoct.labels.prune.prune_store`), without running the teacher again. In place, the
     full store is replaced, so that needs ``force``.
     """
+    from decoct.labels.prune import prune_store
     from decoct.runs import resolve_artifact
-
-    from .prune import prune_store
 
     src = resolve_artifact(artifact_dir)
     dset = DistilledSet.load(src)

@@ -31,19 +31,47 @@ interrupted run that is resumed ends with the same result as an uninterrupted ru
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..artifact import DistilledSet
-from ..data import Dataset
-from ..health import DivergedError, check_metrics
-from ..registry import Registry
-from ..report import save_grid
-from ..runs import Run, progress
+from decoct.artifact import DistilledSet
+from decoct.data import Dataset
+from decoct.health import DivergedError, check_metrics
+from decoct.registry import Registry
+from decoct.report import save_grid
+from decoct.runs import Run, progress
 
 METHODS: Registry[Any] = Registry("distillation method")
 """name -> factory ``(config: dict) -> DistillMethod``; filled by each method module."""
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    method: str
+    num_images: int
+    bytes_on_disk: int
+    raw_bytes: int
+    seconds: float
+    skipped: bool = False
+
+    def summary(self) -> str:
+        state = "already done (use --force to redo)" if self.skipped else f"{self.seconds:.1f}s"
+        return (f"{self.method}: {self.num_images} images -> {self.path}  "
+                f"{self.bytes_on_disk:,} B on disk, {self.raw_bytes:,} B raw  [{state}]")
+
+
+def run_summary(run: Run, skipped: bool) -> RunSummary:
+    """The summary of a finished run: its artifact's images, bytes on disk and raw bytes, time."""
+    dset = DistilledSet.load(run.artifact_dir)
+    st = dset.storage(run.artifact_dir)
+    seconds = float(dset.meta.get("seconds", 0.0))
+    return RunSummary(run.path, dset.method, len(dset), st["bytes_on_disk"]["total"], st["raw_bytes"]["total"],
+                      seconds, skipped)
+
 
 
 @runtime_checkable

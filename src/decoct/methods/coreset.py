@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.types import Dataset, normalize
-from ..models import model_for
-from ..progress import progress as progress_bar
+from decoct.data.types import Dataset, normalize
+from decoct.models import model_for
+from decoct.progress import progress as progress_bar
 
 CORESET_METHODS: tuple[str, ...] = ("random", "herding", "kcenter", "graphcut")
 EMBEDDINGS: tuple[str, ...] = ("random", "trained")
@@ -58,6 +58,18 @@ def _first_argmax(x: Tensor) -> int:
 
 
 # --------------------------------------------------------------------------- selection rules
+
+
+def random_baseline_indices(dataset: Dataset, per_class: int, seed: int) -> torch.Tensor:
+    """``per_class`` random training images of every class (a seeded torch.Generator)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(dataset.info.num_classes):
+        idx = dataset.train.class_indices(c)
+        if per_class > len(idx):
+            raise ValueError(f"random baseline needs {per_class} images of class {c}, it has {len(idx)}")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(out)
 
 
 def random_select(n: int, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -326,6 +338,7 @@ __all__ = [
     "graphcut_value",
     "herding_select",
     "kcenter_select",
+    "random_baseline_indices",
     "random_select",
     "select_coreset",
     "similarity_matrix",

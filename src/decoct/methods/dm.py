@@ -46,13 +46,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..artifact import DistilledSet
-from ..augment import DSA, ZCA
-from ..augment.dsa import DEFAULT_STRATEGY, parse_strategy
-from ..data import Dataset, normalize
-from ..health import check_saturation, check_tensors, rerun_hint
-from ..models import model_for
-from .base import METHODS
+from decoct.artifact import DistilledSet
+from decoct.augment import DSA, ZCA
+from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
+from decoct.data import Dataset, normalize
+from decoct.health import check_saturation, check_tensors, rerun_hint
+from decoct.methods.base import METHODS
+from decoct.models import model_for
 
 INITS = ("real", "noise", "graphcut")
 PRESET_ITERATIONS = 20000
@@ -244,7 +244,7 @@ class DistributionMatching:
 
     # --- set-up -----------------------------------------------------------------------------
     def init(self, dataset: Dataset, device: torch.device) -> None:
-        from ..palette import (
+        from decoct.palette import (
             effective_ipc,
             init_indices,
             init_options,
@@ -469,7 +469,7 @@ class DistributionMatching:
     def warm_start(self, show_progress: bool = False) -> dict[str, float]:
         """The palette network's optional warm-up on real batches (``palette_warmup``; see
         :func:`decoct.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
-        from ..palette import warmup_palette
+        from decoct.palette import warmup_palette
 
         self.warmup_metrics = warmup_palette(self.param, self.palette_flags, self.num_train,
                                              lambda i: self._real_batch(i.to(self.device)), seed=int(self.cfg.seed),
@@ -526,11 +526,11 @@ def distill_dm(dataset: str | Dataset, out: str | Path, *, config: DMConfig | di
     the run's ``config.yaml`` (the CLI passes its resolved flags). Returns the stored set
     (re-loaded when the run had finished before).
     """
-    from ..data import load_dataset
-    from ..evaluation import resolve_device
-    from ..palette import effective_ipc
-    from ..runs import Run
-    from .base import run_method
+    from decoct.data import load_dataset
+    from decoct.methods.base import run_method
+    from decoct.palette import effective_ipc
+    from decoct.runs import Run
+    from decoct.runtime.distributed import resolve_device
 
     name = dataset.info.name if isinstance(dataset, Dataset) else str(dataset)
     base = config if isinstance(config, DMConfig) else DMConfig.from_dict(dict(config or {}))

@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from ..augment import DSA, ZCA
-from ..augment.dsa import DEFAULT_STRATEGY, parse_strategy
-from ..data import Dataset, DatasetInfo, load_dataset, normalize
-from ..filecheck import (
+from decoct.augment import DSA, ZCA
+from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
+from decoct.data import Dataset, DatasetInfo, load_dataset, normalize
+from decoct.filecheck import (
     FileCheckError,
     confined_path,
     is_sha256,
@@ -60,11 +60,11 @@ from ..filecheck import (
     regular_file_size,
     safetensors_header,
 )
-from ..health import DivergedError, rerun_hint
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
-from ..models import model_for
-from ..train import evaluate_accuracy, seeded_model
-from ..train.trainer import make_generators, minibatches
+from decoct.health import DivergedError, rerun_hint
+from decoct.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
+from decoct.models import model_for
+from decoct.train import evaluate_accuracy, seeded_model
+from decoct.train.trainer import make_generators, minibatches
 
 FORMAT = "decoct-experts"
 FORMAT_VERSION = 1
@@ -203,7 +203,7 @@ class ExpertSet:
         s = self.manifest["settings"]
         problems: list[str] = []
         if info is not None:
-            from ..data import DATASETS
+            from decoct.data import DATASETS
 
             d = self.manifest.get("dataset", {})
             # an image-folder tree's name is its folder's, not an identity: a copy elsewhere (same
@@ -298,7 +298,7 @@ class ExpertSet:
 
 def experts_command(dataset: str, out: str | None = None, epochs: int = 50, zca: bool | None = None) -> str:
     """The command that trains experts for ``dataset`` (used in error messages)."""
-    from ..data import DATASETS
+    from decoct.data import DATASETS
 
     out = out or f"experts/{dataset}"
     flag = "" if zca is None or zca == default_zca(dataset) else (" --zca" if zca else " --no-zca")
@@ -496,8 +496,8 @@ def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, 
     Already finished experts with the same settings are kept; ``force`` deletes them first.
     Returns the :class:`ExpertSet` (see :func:`load_experts`).
     """
-    from ..evaluation import resolve_device
-    from ..runs import progress as progress_bar
+    from decoct.runs import progress as progress_bar
+    from decoct.runtime.distributed import resolve_device
 
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..artifact import DistilledSet
-from ..augment import ZCA
-from ..data import DatasetInfo
+from decoct.artifact import DistilledSet
+from decoct.augment import ZCA
+from decoct.data import DatasetInfo
 
 
 class ImageParam(nn.Module):

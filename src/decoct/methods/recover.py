@@ -46,25 +46,47 @@ Choices where the official code differs from the papers or has bugs (not copied)
 
 Per-batch randomness (noise init, augmentation, DWA's draw) comes from a generator seeded by
 ``(seed, batch index)`` only, so a batch's result does not depend on which process computes it:
-recovery shards by batch (by class for LPLD) across torchrun ranks (:mod:`decoct.distributed`).
+recovery shards by batch (by class for LPLD) across torchrun ranks.
+
+Under torchrun (``torchrun --nproc_per_node N decoct distill sre2l|dwa|lpld ...``, N copies of the
+command; :func:`recover_distributed`) each rank synthesises a contiguous block of batches (whole
+classes for LPLD), checkpointing in its own sub-run ``<out>/shards/rank<r>-of<N>/`` and finishing
+with ``part.safetensors`` (the image indices and float images it made); rank 0 then checks that the
+parts cover every image exactly once (:func:`merge_parts`) and writes the one artifact, grid and log
+of ``<out>``. The merged set equals a 1-process run with the same seed (given the same numeric
+kernels). ``--resume`` resumes every shard; a finished shard is not recomputed. Rank, world size,
+barrier and the process group come from :mod:`decoct.runtime.distributed`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..artifact import DistilledSet
-from ..data import Dataset, DatasetInfo, normalize, to_uint8
-from ..distributed import shard_range
-from ..health import check_metrics, check_tensors, rerun_hint
-from ..squeeze import (
+from decoct.artifact import DistilledSet
+from decoct.data import Dataset, DatasetInfo, normalize, to_uint8
+from decoct.health import check_metrics, check_tensors, rerun_hint
+from decoct.methods.base import METHODS
+from decoct.runtime.distributed import (
+    barrier,
+    init_process_group,
+    rank,
+    rank_device,
+    resolve_device,
+    shard_dir,
+    shard_range,
+    world_size,
+)
+from decoct.squeeze import (
     BNStats,
     Teacher,
     TeacherError,
@@ -73,8 +95,7 @@ from ..squeeze import (
     crop_resize,
     load_teacher_full,
 )
-from ..squeeze import rrc_boxes as _rrc_boxes
-from .base import METHODS
+from decoct.squeeze import rrc_boxes as _rrc_boxes
 
 __all__ = [
     "FAMILIES",
@@ -559,7 +580,7 @@ class Recover:
                               r_var=cfg.r_var)
         loss = ce + cfg.r_bn * bn
         metrics = {"loss": float(loss.detach()), "ce": float(ce.detach()), "bn": float(bn.detach()), "batch": float(cur["batch"].index)}
-        # checked here, not only by run_method, so the torchrun shards (decoct.distributed) stop too;
+        # checked here, not only by run_method, so the torchrun shards (recover_distributed) stop too;
         # the loss before the update (a NaN gradient never reaches the images), the images after it
         where = f"iteration {it + 1} (batch {cur['batch'].index})"
         check_metrics(metrics, self.name, where, self.divergence_hint)
@@ -668,7 +689,7 @@ def prepare(method: str, *, teacher: str, ipc: int, dataset: str | None = None, 
     or image shape differ from the teacher's. Without ``dataset`` the data is the teacher's: found
     from the source its teacher.json records (registry name and root), ``data_root`` overriding the root.
     """
-    from ..datasource import SOURCE_KEY, load_for, read_source
+    from decoct.datasource import SOURCE_KEY, load_for, read_source
 
     if method not in RECOVER_METHODS:
         raise ValueError(f"unknown recover method {method!r}; known: {', '.join(RECOVER_METHODS)}")
@@ -693,16 +714,14 @@ def recover(method: str, *, teacher: str, ipc: int, out: str, dataset: str | Non
     """Run SRe2L / DWA / LPLD recover into the run directory ``out``; the API behind ``decoct distill``.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the batches are sharded across ranks and rank 0 merges
-    them (:func:`decoct.distributed.recover_distributed`); the result is the same set a single
+    them (:func:`recover_distributed`); the result is the same set a single
     process makes with the same seed. Returns the set (``None`` on ranks other than 0).
     """
-    from .. import distributed
-    from ..evaluation import resolve_device
-    from ..runs import Run
-    from .base import run_method
+    from decoct.methods.base import run_method
+    from decoct.runs import Run
 
-    if distributed.world_size() > 1:
-        return distributed.recover_distributed(
+    if world_size() > 1:
+        return recover_distributed(
             method, teacher=teacher, ipc=ipc, out=out, dataset=dataset, data_root=data_root, download=download,
             device=device, resume=resume, force=force, show_progress=show_progress,
             checkpoint_every=checkpoint_every, stop_after=stop_after, config=config, **options)
@@ -715,7 +734,7 @@ def recover(method: str, *, teacher: str, ipc: int, out: str, dataset: str | Non
         run_cfg.pop(k, None)
     run = Run.open(out, run_cfg, resume=resume, force=force)
     if run.done:
-        from ..runs import resolve_artifact
+        from decoct.runs import resolve_artifact
 
         return DistilledSet.load(resolve_artifact(run.path))
     n = len(rec.batches_all[0].classes)
@@ -723,4 +742,154 @@ def recover(method: str, *, teacher: str, ipc: int, out: str, dataset: str | Non
                       show_progress=show_progress, images_per_step=n, stop_after=stop_after)
 
 
-__all__ += ["prepare", "recover", "shard_range", "batch_generator", "real_assignment", "Batch", "RUNTIME_KEYS"]
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: each rank recovers a block of batches into its own shard run, rank 0 merges
+
+def _run_shard(rec: Any, run: Any, data: Any, dev: torch.device, *, checkpoint_every: int,
+               stop_after: int | None, show_progress: bool) -> bool:
+    """Run one rank's batches with checkpoints; write ``part.safetensors``. True when finished."""
+    from decoct.io import atomic_save_tensors
+    from decoct.runs import progress
+
+    part = run.path / "part.safetensors"
+    if run.done and part.exists():
+        return True
+    rec.init(data, dev)
+    start, elapsed = 0, 0.0
+    ckpt = run.load_checkpoint()
+    if ckpt is not None:
+        rec.load_state_dict(ckpt["method"])
+        start, elapsed = int(ckpt["iteration"]), float(ckpt.get("elapsed", 0.0))
+        run.log(event="resumed", iteration=start)
+    else:
+        run.log(event="start", method=rec.name, iterations=rec.iterations, rank=rec.rank, world=rec.world)
+    t0 = time.perf_counter()
+
+    def checkpoint(it: int) -> None:
+        run.save_checkpoint({"iteration": it, "method": rec.state_dict(),
+                             "elapsed": elapsed + time.perf_counter() - t0})
+
+    bar = progress(total=rec.iterations, initial=start, desc=f"{rec.name}[{rec.rank}]", enabled=show_progress)
+    done_here = 0
+    for it in range(start, rec.iterations):
+        metrics = rec.step(it)
+        bar.update(1)
+        if (it + 1) % 10 == 0 or it + 1 == rec.iterations:
+            run.log(event="step", iteration=it + 1, **metrics)
+        done_here += 1
+        last = it + 1 == rec.iterations
+        if not last and (it + 1) % checkpoint_every == 0:
+            checkpoint(it + 1)
+        if stop_after is not None and done_here >= stop_after and not last:
+            checkpoint(it + 1)
+            bar.close()
+            run.log(event="stopped", iteration=it + 1)
+            return False
+    bar.close()
+    idx, images = rec.part()
+    seconds = elapsed + time.perf_counter() - t0
+    metrics = json.dumps({str(k): v for k, v in rec.last_metrics.items()})
+    atomic_save_tensors(part, {"indices": idx, "images": images},
+                        metadata={"rank": str(rec.rank), "world": str(rec.world), "seconds": f"{seconds:.3f}",
+                                  "metrics": metrics})
+    run.log(event="finished", seconds=round(seconds, 3), images=len(idx))
+    run.finish()
+    return True
+
+
+def merge_parts(out: str | Path, world: int, n_images: int) -> tuple[torch.Tensor, list[float], dict[int, Any]]:
+    """Stack every rank's ``part.safetensors`` into (N, C, H, W); each index exactly once.
+
+    Also returns each rank's seconds and the merged per-batch final metrics.
+    """
+    from decoct.io import load_tensors, load_tensors_metadata
+
+    images: torch.Tensor | None = None
+    seen = torch.zeros(n_images, dtype=torch.long)
+    seconds = []
+    metrics: dict[int, Any] = {}
+    for r in range(world):
+        p = shard_dir(out, r, world) / "part.safetensors"
+        if not p.exists():
+            raise RuntimeError(f"rank {r} wrote no part ({p}); rerun with --resume")
+        t = load_tensors(p)
+        idx, x = t["indices"].long(), t["images"]
+        if images is None:
+            images = torch.zeros(n_images, *x.shape[1:], dtype=x.dtype)
+        images[idx] = x
+        seen.index_add_(0, idx, torch.ones_like(idx))
+        meta = load_tensors_metadata(p)
+        seconds.append(float(meta.get("seconds", 0.0)))
+        metrics.update({int(k): v for k, v in json.loads(meta.get("metrics", "{}")).items()})
+    if images is None or bool((seen != 1).any()):
+        bad = torch.nonzero(seen != 1).flatten().tolist()[:10]
+        raise RuntimeError(f"the ranks' parts do not cover every image exactly once (e.g. images {bad})")
+    return images, seconds, metrics
+
+
+def recover_distributed(method: str, *, teacher: str, ipc: int, out: str, dataset: str | None = None,
+                        data_root: str | None = None, download: bool = False, device: str = "auto",
+                        resume: bool = False, force: bool = False, show_progress: bool = True,
+                        checkpoint_every: int = 100, stop_after: int | None = None,
+                        config: dict[str, Any] | None = None, **options: Any):
+    """The torchrun path of :func:`recover` (see the torchrun section of the module docstring)."""
+    import torch.distributed as dist
+
+    from decoct.report import save_grid
+    from decoct.runs import Run, resolve_artifact
+
+    r, world = rank(), world_size()
+    rec, data = prepare(method, teacher=teacher, ipc=ipc, dataset=dataset, data_root=data_root,
+                        download=download, shard=(r, world), **options)  # every rank validates first
+    dev = rank_device(device)
+    init_process_group(dev)
+    try:
+        run_cfg = dict(config) if config is not None else dict(method=method, teacher=str(teacher), ipc=ipc,
+                                                                 out=str(out), dataset=dataset, **options)
+        for k in RUNTIME_KEYS:
+            run_cfg.pop(k, None)
+        # rank 0 alone opens (checks, clears with --force, locks) the shared directory; it keeps
+        # this Run, whose lock lasts until run.finish() or the end of the command
+        run = Run.open(out, run_cfg, resume=resume, force=force) if r == 0 else None
+        if run is not None and not run.done:
+            run.log(event="start", method=method, world=world, batches=len(rec.batches_all))
+        barrier()
+        if run is None:
+            run = Run(Path(out))
+        if run.done:
+            barrier()
+            return DistilledSet.load(resolve_artifact(out)) if r == 0 else None
+        sub = Run.open(shard_dir(out, r, world), run_cfg, resume=True, lock=True)  # each rank owns its shard
+        finished = _run_shard(rec, sub, data, dev, checkpoint_every=checkpoint_every, stop_after=stop_after,
+                              show_progress=show_progress and r == 0)
+        flags = torch.tensor([1 if finished else 0], device=dev if dev.type == "cuda" else "cpu")
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # gloo: CPU tensor, nccl: CUDA tensor
+        if int(flags) == 0:
+            if r == 0:
+                run.log(event="stopped", reason="a shard stopped early; rerun with --resume")
+            barrier()
+            return None
+        result = None
+        if r == 0:
+            images, seconds, metrics = merge_parts(out, world, rec.n_images)
+            rec.out = images
+            rec.done = torch.ones(rec.n_images, dtype=torch.bool)
+            rec.last_metrics = metrics
+            result = rec.result()
+            result.meta["world_size"] = world
+            result.meta["seconds_per_rank"] = [round(s, 3) for s in seconds]
+            result.meta["seconds"] = round(max(seconds), 3)
+            result.save(run.artifact_dir, overwrite=True)
+            save_grid(result.images, result.labels, run.path / "grid.png")
+            run.log(event="finished", world=world, seconds=result.meta["seconds"], num_images=len(result))
+            run.finish()
+        barrier()
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ += ["prepare", "recover", "recover_distributed", "merge_parts", "shard_range", "batch_generator",
+            "real_assignment", "Batch", "RUNTIME_KEYS"]

@@ -82,13 +82,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..artifact import DistilledSet
-from ..augment import DSA
-from ..augment.dsa import DEFAULT_STRATEGY, parse_strategy
-from ..data import Dataset, normalize
-from ..health import DivergedError, check_saturation, check_tensors, rerun_hint
-from .base import METHODS
-from .experts import ExpertSet, FlatParams, experts_command, load_experts
+from decoct.artifact import DistilledSet
+from decoct.augment import DSA
+from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
+from decoct.data import Dataset, normalize
+from decoct.health import DivergedError, check_saturation, check_tensors, rerun_hint
+from decoct.methods.base import METHODS
+from decoct.methods.experts import ExpertSet, FlatParams, experts_command, load_experts
 
 GRAD_MODES = ("exact", "tesla", "unrolled")
 
@@ -459,7 +459,7 @@ class TrajectoryMatching:
 
     # --- set-up -----------------------------------------------------------------------------
     def init(self, dataset: Dataset, device: torch.device) -> None:
-        from ..palette import (
+        from decoct.palette import (
             effective_ipc,
             init_indices,
             init_options,
@@ -590,7 +590,7 @@ class TrajectoryMatching:
     def warm_start(self, show_progress: bool = False) -> dict[str, float]:
         """The palette network's optional warm-up on real batches (``palette_warmup``; see
         :func:`decoct.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
-        from ..palette import warmup_palette
+        from decoct.palette import warmup_palette
 
         self.warmup_metrics = warmup_palette(self.param, self.palette_flags, len(self.train_images),
                                              self._real_batch, seed=int(self.cfg.seed), show_progress=show_progress)
@@ -672,11 +672,11 @@ def distill_tm(dataset: str | Dataset, out: str | Path, experts: str | Path | Ex
     ``run_config``: what is saved as the run's ``config.yaml`` (the CLI passes its resolved
     flags). Returns the stored set (re-loaded when the run had finished before).
     """
-    from ..data import load_dataset
-    from ..evaluation import resolve_device
-    from ..methods.base import run_method
-    from ..palette import effective_ipc
-    from ..runs import Run
+    from decoct.data import load_dataset
+    from decoct.methods.base import run_method
+    from decoct.palette import effective_ipc
+    from decoct.runs import Run
+    from decoct.runtime.distributed import resolve_device
 
     name = dataset.info.name if isinstance(dataset, Dataset) else str(dataset)
     if experts is None:

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..registry import Registry
-from .convnet import ConvNet, depth_for_size
-from .mlp import MLP
-from .resnet import ResNetAP, TorchvisionResNet
+from decoct.models.convnet import ConvNet, depth_for_size
+from decoct.models.mlp import MLP
+from decoct.models.resnet import ResNetAP, TorchvisionResNet
+from decoct.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from .convnet import make_norm
+from decoct.models.convnet import make_norm
 
 STEMS = ("auto", "cifar", "imagenet")
 

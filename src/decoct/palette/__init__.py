@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..augment import ZCA
-from ..data import DatasetInfo
-from ..methods.param import ImageParam, PixelParam
-from .param import PaletteParam, index_bits
+from decoct.augment import ZCA
+from decoct.data import DatasetInfo
+from decoct.methods.param import ImageParam, PixelParam
+from decoct.palette.param import PaletteParam, effective_ipc, palette_budget
 
 INIT_METHODS: tuple[str, ...] = ("real", "graphcut")
 
@@ -58,8 +58,8 @@ _INIT_KEYS = {
 
 def add_palette_args(p: argparse.ArgumentParser) -> None:
     """Add the AutoPalette flags (defaults: the paper's CIFAR values, except the init epochs)."""
-    from .init import SIMILARITIES
-    from .quantize import QUANTIZERS
+    from decoct.palette.init import SIMILARITIES
+    from decoct.palette.quantize import QUANTIZERS
 
     g = p.add_argument_group("AutoPalette")
     g.add_argument("--palette", type=int, default=0,
@@ -140,7 +140,7 @@ def warmup_palette(param: ImageParam, config: Mapping[str, Any] | argparse.Names
         return {}
     if not isinstance(param, PaletteParam):
         raise ValueError("palette_warmup trains the palette network and needs --palette K > 0")
-    from ..runs import progress as progress_bar
+    from decoct.runs import progress as progress_bar
 
     gen = torch.Generator().manual_seed(int(seed) + 104729)
 
@@ -155,49 +155,6 @@ def warmup_palette(param: ImageParam, config: Mapping[str, Any] | argparse.Names
                                                                                refresh=False)))
     finally:
         bar.close()
-
-
-def effective_ipc(ipc: int, palette: int) -> int:
-    """Images per class actually distilled: ``ipc x 2^(8 - ceil(log2 K))`` (the code's rule).
-
-    K = 64 -> x4, 32 -> x8, 16 -> x16, 8 -> x32, 4 -> x64, 2 -> x128, 256 -> x1. The paper
-    counts only index bits (palettes, which it treats as free, are charged nowhere); see
-    :func:`palette_budget` for the true bits.
-    """
-    if ipc < 1:
-        raise ValueError(f"ipc must be >= 1, got {ipc}")
-    if palette == 0:
-        return ipc
-    return ipc * 2 ** (8 - index_bits(palette))
-
-
-def palette_budget(ipc: int, palette: int, image_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """The paper's budget rule next to the true information size, per class.
-
-    Budget = ``ipc`` full-colour images (8 bits per channel). A K-colour image costs
-    ``H W ceil(log2 K)`` index bits plus ``K C 8`` palette bits. Returns the paper's image count
-    (``paper_ipc``), the bits it really takes (``paper_bits``, and ``paper_over_budget`` = their ratio
-    to the budget), and how many K-colour images truly fit (``true_ipc``; ``true_ipc_index_only``
-    charges the indices alone, the paper's accounting).
-    """
-    c, h, w = image_shape
-    full = c * h * w * 8
-    budget = ipc * full
-    if palette == 0:
-        return {"colors": 0, "ipc": ipc, "paper_ipc": ipc, "paper_factor": 1, "budget_bits": budget,
-                "bits_per_image": full, "index_bits_per_image": 0, "palette_bits_per_image": 0,
-                "paper_bits": budget, "paper_over_budget": 1.0, "true_ipc": ipc, "true_ipc_index_only": ipc}
-    bits = index_bits(palette)
-    idx_bits, pal_bits = h * w * bits, palette * c * 8
-    per_image = idx_bits + pal_bits
-    paper_ipc = effective_ipc(ipc, palette)
-    return {
-        "colors": palette, "ipc": ipc, "paper_ipc": paper_ipc, "paper_factor": paper_ipc // ipc,
-        "budget_bits": budget, "bits_per_image": per_image, "index_bits_per_image": idx_bits,
-        "palette_bits_per_image": pal_bits, "paper_bits": paper_ipc * per_image,
-        "paper_over_budget": paper_ipc * per_image / budget,
-        "true_ipc": budget // per_image, "true_ipc_index_only": budget // idx_bits,
-    }
 
 
 def make_param(init: Tensor, labels: Tensor, zca: ZCA | None = None, palette: int = 0,
@@ -231,7 +188,7 @@ def init_indices(dataset: Any, ipc: int, palette: int = 0, method: str = "real",
     if method not in INIT_METHODS:
         raise ValueError(f"unknown init method {method!r}; known: {', '.join(INIT_METHODS)}")
     if method == "graphcut":
-        from .init import colour_guided_indices
+        from decoct.palette.init import colour_guided_indices
 
         return colour_guided_indices(dataset, ipc, palette, seed=seed, device=device, **options)
     if options:

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import Dataset, normalize
-from ..methods.coreset import GREEDY_MODES, graphcut_select
-from ..models import model_for
-from ..train import TrainConfig, train_model
+from decoct.data import Dataset, normalize
+from decoct.methods.coreset import GREEDY_MODES, graphcut_select
+from decoct.models import model_for
+from decoct.train import TrainConfig, train_model
 
 SIMILARITIES: tuple[str, ...] = ("features", "gradients")
 
@@ -90,7 +90,7 @@ def gradient_kernel(residual: Tensor, embed: Tensor) -> Tensor:
 def quantized_train_images(dataset: Dataset, colors: int, quantizer: str = "mediancut",
                            chunk: int = 4096) -> Tensor:
     """uint8 training images reduced to ``colors`` colours (``colors == 0``: unchanged, 8-bit)."""
-    from .quantize import gather, quantize
+    from decoct.palette.quantize import gather, quantize
 
     images = dataset.train.images
     if colors == 0:

@@ -44,12 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..artifact import DistilledSet
-from ..augment import ZCA
-from ..data import DatasetInfo, normalize, to_uint8
-from ..methods.param import ImageParam
-from .losses import alignment_loss, balance_loss, confidence_loss, max_color_loss, sample_pixels
-from .network import PaletteNet, gather_palette, hard_quantize, soft_quantize
+from decoct.artifact import DistilledSet
+from decoct.augment import ZCA
+from decoct.data import DatasetInfo, normalize, to_uint8
+from decoct.methods.param import ImageParam
+from decoct.palette.losses import (
+    alignment_loss,
+    balance_loss,
+    confidence_loss,
+    max_color_loss,
+    sample_pixels,
+)
+from decoct.palette.network import PaletteNet, gather_palette, hard_quantize, soft_quantize
 
 
 def index_bits(colors: int) -> int:
@@ -57,6 +63,49 @@ def index_bits(colors: int) -> int:
     if isinstance(colors, bool) or not isinstance(colors, int) or not 2 <= colors <= 256:
         raise ValueError(f"--palette (K colours) must be an integer in 2..256, got {colors!r}")
     return math.ceil(math.log2(colors))
+
+
+def effective_ipc(ipc: int, palette: int) -> int:
+    """Images per class actually distilled: ``ipc x 2^(8 - ceil(log2 K))`` (the code's rule).
+
+    K = 64 -> x4, 32 -> x8, 16 -> x16, 8 -> x32, 4 -> x64, 2 -> x128, 256 -> x1. The paper
+    counts only index bits (palettes, which it treats as free, are charged nowhere); see
+    :func:`palette_budget` for the true bits.
+    """
+    if ipc < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    if palette == 0:
+        return ipc
+    return ipc * 2 ** (8 - index_bits(palette))
+
+
+def palette_budget(ipc: int, palette: int, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The paper's budget rule next to the true information size, per class.
+
+    Budget = ``ipc`` full-colour images (8 bits per channel). A K-colour image costs
+    ``H W ceil(log2 K)`` index bits plus ``K C 8`` palette bits. Returns the paper's image count
+    (``paper_ipc``), the bits it really takes (``paper_bits``, and ``paper_over_budget`` = their ratio
+    to the budget), and how many K-colour images truly fit (``true_ipc``; ``true_ipc_index_only``
+    charges the indices alone, the paper's accounting).
+    """
+    c, h, w = image_shape
+    full = c * h * w * 8
+    budget = ipc * full
+    if palette == 0:
+        return {"colors": 0, "ipc": ipc, "paper_ipc": ipc, "paper_factor": 1, "budget_bits": budget,
+                "bits_per_image": full, "index_bits_per_image": 0, "palette_bits_per_image": 0,
+                "paper_bits": budget, "paper_over_budget": 1.0, "true_ipc": ipc, "true_ipc_index_only": ipc}
+    bits = index_bits(palette)
+    idx_bits, pal_bits = h * w * bits, palette * c * 8
+    per_image = idx_bits + pal_bits
+    paper_ipc = effective_ipc(ipc, palette)
+    return {
+        "colors": palette, "ipc": ipc, "paper_ipc": paper_ipc, "paper_factor": paper_ipc // ipc,
+        "budget_bits": budget, "bits_per_image": per_image, "index_bits_per_image": idx_bits,
+        "palette_bits_per_image": pal_bits, "paper_bits": paper_ipc * per_image,
+        "paper_over_budget": paper_ipc * per_image / budget,
+        "true_ipc": budget // per_image, "true_ipc_index_only": budget // idx_bits,
+    }
 
 
 class PaletteParam(ImageParam):
@@ -82,7 +131,7 @@ class PaletteParam(ImageParam):
                  gamma: float = 3.0, conf: float = 0.0, sample_ratio: float = 0.3, aux_images: int = 64,
                  quantizer: str = "mediancut", hidden: int = 256, soften: float = 1.0) -> None:
         super().__init__(labels, zca)
-        from .quantize import QUANTIZERS
+        from decoct.palette.quantize import QUANTIZERS
 
         index_bits(colors)
         if not isinstance(info, DatasetInfo):
@@ -167,7 +216,7 @@ class PaletteParam(ImageParam):
 
     def _reference_of_pixels(self, px: Tensor) -> Tensor:
         """:meth:`reference_indices` of images already in normalised pixel space."""
-        from .quantize import quantize
+        from decoct.palette.quantize import quantize
 
         img8 = to_uint8(px.detach().float(), self.info).cpu()
         return quantize(img8, self.colors, self.quantizer)[0].to(px.device)
@@ -257,12 +306,10 @@ class PaletteParam(ImageParam):
             "zca_palette_space": "pixel" if self.zca is not None else None,
         }
         if isinstance(meta.get("ipc"), int):
-            from . import palette_budget
-
             meta["palette"]["budget"] = palette_budget(meta["ipc"], self.colors, info.image_shape)
         ind, pal = self.stored()
         return DistilledSet.from_palette(info, ind, pal, self.labels.cpu(), attachments=attachments, meta=meta,
                                          **kwargs)
 
 
-__all__ = ["PaletteParam", "index_bits"]
+__all__ = ["PaletteParam", "effective_ipc", "index_bits", "palette_budget"]

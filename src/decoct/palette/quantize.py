@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..artifact import DistilledSet
-from ..data import DatasetInfo, to_uint8
+from decoct.artifact import DistilledSet
+from decoct.data import DatasetInfo, to_uint8
 
 QUANTIZERS = ("mediancut", "octree", "kmeans")
 _PIL_METHODS = {"mediancut": Image.Quantize.MEDIANCUT, "octree": Image.Quantize.FASTOCTREE}
@@ -211,7 +211,7 @@ def quantize_set(dset: DistilledSet, k: int, method: str = "mediancut", *, seed:
     q: dict[str, Any] = dict(method=method, colors=k, seed=seed, source_method=dset.method,
                              dropped_label_files=sorted(dset.label_files))
     try:  # how the dropped store was made, so the note can give the relabel command as typed
-        from ..labels.store import LabelStore
+        from decoct.labels.store import LabelStore
 
         store = LabelStore.from_label_files(dset.label_files)
         if store is not None:
@@ -236,13 +236,14 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
     """The API of ``decoct quantize``: quantise an artifact (``src``) or ``ipc`` random real images
     per class of ``dataset`` to ``colors`` colours, and save a palette artifact as a run in ``out``.
 
-    Returns the run summary (``decoct.api.RunSummary``): images, bytes on disk and raw bytes.
+    Returns the run summary (``decoct.methods.base.RunSummary``): images, bytes on disk and raw bytes.
     """
-    from ..api import _summary
-    from ..data import load_dataset
-    from ..evaluation import random_baseline_indices, resolve_device
-    from ..report import save_grid
-    from ..runs import Run, resolve_artifact
+    from decoct.data import load_dataset
+    from decoct.methods.base import run_summary
+    from decoct.methods.coreset import random_baseline_indices
+    from decoct.report import save_grid
+    from decoct.runs import Run, resolve_artifact
+    from decoct.runtime.distributed import resolve_device
 
     if (src is None) == (dataset is None):
         raise ValueError("quantize takes either SRC (an artifact or run) or --dataset with --ipc, not both")
@@ -255,7 +256,7 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
                             method=method, seed=seed)
     run = Run.open(out, config, resume=resume, force=force)
     if run.done:
-        return _summary(run, skipped=True)
+        return run_summary(run, skipped=True)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     if src is not None:
@@ -284,7 +285,7 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
               f"un-quantised pixels and do not count towards this set; to give it a label store: "
               f"decoct relabel {out} --teacher {teacher} --epochs {epochs}")
     run.finish()
-    return _summary(run, skipped=False)
+    return run_summary(run, skipped=False)
 
 
 def quantize_grid(src: str | Path | None = None, *, colors: list[int], methods: list[str], out: str | Path,

@@ -1,7 +1,7 @@
 """Training of teachers and evaluation students: one trainer, plus R students at once."""
 
-from .multi import ENGINES, GroupedConvNet, fit_students, resolve_engine, train_students
-from .trainer import (
+from decoct.train.multi import ENGINES, GroupedConvNet, fit_students, resolve_engine, train_students
+from decoct.train.trainer import (
     OPTIMIZERS,
     SCHEDULES,
     Augment,

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..models.convnet import ConvNet
-from ..progress import progress as progress_bar
-from .trainer import (
+from decoct.models.convnet import ConvNet
+from decoct.progress import progress as progress_bar
+from decoct.train.trainer import (
     Augment,
     TrainConfig,
     autocast,
