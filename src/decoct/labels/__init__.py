@@ -5,6 +5,7 @@ from decoct.labels.prune import (
     PRUNE_FACTORS,
     epoch_plan,
     kept_units,
+    payload_model,
     prune_ratio,
     prune_store,
 )
