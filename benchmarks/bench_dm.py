@@ -29,9 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from decoct.augment import DSA
 from decoct.data import load_dataset, normalize
-from decoct.io import atomic_write_json
 from decoct.methods.dm import DistributionMatching, DMConfig, dm_loss_reference
 from decoct.models import model_for
+from decoct.runtime.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "out" / "dm_speed.json"
 

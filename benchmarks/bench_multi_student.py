@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from decoct.data import load_dataset, normalize
-from decoct.io import atomic_write_json
 from decoct.models import create_model
+from decoct.runtime.io import atomic_write_json
 from decoct.train import TrainConfig, evaluate_accuracy, fit_students, resolve_engine
 
 OUT = Path(__file__).resolve().parent / "out" / "multi_student.json"

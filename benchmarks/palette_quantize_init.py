@@ -20,7 +20,7 @@ import torch
 
 from decoct.data import load_dataset
 from decoct.methods.dm import DistributionMatching, DMConfig
-from decoct.runs import Run
+from decoct.runtime.runs import Run
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from decoct import cli
 from decoct.cli import META_KEYS, _resolve, build_parser, main
-from decoct.config import RANGES, ConfigError, Range, check_value, key_specs
+from decoct.runtime.config import RANGES, ConfigError, Range, check_value, key_specs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -67,7 +67,7 @@ def _numeric_cases():
 
 
 def test_every_numeric_key_of_every_command_has_a_range_and_valid_defaults():
-    """A new int/float flag must be given a range in decoct.config.RANGES (or choices)."""
+    """A new int/float flag must be given a range in decoct.runtime.config.RANGES (or choices)."""
     assert len(COMMANDS) >= 14
     seen = set()
     for words, sub in COMMANDS:
@@ -386,7 +386,7 @@ def test_label_store_advice_works_as_typed(tmp_path, capsys):
 
 def test_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys):
     """write()/fsync() of a full disk raise ENOSPC without a file name: the atomic writer adds it."""
-    from decoct import io
+    from decoct.runtime import io
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

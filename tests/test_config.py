@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from decoct.config import (
+from decoct.runtime.config import (
     RANGES,
     ConfigError,
     check_value,

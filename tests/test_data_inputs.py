@@ -509,7 +509,7 @@ def test_cache_sees_a_rewritten_archive(tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_layout"])
 def test_a_damaged_cache_file_is_rebuilt(tmp_path, tmp_cache, damage):
-    from decoct.io import atomic_save_tensors
+    from decoct.runtime.io import atomic_save_tensors
 
     root = _write_dir(tmp_path / "toy", _files())
     good = load_dataset("imagefolder", root=root)

@@ -10,9 +10,9 @@ import torch
 
 from decoct.artifact import DistilledSet
 from decoct.cli import main
-from decoct.io import atomic_save_tensors
 from decoct.methods.recover import merge_parts
 from decoct.runtime.distributed import shard_dir
+from decoct.runtime.io import atomic_save_tensors
 from decoct.squeeze import squeeze
 
 

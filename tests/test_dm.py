@@ -272,7 +272,7 @@ def _strict_log(path) -> list[dict]:
 
 def test_extreme_lr_img_stops_the_run_before_any_set_is_written(tmp_path) -> None:
     """Issue 10: DM with an extreme --lr-img logged "loss": NaN and wrote a finished, all-black set."""
-    from decoct.health import DivergedError
+    from decoct.runtime.health import DivergedError
 
     data = _tiny_dataset()
     with pytest.raises(DivergedError) as err:
@@ -287,7 +287,7 @@ def test_extreme_lr_img_stops_the_run_before_any_set_is_written(tmp_path) -> Non
 
 def test_a_nan_loss_stops_at_its_iteration(tmp_path, monkeypatch) -> None:
     import decoct.methods.dm as dm_mod
-    from decoct.health import DivergedError
+    from decoct.runtime.health import DivergedError
 
     calls = []
 
@@ -308,7 +308,7 @@ def test_a_nan_loss_stops_at_its_iteration(tmp_path, monkeypatch) -> None:
 
 def test_non_finite_images_or_palette_stop_the_run() -> None:
     """check() after each step: a NaN in any learned tensor (pixels, palette net) is caught at once."""
-    from decoct.health import DivergedError
+    from decoct.runtime.health import DivergedError
 
     data = _tiny_dataset(n_per_class=(40, 40, 40))
     for kw in ({}, {"ipc": 1, "palette": 64, "palette_flags": {"palette_init": "real", "palette_aux_images": 4}}):

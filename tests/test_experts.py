@@ -176,7 +176,7 @@ def _edit(root, fn):
 
 def _payload_rehashed(root, payload):
     """Replace expert 0's file with ``payload`` and record its hash, as a forger would."""
-    from decoct.io import sha256_file
+    from decoct.runtime.io import sha256_file
 
     (root / "expert_0000.safetensors").write_bytes(payload)
     _edit(root, lambda m: m["experts"][0].__setitem__("sha256", sha256_file(root / "expert_0000.safetensors")))

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from decoct.health import (
+from decoct.runtime.health import (
     DivergedError,
     check_metrics,
     check_tensors,
     rerun_hint,
     saturation,
 )
-from decoct.runs import Run
+from decoct.runtime.runs import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +113,7 @@ def test_recover_stops_on_a_nan_loss(teacher, tmp_path, monkeypatch):
 
 def test_estimate_lands_in_the_run_log(tmp_path, monkeypatch):
     """run_method passes Run.log to the progress reporter: the long-run estimate is a log.jsonl event."""
-    import decoct.progress as prog
+    import decoct.runtime.progress as prog
     from decoct.artifact import DistilledSet
     from decoct.data import DatasetInfo
     from decoct.methods.base import run_method

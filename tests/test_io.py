@@ -1,4 +1,4 @@
-"""decoct.io: atomic writes leave no debris, loads never unpickle arbitrary objects."""
+"""decoct.runtime.io: atomic writes leave no debris, loads never unpickle arbitrary objects."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from decoct import io as dio
+from decoct.runtime import io as dio
 
 
 class _NotAllowed:

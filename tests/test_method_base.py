@@ -8,7 +8,7 @@ import torch
 from decoct.artifact import DistilledSet
 from decoct.data import DatasetInfo
 from decoct.methods.base import DistillMethod, run_method
-from decoct.runs import Run
+from decoct.runtime.runs import Run
 
 INFO = DatasetInfo(name="toy", classes=["a", "b"], channels=1, height=4, width=4, mean=[0.5], std=[0.5])
 
@@ -107,7 +107,7 @@ class Diverging(Toy):
         return metrics
 
     def check(self, it: int) -> None:
-        from decoct.health import DivergedError
+        from decoct.runtime.health import DivergedError
 
         if self.via_check and it >= self.at:
             raise DivergedError("toy", f"iteration {it + 1}", "the toy step size", -1.0, self.divergence_hint)
@@ -116,7 +116,7 @@ class Diverging(Toy):
 @pytest.mark.parametrize("case", [dict(key="loss", value=float("nan")), dict(key="loss", value=float("inf")),
                                   dict(key="grad_norm", value=-float("inf")), dict(via_check=True)])
 def test_a_diverged_step_stops_at_once_without_artifact_or_done(tmp_path, case):
-    from decoct.health import DivergedError
+    from decoct.runtime.health import DivergedError
 
     run = Run.open(tmp_path / "r", {"m": "toy"})
     with pytest.raises(DivergedError) as err:
@@ -139,7 +139,7 @@ def test_a_diverged_step_stops_at_once_without_artifact_or_done(tmp_path, case):
 
 
 def test_default_hint_says_how_to_start_over(tmp_path):
-    from decoct.health import DivergedError
+    from decoct.runtime.health import DivergedError
 
     method = Diverging(at=0)
     del method.divergence_hint

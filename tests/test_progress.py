@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from decoct.progress import (
+from decoct.runtime.progress import (
     ESTIMATE_MIN_S,
     MAX_LINE,
     format_count,
@@ -17,7 +17,7 @@ from decoct.progress import (
     progress,
     resolve_mode,
 )
-from decoct.runs import Run, json_safe
+from decoct.runtime.runs import Run, json_safe
 
 
 class Clock:
@@ -202,7 +202,7 @@ def test_teacher_experts_and_relabel_show_progress_inside_an_epoch(digits, tmp_p
     """Issue 10: `decoct squeeze` showed `0/30` for minutes; each long loop now counts images."""
     import torch
 
-    import decoct.progress as prog
+    import decoct.runtime.progress as prog
     from decoct.artifact import DistilledSet
     from decoct.labels.relabel import relabel_set
     from decoct.methods.experts import train_experts

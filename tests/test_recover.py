@@ -24,7 +24,7 @@ from decoct.methods.recover import (
     real_assignment,
     shard_range,
 )
-from decoct.runs import Run
+from decoct.runtime.runs import Run
 from decoct.squeeze import TeacherError, squeeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from decoct import io as dio
-from decoct.runlock import LOCK_NAME
-from decoct.runs import (
+from decoct.runtime import io as dio
+from decoct.runtime.runlock import LOCK_NAME
+from decoct.runtime.runs import (
     MARKER,
     NON_IDENTITY_KEYS,
     Run,
@@ -344,7 +344,7 @@ def test_resume_and_finish_sweep_temporaries_but_keep_relabel_work(tmp_path):
 # ------------------------------------------------------------------ 4. lock
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from decoct.runs import Run
+    from decoct.runtime.runs import Run
     run = Run.open(sys.argv[1], {"method": "random", "ipc": 1}, **{sys.argv[2]: True})
     print("ready", flush=True)
     time.sleep(120)
@@ -391,8 +391,8 @@ def test_second_process_is_refused_then_stale_lock_taken_over(tmp_path, capsys, 
 
 
 def test_lock_released_on_finish_error_and_interrupt(tmp_path, monkeypatch, capsys):
-    from decoct import runlock
     from decoct.cli import main
+    from decoct.runtime import runlock
 
     run = Run.open(tmp_path / "r", CFG)
     again = Run.open(tmp_path / "r", CFG, resume=True)  # re-entrant within a process
@@ -433,7 +433,7 @@ def test_an_attempt_that_did_no_work_is_restarted_by_a_plain_rerun(tmp_path):
 
 _LOCKER = """
 import sys, time
-from decoct.runlock import RunLock
+from decoct.runtime.runlock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("ready", flush=True)
 time.sleep(60)

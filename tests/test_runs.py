@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from decoct.runs import Run, RunError, resolve_artifact
+from decoct.runtime.runs import Run, RunError, resolve_artifact
 
 
 def test_fresh_done_and_guarded(tmp_path):

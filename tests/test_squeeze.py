@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoct.data import Dataset, DatasetInfo, ImageSplit, normalize
-from decoct.io import sha256_file
+from decoct.runtime.io import sha256_file
 from decoct.squeeze import (
     TeacherError,
     check_teacher_dataset,

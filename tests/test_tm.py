@@ -18,7 +18,7 @@ from decoct.methods.tm import (
     match_gradients,
 )
 from decoct.models.convnet import ConvNet
-from decoct.runs import Run
+from decoct.runtime.runs import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -327,8 +327,8 @@ def test_palette_warmup_through_tm(digits, experts, tmp_path):
 # ---------------------------------------------------------------------- divergence (issue 10, point 15)
 def test_check_bounds_the_learned_step_size_and_learned_tensors(digits, experts):
     """syn_lr must stay finite, > 0 and <= SYN_LR_LIMIT x lr_teacher; images and soft labels finite."""
-    from decoct.health import DivergedError
     from decoct.methods.tm import SYN_LR_LIMIT
+    from decoct.runtime.health import DivergedError
 
     cfg = TMConfig(ipc=1, iterations=50, syn_steps=2, max_start_epoch=2, lr_img=100, soft_labels=True)
     m = TrajectoryMatching(cfg, experts)
@@ -365,7 +365,7 @@ def test_check_bounds_the_learned_step_size_and_learned_tensors(digits, experts)
 def test_a_run_whose_step_size_diverges_stops_without_a_set(digits, experts, tmp_path):
     """Issue 10: syn_lr went negative after one iteration and the run reported success. Now it stops
     at that iteration (a huge --lr-lr moves it out of bounds in one step, whichever way)."""
-    from decoct.health import DivergedError
+    from decoct.runtime.health import DivergedError
 
     with pytest.raises(DivergedError, match=r"^tm diverged at iteration 1: the learned step size \(syn_lr\) is "):
         distill_tm(digits, tmp_path / "r", experts, ipc=1, iterations=5, syn_steps=4, max_start_epoch=2,
@@ -377,7 +377,7 @@ def test_a_run_whose_step_size_diverges_stops_without_a_set(digits, experts, tmp
 
 def test_a_nan_loss_stops_before_the_update(digits, experts, monkeypatch):
     import decoct.methods.tm as tm_mod
-    from decoct.health import DivergedError
+    from decoct.runtime.health import DivergedError
 
     real = tm_mod.match_gradients
 

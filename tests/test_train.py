@@ -248,7 +248,7 @@ def test_vmap_engine_trains_mlp():
 def test_progress_counts_images_inside_the_epoch_in_plain_lines(engine, monkeypatch, capsys):
     """Into a file (not a terminal) the trainers print plain lines counting images, not epochs, so an
     epoch of a large set shows progress before it ends; no carriage-return redraws."""
-    import decoct.progress as prog
+    import decoct.runtime.progress as prog
 
     monkeypatch.setattr(prog, "QUIET_S", 0.0)  # tiny loops: print every 10 % line
     monkeypatch.delenv("DECOCT_PROGRESS", raising=False)

@@ -14,11 +14,11 @@ from typing import Any
 from decoct.artifact import DistilledSet
 from decoct.data import load_dataset
 from decoct.evaluation import EvalResult, evaluate
-from decoct.io import atomic_write_json
 from decoct.methods.base import RunSummary, run_summary
 from decoct.report import save_grid
-from decoct.runs import Run, RunError, lock_run, resolve_artifact, run_kind
 from decoct.runtime.distributed import resolve_device
+from decoct.runtime.io import atomic_write_json
+from decoct.runtime.runs import Run, RunError, lock_run, resolve_artifact, run_kind
 
 
 def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 0, embed: str = "random",

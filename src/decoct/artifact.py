@@ -52,7 +52,7 @@ from PIL import Image
 from torch import Tensor
 
 from decoct.data.types import DatasetInfo, normalize, to_uint8
-from decoct.filecheck import (
+from decoct.runtime.filecheck import (
     FileCheckError,
     confined_path,
     is_sha256,
@@ -60,7 +60,7 @@ from decoct.filecheck import (
     regular_file_size,
     safetensors_header,
 )
-from decoct.io import (
+from decoct.runtime.io import (
     atomic_write_json,
     fsync_paths,
     load_tensors_bytes,
@@ -786,7 +786,7 @@ class DistilledSet:
             run = root.parent if root.name == "artifact" else root
             raise ArtifactError(
                 f"{root}: a replacement of this artifact was interrupted (a staged or backup copy waits "
-                f"beside it); repair it with `decoct info {run}` (or decoct.runs.resolve_artifact) and load again")
+                f"beside it); repair it with `decoct info {run}` (or decoct.runtime.runs.resolve_artifact) and load again")
         problems, ds, _ = _inspect(root, check_files=verify)
         if problems or ds is None:
             if len(problems) == 1:

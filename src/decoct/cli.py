@@ -1,6 +1,6 @@
 """``decoct`` command line: a thin layer over the Python API.
 
-Every command takes ``--config FILE.yaml`` and ``--set key=value`` (see :mod:`decoct.config`);
+Every command takes ``--config FILE.yaml`` and ``--set key=value`` (see :mod:`decoct.runtime.config`);
 the resolved config is saved in the run directory.
 """
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from decoct.config import (
+from decoct.runtime.config import (
     ConfigError,
     check_value,
     clip,
@@ -57,8 +57,8 @@ def _common(p: argparse.ArgumentParser, *, run: bool = True) -> None:
 def _resolve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse: defaults <- YAML <- typed flags <- --set, every key typed and checked by its flag.
 
-    The type, choices and range of each key come from its flag (:func:`decoct.config.key_specs`
-    and :data:`decoct.config.RANGES`), so ``--runs 0``, ``--set runs=0`` and ``runs: 0`` in a
+    The type, choices and range of each key come from its flag (:func:`decoct.runtime.config.key_specs`
+    and :data:`decoct.runtime.config.RANGES`), so ``--runs 0``, ``--set runs=0`` and ``runs: 0`` in a
     preset are refused alike, naming the flag or key.
     """
     args = parser.parse_args(argv)
@@ -139,7 +139,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from decoct.artifact import EXPORT_MARKER, DistilledSet
-    from decoct.runs import resolve_artifact
+    from decoct.runtime.runs import resolve_artifact
 
     dset = DistilledSet.load(resolve_artifact(args.path))
     dset.export_imagefolder(args.imagefolder, overwrite=args.force)

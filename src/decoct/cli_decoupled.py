@@ -20,7 +20,7 @@ _RECOVER_HELP = {
 
 def parse_model_kwargs(value: Any) -> dict[str, Any]:
     """``"width=64,depth=3"`` (or a YAML mapping) -> dict, values parsed as YAML scalars."""
-    from decoct.config import short, yaml_scalar
+    from decoct.runtime.config import short, yaml_scalar
 
     if value is None or value == "":
         return {}

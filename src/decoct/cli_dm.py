@@ -14,7 +14,7 @@ from typing import Any
 def cmd_distill_dm(args: argparse.Namespace) -> int:
     from decoct.cli import resolved_config
     from decoct.methods.dm import DMConfig, distill_dm
-    from decoct.runs import Run
+    from decoct.runtime.runs import Run
 
     if not args.dataset:
         raise ValueError("distill dm needs --dataset (on the command line or in the --config preset)")

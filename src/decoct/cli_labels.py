@@ -10,8 +10,8 @@ from typing import Any
 
 def cmd_relabel(args: argparse.Namespace) -> int:
     from decoct.cli import resolved_config
-    from decoct.runs import Run, clean_temporaries, lock_run, resolve_artifact, run_kind
     from decoct.runtime.distributed import barrier, rank, world_size
+    from decoct.runtime.runs import Run, clean_temporaries, lock_run, resolve_artifact, run_kind
 
     src = resolve_artifact(args.path)  # also finishes a replacement of it that a crash interrupted
     if world_size() > 1:  # torchrun: join now, so the ranks can wait for rank 0 to open the run
@@ -74,8 +74,8 @@ def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Pa
 def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int:
     from decoct.artifact import DistilledSet
     from decoct.labels import LabelStore
-    from decoct.runs import Run
     from decoct.runtime.distributed import rank
+    from decoct.runtime.runs import Run
 
     if rank() != 0:
         return 0  # rank 0 wrote the artifact and reports it

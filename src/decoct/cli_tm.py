@@ -57,7 +57,7 @@ def cmd_distill_tm(args: argparse.Namespace) -> int:
                       device=args.device, data_root=args.data_root, download=args.download, resume=args.resume,
                       force=args.force, progress=args.progress, checkpoint_every=args.checkpoint_every,
                       stop_after=args.max_iterations)
-    from decoct.runs import Run
+    from decoct.runtime.runs import Run
 
     run = Run(args.out)
     if not run.done:

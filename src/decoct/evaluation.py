@@ -36,7 +36,7 @@ import torch
 from decoct.artifact import DistilledSet
 from decoct.augment import DSA, ZCA
 from decoct.data import Dataset, normalize
-from decoct.datasource import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
+from decoct.data.provenance import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
 from decoct.methods.coreset import random_baseline_indices
 from decoct.models import model_for
 from decoct.runtime.distributed import join_torchrun, resolve_device

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from decoct.filecheck import read_json_object
-from decoct.io import atomic_write_text
+from decoct.runtime.filecheck import read_json_object
+from decoct.runtime.io import atomic_write_text
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, max_per_class: int = 10) -> Path:

@@ -6,7 +6,7 @@ A teacher directory, written by :func:`squeeze` and read by :func:`load_teacher`
     bn_stats.safetensors  per BN layer ``<name>.*`` (see below), float32
     teacher.json          format/version, model name + kwargs, dataset info, train config,
                           test accuracy, BN layer list, sha256 of both safetensors files
-    config.yaml, log.jsonl, checkpoint.pt (while training), DONE     (a :class:`~decoct.runs.Run`)
+    config.yaml, log.jsonl, checkpoint.pt (while training), DONE     (a :class:`~decoct.runtime.runs.Run`)
 
 BN statistics (``bn_stats.safetensors``), one set per BN layer ``<name>`` in module order, all
 measured on the *input* of the layer, per channel, over (samples, H, W), with the biased (1/n)
@@ -42,22 +42,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decoct.data import Dataset, DatasetInfo, load_dataset, normalize
-from decoct.filecheck import (
+from decoct.models import MODELS, model_for
+from decoct.runtime.filecheck import (
     FileCheckError,
     is_sha256,
     read_json_object,
     regular_file_size,
     safetensors_header,
 )
-from decoct.health import DivergedError, rerun_hint
-from decoct.io import (
+from decoct.runtime.health import DivergedError, rerun_hint
+from decoct.runtime.io import (
     atomic_save_tensors,
     atomic_write_json,
     load_tensors,
     sha256_file,
 )
-from decoct.models import MODELS, model_for
-from decoct.runs import Run, RunError, progress
+from decoct.runtime.runs import Run, RunError, progress
 from decoct.train.trainer import (
     TrainConfig,
     autocast,
@@ -844,7 +844,7 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
         "test_accuracy": acc, "train_seconds": round(seconds, 2), "stats_seconds": round(stats_seconds, 2),
         "num_train_images": len(data.train), "bn_layers": [[n, stats.channels(n)] for n in stats.layers],
         "files": {f: sha256_file(p / f) for f in ("model.safetensors", "bn_stats.safetensors")},
-        "data_source": data.source,  # how distill/relabel find this data again (decoct.datasource)
+        "data_source": data.source,  # how distill/relabel find this data again (decoct.data.provenance)
     }
     atomic_write_json(p / "teacher.json", meta)
     run.log(event="finished", test_accuracy=acc, seconds=round(seconds + stats_seconds, 2))

@@ -32,7 +32,7 @@ from decoct.data.sources import (
     summary_line,
 )
 from decoct.data.types import Dataset, DatasetInfo, ImageSplit, denormalize, normalize, to_uint8
-from decoct.registry import Registry
+from decoct.runtime.registry import Registry
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from decoct.data.sources import DataNotFoundError, data_roots, read_imagefolder
-from decoct.io import fsync_dir, fsync_paths
+from decoct.runtime.io import fsync_dir, fsync_paths
 
 
 def resize_imagefolder(src: str | os.PathLike, dst: str | os.PathLike, size: int, channels: int = 3,

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from decoct.io import atomic_save_tensors, load_tensors
+from decoct.runtime.io import atomic_save_tensors, load_tensors
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".webp", ".gif", ".tif", ".tiff")
 # lower-cased; names starting with '.' (.DS_Store, ._x, .ipynb_checkpoints, .Trashes) are hidden anyway

@@ -86,7 +86,7 @@ class Dataset:
 
     ``source`` is how :func:`decoct.data.load_dataset` found it (``{"registry": name, "root":
     absolute path or None[, "options": {...}]}``); sets and teachers record it so later commands
-    find the same data again (:mod:`decoct.datasource`). None for a dataset built by hand.
+    find the same data again (:mod:`decoct.data.provenance`). None for a dataset built by hand.
     """
 
     info: DatasetInfo

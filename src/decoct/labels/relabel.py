@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from decoct.artifact import DistilledSet
 from decoct.augment.fkd import ViewRecipe, apply_views, draw_views, seeded_generator
-from decoct.io import atomic_save_tensors, atomic_write_json, load_tensors
 from decoct.labels.prune import _prune_header, kept_units, pool_total, prune_ratio
 from decoct.labels.store import (
     FORMAT,
@@ -48,6 +47,7 @@ from decoct.labels.store import (
     dataset_fingerprint,
 )
 from decoct.runtime.distributed import join_torchrun
+from decoct.runtime.io import atomic_save_tensors, atomic_write_json, load_tensors
 
 __all__ = ["RelabelPlan", "check_teacher_output", "prune_labels", "relabel", "relabel_set", "replay_logits", "resolve_teacher", "teacher_fingerprint"]
 
@@ -221,7 +221,7 @@ class _Job:
         self.header["stored_epochs"] = {str(e): len(self.units[e]) for e in sorted(self.units)}
 
     def run(self, work: Path | None, progress: bool) -> LabelStore:
-        from decoct.runs import progress as bar_of
+        from decoct.runtime.runs import progress as bar_of
 
         rank, world = _dist()
         if world > 1 and work is None:
@@ -308,7 +308,7 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
     An artifact already holding a store made with the same settings is left as is; one made with
     other settings is replaced only with ``force``. Returns the artifact directory written.
     """
-    from decoct.runs import resolve_artifact
+    from decoct.runtime.runs import resolve_artifact
 
     src = resolve_artifact(artifact_dir)
     dst = Path(out) if out is not None else src
@@ -356,7 +356,7 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     full store is replaced, so that needs ``force``.
     """
     from decoct.labels.prune import prune_store
-    from decoct.runs import resolve_artifact
+    from decoct.runtime.runs import resolve_artifact
 
     src = resolve_artifact(artifact_dir)
     dset = DistilledSet.load(src)

@@ -11,7 +11,7 @@ A method is an object with::
     result() -> DistilledSet                    # the set as it would be stored
     warm_start(show_progress) -> dict[str, float]   # optional: one-off preparation of a fresh run
     check(it) -> None                           # optional: raise DivergedError when a learned quantity
-                                                #   is invalid after step ``it`` (see decoct.health)
+                                                #   is invalid after step ``it`` (see decoct.runtime.health)
     divergence_hint: str                        # optional: what to change when the run diverges
 
 ``warm_start`` runs once, after ``init`` and before the first step, only when the run starts
@@ -22,7 +22,7 @@ metrics go to the log as a ``warm_start`` event.
 (iteration, loss, images/s), the artifact and its grid for free, so a new method is one file
 plus a registry line. It also checks every step's metrics (the loss first) for NaN/inf, and calls the
 method's ``check`` after every step: a diverged run stops at once with a
-:class:`~decoct.health.DivergedError` (iteration, quantity, hint) logged as a ``diverged`` event,
+:class:`~decoct.runtime.health.DivergedError` (iteration, quantity, hint) logged as a ``diverged`` event,
 without writing the artifact or ``DONE``; the last checkpoint is kept. Resuming restores the method state *and* the global torch RNG states, so an
 interrupted run that is resumed ends with the same result as an uninterrupted run of the same seed
 (methods that keep their own ``torch.Generator`` put its state in ``state_dict``).
@@ -39,10 +39,10 @@ import torch
 
 from decoct.artifact import DistilledSet
 from decoct.data import Dataset
-from decoct.health import DivergedError, check_metrics
-from decoct.registry import Registry
 from decoct.report import save_grid
-from decoct.runs import Run, progress
+from decoct.runtime.health import DivergedError, check_metrics
+from decoct.runtime.registry import Registry
+from decoct.runtime.runs import Run, progress
 
 METHODS: Registry[Any] = Registry("distillation method")
 """name -> factory ``(config: dict) -> DistillMethod``; filled by each method module."""

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from decoct.data.types import Dataset, normalize
 from decoct.models import model_for
-from decoct.progress import progress as progress_bar
+from decoct.runtime.progress import progress as progress_bar
 
 CORESET_METHODS: tuple[str, ...] = ("random", "herding", "kcenter", "graphcut")
 EMBEDDINGS: tuple[str, ...] = ("random", "trained")

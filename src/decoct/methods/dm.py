@@ -50,9 +50,9 @@ from decoct.artifact import DistilledSet
 from decoct.augment import DSA, ZCA
 from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from decoct.data import Dataset, normalize
-from decoct.health import check_saturation, check_tensors, rerun_hint
 from decoct.methods.base import METHODS
 from decoct.models import model_for
+from decoct.runtime.health import check_saturation, check_tensors, rerun_hint
 
 INITS = ("real", "noise", "graphcut")
 PRESET_ITERATIONS = 20000
@@ -447,7 +447,7 @@ class DistributionMatching:
             opt.step()
         return metrics
 
-    # --- validity (decoct.health; run_method calls check after every step) ------------------
+    # --- validity (decoct.runtime.health; run_method calls check after every step) ------------------
     @property
     def divergence_hint(self) -> str:
         """What to change when the run diverges: the learning rates of what DM optimises."""
@@ -529,8 +529,8 @@ def distill_dm(dataset: str | Dataset, out: str | Path, *, config: DMConfig | di
     from decoct.data import load_dataset
     from decoct.methods.base import run_method
     from decoct.palette import effective_ipc
-    from decoct.runs import Run
     from decoct.runtime.distributed import resolve_device
+    from decoct.runtime.runs import Run
 
     name = dataset.info.name if isinstance(dataset, Dataset) else str(dataset)
     base = config if isinstance(config, DMConfig) else DMConfig.from_dict(dict(config or {}))

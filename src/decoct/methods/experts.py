@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from decoct.augment import DSA, ZCA
 from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from decoct.data import Dataset, DatasetInfo, load_dataset, normalize
-from decoct.filecheck import (
+from decoct.models import model_for
+from decoct.runtime.filecheck import (
     FileCheckError,
     confined_path,
     is_sha256,
@@ -60,9 +61,8 @@ from decoct.filecheck import (
     regular_file_size,
     safetensors_header,
 )
-from decoct.health import DivergedError, rerun_hint
-from decoct.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
-from decoct.models import model_for
+from decoct.runtime.health import DivergedError, rerun_hint
+from decoct.runtime.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 from decoct.train import evaluate_accuracy, seeded_model
 from decoct.train.trainer import make_generators, minibatches
 
@@ -437,7 +437,7 @@ def _train_expert(net: FlatParams, model: nn.Module, x: Tensor, y: Tensor, xt: T
     """Train one expert; return (trajectory (E+1, P), test accuracy per saved point, train loss per epoch).
 
     ``on_batch(images)`` after every minibatch, ``progress(epoch, loss)`` after every epoch; a
-    non-finite loss raises :class:`~decoct.health.DivergedError` at once (checked every 20 batches and
+    non-finite loss raises :class:`~decoct.runtime.health.DivergedError` at once (checked every 20 batches and
     at each epoch's end), naming ``label`` and saying what to change (``hint``).
     """
     traj = torch.empty(epochs + 1, net.num_params)
@@ -496,8 +496,8 @@ def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, 
     Already finished experts with the same settings are kept; ``force`` deletes them first.
     Returns the :class:`ExpertSet` (see :func:`load_experts`).
     """
-    from decoct.runs import progress as progress_bar
     from decoct.runtime.distributed import resolve_device
+    from decoct.runtime.runs import progress as progress_bar
 
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")

@@ -74,7 +74,6 @@ from torch import Tensor, nn
 
 from decoct.artifact import DistilledSet
 from decoct.data import Dataset, DatasetInfo, normalize, to_uint8
-from decoct.health import check_metrics, check_tensors, rerun_hint
 from decoct.methods.base import METHODS
 from decoct.runtime.distributed import (
     barrier,
@@ -86,6 +85,7 @@ from decoct.runtime.distributed import (
     shard_range,
     world_size,
 )
+from decoct.runtime.health import check_metrics, check_tensors, rerun_hint
 from decoct.squeeze import (
     BNStats,
     Teacher,
@@ -689,7 +689,7 @@ def prepare(method: str, *, teacher: str, ipc: int, dataset: str | None = None, 
     or image shape differ from the teacher's. Without ``dataset`` the data is the teacher's: found
     from the source its teacher.json records (registry name and root), ``data_root`` overriding the root.
     """
-    from decoct.datasource import SOURCE_KEY, load_for, read_source
+    from decoct.data.provenance import SOURCE_KEY, load_for, read_source
 
     if method not in RECOVER_METHODS:
         raise ValueError(f"unknown recover method {method!r}; known: {', '.join(RECOVER_METHODS)}")
@@ -718,7 +718,7 @@ def recover(method: str, *, teacher: str, ipc: int, out: str, dataset: str | Non
     process makes with the same seed. Returns the set (``None`` on ranks other than 0).
     """
     from decoct.methods.base import run_method
-    from decoct.runs import Run
+    from decoct.runtime.runs import Run
 
     if world_size() > 1:
         return recover_distributed(
@@ -734,7 +734,7 @@ def recover(method: str, *, teacher: str, ipc: int, out: str, dataset: str | Non
         run_cfg.pop(k, None)
     run = Run.open(out, run_cfg, resume=resume, force=force)
     if run.done:
-        from decoct.runs import resolve_artifact
+        from decoct.runtime.runs import resolve_artifact
 
         return DistilledSet.load(resolve_artifact(run.path))
     n = len(rec.batches_all[0].classes)
@@ -749,8 +749,8 @@ def recover(method: str, *, teacher: str, ipc: int, out: str, dataset: str | Non
 def _run_shard(rec: Any, run: Any, data: Any, dev: torch.device, *, checkpoint_every: int,
                stop_after: int | None, show_progress: bool) -> bool:
     """Run one rank's batches with checkpoints; write ``part.safetensors``. True when finished."""
-    from decoct.io import atomic_save_tensors
-    from decoct.runs import progress
+    from decoct.runtime.io import atomic_save_tensors
+    from decoct.runtime.runs import progress
 
     part = run.path / "part.safetensors"
     if run.done and part.exists():
@@ -803,7 +803,7 @@ def merge_parts(out: str | Path, world: int, n_images: int) -> tuple[torch.Tenso
 
     Also returns each rank's seconds and the merged per-batch final metrics.
     """
-    from decoct.io import load_tensors, load_tensors_metadata
+    from decoct.runtime.io import load_tensors, load_tensors_metadata
 
     images: torch.Tensor | None = None
     seen = torch.zeros(n_images, dtype=torch.long)
@@ -837,7 +837,7 @@ def recover_distributed(method: str, *, teacher: str, ipc: int, out: str, datase
     import torch.distributed as dist
 
     from decoct.report import save_grid
-    from decoct.runs import Run, resolve_artifact
+    from decoct.runtime.runs import Run, resolve_artifact
 
     r, world = rank(), world_size()
     rec, data = prepare(method, teacher=teacher, ipc=ipc, dataset=dataset, data_root=data_root,

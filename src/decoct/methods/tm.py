@@ -86,9 +86,9 @@ from decoct.artifact import DistilledSet
 from decoct.augment import DSA
 from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from decoct.data import Dataset, normalize
-from decoct.health import DivergedError, check_saturation, check_tensors, rerun_hint
 from decoct.methods.base import METHODS
 from decoct.methods.experts import ExpertSet, FlatParams, experts_command, load_experts
+from decoct.runtime.health import DivergedError, check_saturation, check_tensors, rerun_hint
 
 GRAD_MODES = ("exact", "tesla", "unrolled")
 
@@ -543,7 +543,7 @@ class TrajectoryMatching:
         metrics["accepted"] = float(accept)
         return metrics
 
-    # --- validity (decoct.health; run_method calls check after every step) ------------------
+    # --- validity (decoct.runtime.health; run_method calls check after every step) ------------------
     @property
     def divergence_hint(self) -> str:
         """What to change when the run diverges: the learning rates of what TM optimises."""
@@ -675,8 +675,8 @@ def distill_tm(dataset: str | Dataset, out: str | Path, experts: str | Path | Ex
     from decoct.data import load_dataset
     from decoct.methods.base import run_method
     from decoct.palette import effective_ipc
-    from decoct.runs import Run
     from decoct.runtime.distributed import resolve_device
+    from decoct.runtime.runs import Run
 
     name = dataset.info.name if isinstance(dataset, Dataset) else str(dataset)
     if experts is None:

@@ -15,7 +15,7 @@ from torch import nn
 from decoct.models.convnet import ConvNet, depth_for_size
 from decoct.models.mlp import MLP
 from decoct.models.resnet import ResNetAP, TorchvisionResNet
-from decoct.registry import Registry
+from decoct.runtime.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 

@@ -140,7 +140,7 @@ def warmup_palette(param: ImageParam, config: Mapping[str, Any] | argparse.Names
         return {}
     if not isinstance(param, PaletteParam):
         raise ValueError("palette_warmup trains the palette network and needs --palette K > 0")
-    from decoct.runs import progress as progress_bar
+    from decoct.runtime.runs import progress as progress_bar
 
     gen = torch.Generator().manual_seed(int(seed) + 104729)
 

@@ -242,8 +242,8 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
     from decoct.methods.base import run_summary
     from decoct.methods.coreset import random_baseline_indices
     from decoct.report import save_grid
-    from decoct.runs import Run, resolve_artifact
     from decoct.runtime.distributed import resolve_device
+    from decoct.runtime.runs import Run, resolve_artifact
 
     if (src is None) == (dataset is None):
         raise ValueError("quantize takes either SRC (an artifact or run) or --dataset with --ipc, not both")

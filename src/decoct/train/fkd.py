@@ -244,7 +244,7 @@ def train_fkd(
     batch-mean losses: the full-batch gradient when the batch divides evenly. BN statistics are
     per rank, as with the reference's DataParallel (lpld.md §10 item 14).
     """
-    from decoct.runs import progress as bar_of
+    from decoct.runtime.runs import progress as bar_of
 
     if (store is None) == (teacher is None):
         raise ValueError("train_fkd needs exactly one of store= (stored labels) or teacher= (online)")

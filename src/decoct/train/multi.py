@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from decoct.models.convnet import ConvNet
-from decoct.progress import progress as progress_bar
+from decoct.runtime.progress import progress as progress_bar
 from decoct.train.trainer import (
     Augment,
     TrainConfig,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decoct.progress import progress as progress_bar
+from decoct.runtime.progress import progress as progress_bar
 
 __all__ = [
     "SCHEDULES",

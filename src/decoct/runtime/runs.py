@@ -10,7 +10,7 @@ Layout of a run directory::
     grid.png           an image grid of the set
     eval-*.json        evaluation results (one file per protocol/model)
     DONE               written last: the run finished
-    .lock              while a command writes the run: its owner (see decoct.runlock)
+    .lock              while a command writes the run: its owner (see decoct.runtime.runlock)
 
 Nothing is overwritten or deleted by accident:
 
@@ -26,9 +26,9 @@ Nothing is overwritten or deleted by accident:
   :data:`NON_IDENTITY_KEYS` (device, data root, checkpoint interval, ...) may differ, so a CPU
   run can be resumed on a GPU.
 - A command holds the run's lock file while it writes it; a second command on the same directory
-  is refused (see :mod:`decoct.runlock`). Under torchrun only rank 0 locks the shared directory.
+  is refused (see :mod:`decoct.runtime.runlock`). Under torchrun only rank 0 locks the shared directory.
 - Opening a run finishes or undoes an artifact replacement a crash interrupted
-  (:func:`decoct.io.recover_dir`), and a successful resume or finish deletes the temporaries a
+  (:func:`decoct.runtime.io.recover_dir`), and a successful resume or finish deletes the temporaries a
   killed command left (``.<file>.*.tmp``, ``.<dir>.tmp-*``). A relabel's per-epoch work directory
   (``.artifact.relabel``) is resumable work, kept until that relabel finishes.
 """
@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from decoct.io import (
+from decoct.runtime.io import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
@@ -56,8 +56,8 @@ from decoct.io import (
     recover_dir,
     safe_torch_load,
 )
-from decoct.progress import progress  # noqa: F401  (re-exported: callers import it from here)
-from decoct.runlock import LOCK_NAME, RunLock, RunLockError
+from decoct.runtime.progress import progress  # noqa: F401  (re-exported: callers import it from here)
+from decoct.runtime.runlock import LOCK_NAME, RunLock, RunLockError
 
 
 class RunError(RuntimeError):
@@ -245,7 +245,7 @@ def clean_temporaries(path: str | Path) -> list[str]:
 
 
 def recover_run(path: str | Path) -> str | None:
-    """Finish or undo an interrupted replacement of ``path``/artifact (see :func:`decoct.io.recover_dir`)."""
+    """Finish or undo an interrupted replacement of ``path``/artifact (see :func:`decoct.runtime.io.recover_dir`)."""
     return recover_dir(Path(path) / "artifact")
 
 
