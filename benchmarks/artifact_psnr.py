@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from palette_warmup_check import colours, psnr
 
-from decoct.artifact import DistilledSet
 from decoct.data import load_dataset
+from decoct.formats.artifact import DistilledSet
 
 
 def main() -> None:

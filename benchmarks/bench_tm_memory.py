@@ -33,9 +33,9 @@ def _rss_bytes() -> int:
 def child(mode: str, steps: int, width: int, images: int, size: int, device: str, threads: int) -> dict:
     import torch
 
-    from decoct.methods.experts import FlatParams
     from decoct.methods.tm import SavedTensorMeter, dsa_augment, make_plan, match_gradients
     from decoct.models.convnet import ConvNet
+    from decoct.models.flat_params import FlatParams
 
     torch.set_num_threads(threads)
     dev = torch.device(device)

@@ -18,7 +18,7 @@ PY
 /usr/bin/time -f "  [%e s wall] resumed" decoct "${ARGS[@]}" --out $B/resume-killed --resume
 python - <<'PY'
 import torch
-from decoct.artifact import DistilledSet
+from decoct.formats.artifact import DistilledSet
 a = DistilledSet.load("runs/bench/resume-full/artifact")
 b = DistilledSet.load("runs/bench/resume-killed/artifact")
 same = torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-import decoct.artifact as art
-from decoct.artifact import ArtifactError, DistilledSet, verify
+import decoct.formats.artifact as art
 from decoct.data.types import DatasetInfo, normalize
+from decoct.formats.artifact import ArtifactError, DistilledSet, verify
 
 
 def make_info(
@@ -836,7 +836,7 @@ def test_export_into_read_only_directory(tmp_path):
                                         ("units_per_epoch", True), ("stored_epochs", {"99": 1})])
 def test_label_store_header_numbers_are_checked(key, value):
     """Numbers in an FKD label store's header size a training run: checked as the store loads."""
-    from decoct.labels.store import HEADER_FILE, LabelStore, LabelStoreError, _encode_header
+    from decoct.formats.label_store import HEADER_FILE, LabelStore, LabelStoreError, _encode_header
 
     header = {"format": "decoct-fkd-labels", "version": 1, "fingerprint": "0" * 64, "num_images": 5,
               "num_classes": 3, "epochs": 2, "batch": 5, "units_per_epoch": 1, "full_units_per_epoch": 1,

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from decoct.artifact import DistilledSet
 from decoct.cli import main
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.recover import merge_parts
 from decoct.runtime.distributed import shard_dir
 from decoct.runtime.io import atomic_save_tensors

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoct.artifact import DistilledSet
 from decoct.data import Dataset, DatasetInfo, ImageSplit
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.base import METHODS
 from decoct.methods.dm import (
     DistributionMatching,

@@ -8,14 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from decoct.data import normalize
+from decoct.formats.expert_set import ExpertMismatchError, load_experts
 from decoct.methods import experts as experts_mod
-from decoct.methods.experts import (
-    ExpertMismatchError,
-    FlatParams,
-    load_experts,
-    train_experts,
-)
+from decoct.methods.experts import train_experts
 from decoct.models import model_for
+from decoct.models.flat_params import FlatParams
 from decoct.train import seeded_model
 from decoct.train.trainer import make_generators
 
@@ -185,7 +182,7 @@ def _payload_rehashed(root, payload):
 def test_expert_files_are_verified_on_every_load(expert_dir, tmp_path):
     import pickle
 
-    from decoct.methods.experts import ExpertFileError
+    from decoct.formats.expert_set import ExpertFileError
 
     assert len(load_experts(expert_dir)) == 2
     outside = tmp_path / "x.safetensors"
@@ -241,7 +238,7 @@ def test_expert_files_are_verified_on_every_load(expert_dir, tmp_path):
 
 
 def test_expert_zca_file_is_confined_and_hashed(digits, tmp_path):
-    from decoct.methods.experts import ExpertFileError
+    from decoct.formats.expert_set import ExpertFileError
 
     z = tmp_path / "z"
     _train(digits, z, n=1, epochs=1, zca=True)

@@ -114,8 +114,8 @@ def test_recover_stops_on_a_nan_loss(teacher, tmp_path, monkeypatch):
 def test_estimate_lands_in_the_run_log(tmp_path, monkeypatch):
     """run_method passes Run.log to the progress reporter: the long-run estimate is a log.jsonl event."""
     import decoct.runtime.progress as prog
-    from decoct.artifact import DistilledSet
     from decoct.data import DatasetInfo
+    from decoct.formats.artifact import DistilledSet
     from decoct.methods.base import run_method
 
     info = DatasetInfo(name="toy", classes=["a", "b"], channels=1, height=4, width=4, mean=[0.5], std=[0.5])

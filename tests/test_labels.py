@@ -6,8 +6,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from decoct.artifact import DistilledSet
 from decoct.data import normalize
+from decoct.formats.artifact import DistilledSet
 from decoct.labels import (
     PRUNE_FACTORS,
     LabelStore,
@@ -308,7 +308,7 @@ _WORKER = '''
 import sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from decoct.artifact import DistilledSet
+from decoct.formats.artifact import DistilledSet
 from decoct.labels import LabelStore, relabel
 from decoct.models import model_for
 from decoct.train.fkd import FKDConfig, fill_value, train_fkd

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("data", ["decoct.data"]),
     ("models", ["decoct.models"]),
     ("augment", ["decoct.augment"]),
-    ("formats", ["decoct.artifact", "decoct.labels.store", "decoct.labels.prune"]),
+    ("formats", ["decoct.formats"]),
     ("report", ["decoct.report"]),
     ("train", ["decoct.train"]),
     ("methods", ["decoct.methods", "decoct.methods.base", "decoct.methods.param"]),

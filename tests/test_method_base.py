@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from decoct.artifact import DistilledSet
 from decoct.data import DatasetInfo
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.base import DistillMethod, run_method
 from decoct.runtime.runs import Run
 

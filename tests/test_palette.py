@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decoct.artifact import DistilledSet
 from decoct.augment import ZCA
 from decoct.data import DatasetInfo, normalize, to_uint8
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.param import PixelParam
 from decoct.palette import (
     add_palette_args,

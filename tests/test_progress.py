@@ -203,7 +203,7 @@ def test_teacher_experts_and_relabel_show_progress_inside_an_epoch(digits, tmp_p
     import torch
 
     import decoct.runtime.progress as prog
-    from decoct.artifact import DistilledSet
+    from decoct.formats.artifact import DistilledSet
     from decoct.labels.relabel import relabel_set
     from decoct.methods.experts import train_experts
     from decoct.squeeze import squeeze

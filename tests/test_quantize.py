@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from decoct.artifact import DistilledSet
 from decoct.data import DatasetInfo, normalize
+from decoct.formats.artifact import DistilledSet
 from decoct.palette.quantize import (
     QUANTIZERS,
     gather,

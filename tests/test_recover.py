@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoct.artifact import DistilledSet
 from decoct.cli import main
 from decoct.data import Dataset, DatasetInfo, normalize
+from decoct.formats.artifact import DistilledSet
+from decoct.formats.teacher import TeacherError
 from decoct.methods.base import METHODS, run_method
 from decoct.methods.recover import (
     Recover,
@@ -25,7 +26,7 @@ from decoct.methods.recover import (
     shard_range,
 )
 from decoct.runtime.runs import Run
-from decoct.squeeze import TeacherError, squeeze
+from decoct.squeeze import squeeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,7 +98,7 @@ def test_dwa_adjustment_against_hand_worked_linear_model(steps):
 
 
 def test_dwa_moves_parameters_not_bn_buffers(teacher):
-    from decoct.squeeze import load_teacher
+    from decoct.formats.teacher import load_teacher
 
     model, info, _ = load_teacher(teacher)
     for p in model.parameters():

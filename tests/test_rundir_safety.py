@@ -268,7 +268,7 @@ def test_next_open_of_a_run_recovers_a_killed_artifact_replacement(tmp_path, mon
         with pytest.raises(_Killed):
             dio.replace_dir(tmp, r / "artifact")
     assert not (r / "artifact").exists()
-    from decoct.artifact import ArtifactError, DistilledSet
+    from decoct.formats.artifact import ArtifactError, DistilledSet
 
     with pytest.raises(ArtifactError, match="interrupted.*decoct info"):  # not a bare "no manifest"
         DistilledSet.load(r / "artifact")
@@ -286,8 +286,8 @@ def test_next_open_of_a_run_recovers_a_killed_artifact_replacement(tmp_path, mon
 def test_cli_in_place_relabel_killed_between_renames_is_recovered(digits, tmp_path, monkeypatch, capsys):
     """`decoct relabel RUN --teacher T` killed between its two renames: the next command finds the
     relabelled artifact (not a run marked done without artifact/), and the relabel's leftovers go."""
-    from decoct.artifact import DistilledSet
     from decoct.cli import main
+    from decoct.formats.artifact import DistilledSet
     from decoct.labels import LabelStore
     from decoct.squeeze import squeeze
 

@@ -8,18 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoct.data import Dataset, DatasetInfo, ImageSplit, normalize
-from decoct.runtime.io import sha256_file
-from decoct.squeeze import (
+from decoct.formats.teacher import (
     TeacherError,
     check_teacher_dataset,
-    collect_bn_stats,
-    crop_resize,
     load_bn_stats,
     load_teacher,
     load_teacher_full,
-    rrc_boxes,
-    squeeze,
 )
+from decoct.runtime.io import sha256_file
+from decoct.squeeze import collect_bn_stats, crop_resize, rrc_boxes, squeeze
 from decoct.train.trainer import make_generators
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from decoct.methods.base import METHODS, run_method
-from decoct.methods.experts import FlatParams, train_experts
+from decoct.methods.experts import train_experts
 from decoct.methods.tm import (
     SavedTensorMeter,
     TMConfig,
@@ -18,6 +18,7 @@ from decoct.methods.tm import (
     match_gradients,
 )
 from decoct.models.convnet import ConvNet
+from decoct.models.flat_params import FlatParams
 from decoct.runtime.runs import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -105,9 +105,9 @@ def test_data_that_does_not_match_the_set_is_refused(tree, tmp_path, capsys, ove
 
 def test_sets_without_a_recorded_source(tree, tmp_path, capsys, digits):
     """Old sets: a registered name still works, a tree's folder name says which flags to pass."""
-    from decoct.artifact import DistilledSet
     from decoct.data import load_dataset
     from decoct.evaluation import evaluate
+    from decoct.formats.artifact import DistilledSet
 
     data = load_dataset("imagefolder", root=tree)
     old = DistilledSet(info=data.info, images=data.train.images[::12], labels=data.train.labels[::12],

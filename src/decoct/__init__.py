@@ -12,14 +12,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "evaluate_run": "api", "info": "api", "quickstart": "api", "select": "api",
-    "DistilledSet": "artifact",
-    "Dataset": "data", "DatasetInfo": "data", "ImageSplit": "data", "list_datasets": "data", "load_dataset": "data",
-    "EvalResult": "evaluation", "evaluate": "evaluation",
-    "create_model": "models", "model_for": "models",
-    "distill_dm": "methods.dm", "distill_tm": "methods.tm", "train_experts": "methods.experts",
-    "load_experts": "methods.experts", "recover": "methods.recover", "squeeze": "squeeze",
-    "load_teacher": "squeeze", "relabel": "labels.relabel", "quantize": "palette.quantize",
+    "evaluate_run": "decoct.api", "info": "decoct.api", "quickstart": "decoct.api", "select": "decoct.api",
+    "DistilledSet": "decoct.formats.artifact",
+    "Dataset": "decoct.data", "DatasetInfo": "decoct.data", "ImageSplit": "decoct.data", "list_datasets": "decoct.data", "load_dataset": "decoct.data",
+    "EvalResult": "decoct.evaluation", "evaluate": "decoct.evaluation",
+    "create_model": "decoct.models", "model_for": "decoct.models",
+    "distill_dm": "decoct.methods.dm", "distill_tm": "decoct.methods.tm", "train_experts": "decoct.methods.experts",
+    "load_experts": "decoct.formats.expert_set", "recover": "decoct.methods.recover", "squeeze": "decoct.squeeze",
+    "load_teacher": "decoct.formats.teacher", "relabel": "decoct.labels.relabel", "quantize": "decoct.palette.quantize",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -27,5 +27,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'decoct' has no attribute {name!r}")

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from decoct.artifact import DistilledSet
 from decoct.data import load_dataset
 from decoct.evaluation import EvalResult, evaluate
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.base import RunSummary, run_summary
 from decoct.report import save_grid
 from decoct.runtime.distributed import resolve_device
@@ -144,7 +144,7 @@ def info(path: str | Path) -> dict[str, Any]:
     """Integrity check and summary of a set: ``problems`` (empty exactly when the set loads)
     and, for an intact set, its contents and storage *measured* from the files (sizes from disk,
     hashes from content), never copied from the manifest's own claims."""
-    from decoct.artifact import inspect
+    from decoct.formats.artifact import inspect
 
     return inspect(resolve_artifact(path))
 

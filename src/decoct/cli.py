@@ -138,7 +138,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from decoct.artifact import EXPORT_MARKER, DistilledSet
+    from decoct.formats.artifact import EXPORT_MARKER, DistilledSet
     from decoct.runtime.runs import resolve_artifact
 
     dset = DistilledSet.load(resolve_artifact(args.path))

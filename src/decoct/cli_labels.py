@@ -72,7 +72,7 @@ def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Pa
 
 
 def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int:
-    from decoct.artifact import DistilledSet
+    from decoct.formats.artifact import DistilledSet
     from decoct.labels import LabelStore
     from decoct.runtime.distributed import rank
     from decoct.runtime.runs import Run
@@ -101,7 +101,7 @@ def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
-    from decoct.labels.prune import PRUNE_FACTORS
+    from decoct.formats.label_pruning import PRUNE_FACTORS
 
     p = cli.command(
         "relabel", cmd_relabel,

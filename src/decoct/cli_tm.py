@@ -26,7 +26,8 @@ def _model_kwargs(model: str, width: int, norm: str) -> dict[str, Any]:
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    from decoct.methods.experts import describe, train_experts
+    from decoct.formats.expert_set import describe
+    from decoct.methods.experts import train_experts
 
     es = train_experts(args.dataset, args.out, num_experts=args.num_experts, epochs=args.epochs, model=args.model,
                        model_kwargs=_model_kwargs(args.model, args.width, args.norm), lr=args.lr,

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from decoct.artifact import DistilledSet
 from decoct.augment import DSA, ZCA
 from decoct.data import Dataset, normalize
 from decoct.data.provenance import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.coreset import random_baseline_indices
 from decoct.models import model_for
 from decoct.runtime.distributed import join_torchrun, resolve_device
@@ -267,8 +267,8 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     Everything that can be wrong (no store, a store of another set, a batch size the store was
     not made with, a teacher of other classes) fails here, before the first student trains.
     """
+    from decoct.formats.label_store import LabelStore
     from decoct.labels.relabel import check_teacher_output, resolve_teacher
-    from decoct.labels.store import LabelStore
     from decoct.train.fkd import FKDConfig, fill_value, fit_soft_students, soft_recipe_for
 
     device = join_torchrun(device)  # under torchrun every student trains with DDP

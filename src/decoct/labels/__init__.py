@@ -1,6 +1,6 @@
 """Stored soft labels: the FKD label store, relabel with a teacher, LPLD label pruning."""
 
-from decoct.labels.prune import (
+from decoct.formats.label_pruning import (
     GRANULARITIES,
     PRUNE_FACTORS,
     epoch_plan,
@@ -9,8 +9,7 @@ from decoct.labels.prune import (
     prune_ratio,
     prune_store,
 )
-from decoct.labels.relabel import prune_labels, relabel, relabel_set, replay_logits, resolve_teacher
-from decoct.labels.store import (
+from decoct.formats.label_store import (
     FORMAT,
     VERSION,
     EpochLabels,
@@ -21,6 +20,7 @@ from decoct.labels.store import (
     set_fingerprint,
     strip_store,
 )
+from decoct.labels.relabel import prune_labels, relabel, relabel_set, replay_logits, resolve_teacher
 
 __all__ = [
     "FORMAT",

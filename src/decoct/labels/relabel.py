@@ -8,7 +8,7 @@ batches are generated (LPLD §4.3).
 
 Determinism: epoch e's order comes from a generator keyed (seed, "order", e) and batch (e, b)'s
 views from one keyed (seed, "view", e, b). Hence a pruned store equals the prefix of the full one
-(:func:`decoct.labels.prune.prune_store`), an interrupted relabel resumes epoch by epoch with the
+(:func:`decoct.formats.label_pruning.prune_store`), an interrupted relabel resumes epoch by epoch with the
 same result, and ranks under ``torchrun`` split epochs between them without sharing RNG state.
 
 torchrun: ``torchrun --nproc_per_node N decoct relabel ...`` makes rank r generate the stored
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from decoct.artifact import DistilledSet
 from decoct.augment.fkd import ViewRecipe, apply_views, draw_views, seeded_generator
-from decoct.labels.prune import _prune_header, kept_units, pool_total, prune_ratio
-from decoct.labels.store import (
+from decoct.formats.artifact import DistilledSet
+from decoct.formats.label_pruning import _prune_header, kept_units, pool_total, prune_ratio
+from decoct.formats.label_store import (
     FORMAT,
     VERSION,
     EpochLabels,
@@ -84,7 +84,7 @@ def resolve_teacher(teacher: nn.Module | str | Path, info: Any, device: torch.de
     """
     desc: dict[str, Any]
     if isinstance(teacher, (str, Path)):
-        from decoct.squeeze import check_teacher_dataset, load_teacher
+        from decoct.formats.teacher import check_teacher_dataset, load_teacher
 
         model, t_info, meta = load_teacher(teacher, device)
         check_teacher_dataset(t_info, info, teacher)
@@ -352,10 +352,10 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     """Prune the artifact's unpruned label store ``factor``x (LPLD), in place or into ``out``.
 
     The result is identical to relabelling with ``prune=factor`` (see
-    :func:`decoct.labels.prune.prune_store`), without running the teacher again. In place, the
+    :func:`decoct.formats.label_pruning.prune_store`), without running the teacher again. In place, the
     full store is replaced, so that needs ``force``.
     """
-    from decoct.labels.prune import prune_store
+    from decoct.formats.label_pruning import prune_store
     from decoct.runtime.runs import resolve_artifact
 
     src = resolve_artifact(artifact_dir)

@@ -37,8 +37,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from decoct.artifact import DistilledSet
 from decoct.data import Dataset
+from decoct.formats.artifact import DistilledSet
 from decoct.report import save_grid
 from decoct.runtime.health import DivergedError, check_metrics
 from decoct.runtime.registry import Registry

@@ -46,10 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from decoct.artifact import DistilledSet
 from decoct.augment import DSA, ZCA
 from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from decoct.data import Dataset, normalize
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.base import METHODS
 from decoct.models import model_for
 from decoct.runtime.health import check_saturation, check_tensors, rerun_hint

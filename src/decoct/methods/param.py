@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from decoct.artifact import DistilledSet
 from decoct.augment import ZCA
 from decoct.data import DatasetInfo
+from decoct.formats.artifact import DistilledSet
 
 
 class ImageParam(nn.Module):

@@ -72,8 +72,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decoct.artifact import DistilledSet
 from decoct.data import Dataset, DatasetInfo, normalize, to_uint8
+from decoct.formats.artifact import DistilledSet
+from decoct.formats.teacher import (
+    BNStats,
+    Teacher,
+    TeacherError,
+    bn_layers,
+    check_teacher_dataset,
+    load_teacher_full,
+)
 from decoct.methods.base import METHODS
 from decoct.runtime.distributed import (
     barrier,
@@ -86,15 +94,7 @@ from decoct.runtime.distributed import (
     world_size,
 )
 from decoct.runtime.health import check_metrics, check_tensors, rerun_hint
-from decoct.squeeze import (
-    BNStats,
-    Teacher,
-    TeacherError,
-    bn_layers,
-    check_teacher_dataset,
-    crop_resize,
-    load_teacher_full,
-)
+from decoct.squeeze import crop_resize
 from decoct.squeeze import rrc_boxes as _rrc_boxes
 
 __all__ = [

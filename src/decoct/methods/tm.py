@@ -1,6 +1,6 @@
 """Trajectory matching (MTT, Cazenavette et al. 2022) with a constant-activation-memory gradient.
 
-Each iteration picks a random expert trajectory (``decoct.methods.experts``) and a start epoch
+Each iteration picks a random expert trajectory (``decoct.formats.expert_set``) and a start epoch
 ``t ~ U[min_start_epoch, max_start_epoch)``, starts a student at the expert's parameters
 ``theta_t`` and takes ``N = syn_steps`` SGD steps on minibatches of ``batch_syn`` synthetic images
 (DSA-augmented, one fresh draw per step) with a learnable step size ``alpha``::
@@ -82,18 +82,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from decoct.artifact import DistilledSet
 from decoct.augment import DSA
 from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
 from decoct.data import Dataset, normalize
+from decoct.formats.artifact import DistilledSet
+from decoct.formats.expert_set import ExpertSet, experts_command, load_experts
 from decoct.methods.base import METHODS
-from decoct.methods.experts import ExpertSet, FlatParams, experts_command, load_experts
+from decoct.models.flat_params import FlatParams
 from decoct.runtime.health import DivergedError, check_saturation, check_tensors, rerun_hint
 
 GRAD_MODES = ("exact", "tesla", "unrolled")
 
 Net = Callable[[Tensor, Tensor], Tensor]
-"""``net(flat_params, images) -> logits`` (e.g. a :class:`~decoct.methods.experts.FlatParams`)."""
+"""``net(flat_params, images) -> logits`` (e.g. a :class:`~decoct.models.flat_params.FlatParams`)."""
 Augment = Callable[[Tensor, int], Tensor]
 """``augment(images, seed) -> images``: differentiable, the same ``seed`` gives the same draw."""
 

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decoct.artifact import DistilledSet
 from decoct.augment import ZCA
 from decoct.data import DatasetInfo, normalize, to_uint8
+from decoct.formats.artifact import DistilledSet
 from decoct.methods.param import ImageParam
 from decoct.palette.losses import (
     alignment_loss,

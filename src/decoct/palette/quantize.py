@@ -6,7 +6,7 @@ target quantiser of its alignment loss L_a and colour-guided init (median cut, Â
 Every quantiser maps uint8 images (N, C, H, W) to ``(indices (N, H, W) uint8, palettes (N, K, C)
 uint8)`` with ``palettes[n][indices[n]]`` the quantised image. Palettes always have exactly K
 entries: entries a quantiser did not use repeat a used colour, so
-:meth:`decoct.artifact.DistilledSet.from_palette` accepts them and the stored PNG has one K.
+:meth:`decoct.formats.artifact.DistilledSet.from_palette` accepts them and the stored PNG has one K.
 
 * ``mediancut``: Pillow ``Image.quantize(colors=K, method=MEDIANCUT, dither=NONE)`` (what the
   AutoPalette code calls with ``method=0``; no dithering, as there).
@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from decoct.artifact import DistilledSet
 from decoct.data import DatasetInfo, to_uint8
+from decoct.formats.artifact import DistilledSet
 
 QUANTIZERS = ("mediancut", "octree", "kmeans")
 _PIL_METHODS = {"mediancut": Image.Quantize.MEDIANCUT, "octree": Image.Quantize.FASTOCTREE}
@@ -211,7 +211,7 @@ def quantize_set(dset: DistilledSet, k: int, method: str = "mediancut", *, seed:
     q: dict[str, Any] = dict(method=method, colors=k, seed=seed, source_method=dset.method,
                              dropped_label_files=sorted(dset.label_files))
     try:  # how the dropped store was made, so the note can give the relabel command as typed
-        from decoct.labels.store import LabelStore
+        from decoct.formats.label_store import LabelStore
 
         store = LabelStore.from_label_files(dset.label_files)
         if store is not None:

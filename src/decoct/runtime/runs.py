@@ -6,7 +6,7 @@ Layout of a run directory::
     config.yaml        the resolved config of the command that made it
     log.jsonl          one JSON object per event (time-stamped)
     checkpoint.pt      latest state for --resume (tensors only, loaded with weights_only=True)
-    artifact/          the distilled set (see decoct.artifact)
+    artifact/          the distilled set (see decoct.formats.artifact)
     grid.png           an image grid of the set
     eval-*.json        evaluation results (one file per protocol/model)
     DONE               written last: the run finished

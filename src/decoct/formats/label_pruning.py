@@ -25,7 +25,7 @@ from fractions import Fraction
 
 import torch
 
-from decoct.labels.store import EpochLabels, LabelStore, LabelStoreError
+from decoct.formats.label_store import EpochLabels, LabelStore, LabelStoreError
 
 __all__ = [
     "GRANULARITIES",

@@ -866,7 +866,7 @@ class DistilledSet:
         return out
 
     def _label_store_summary(self) -> dict[str, Any] | None:
-        from decoct.labels.store import HEADER_FILE, LabelStore
+        from decoct.formats.label_store import HEADER_FILE, LabelStore
 
         if HEADER_FILE not in self.label_files:
             return None

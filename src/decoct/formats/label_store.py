@@ -1,6 +1,6 @@
 """The FKD label store: recorded views + teacher logits, kept inside a distilled-set artifact.
 
-Files (``label_files`` of :class:`~decoct.artifact.DistilledSet`, so ``labels/<name>.safetensors``
+Files (``label_files`` of :class:`~decoct.formats.artifact.DistilledSet`, so ``labels/<name>.safetensors``
 and counted by :meth:`DistilledSet.storage` as label bytes)::
 
     labels/fkd.safetensors           header: one uint8 tensor holding the store's JSON header
@@ -90,7 +90,7 @@ def set_fingerprint(images: Tensor, labels: Tensor, num_classes: int) -> str:
 
 
 def dataset_fingerprint(dset: Any) -> str:
-    """:func:`set_fingerprint` of a :class:`~decoct.artifact.DistilledSet`."""
+    """:func:`set_fingerprint` of a :class:`~decoct.formats.artifact.DistilledSet`."""
     return set_fingerprint(dset.images, dset.labels, dset.info.num_classes)
 
 
@@ -251,7 +251,7 @@ class LabelStore:
 
     @classmethod
     def from_set(cls, dset: Any) -> LabelStore:
-        """The store of a :class:`~decoct.artifact.DistilledSet`, checked to belong to it."""
+        """The store of a :class:`~decoct.formats.artifact.DistilledSet`, checked to belong to it."""
         store = cls.from_label_files(dset.label_files)
         if store is None:
             raise LabelStoreError(
