@@ -3,7 +3,7 @@
 (a) the plain reference loop of the original DM: per-class Python loop, float32, NCHW, a fresh
     frozen ConvNet-D3 per iteration, one real forward of 256 and one synthetic forward per class,
     one shared DSA draw per class, summed loss, one backward, SGD step;
-(b) :class:`decoct.methods.dm.DistributionMatching` with its per-device defaults (channels_last,
+(b) :class:`decoct.matching.dm.DistributionMatching` with its per-device defaults (channels_last,
     measured real chunk, all classes' synthetic images in one forward, bf16 on CUDA only).
 
 Both run in the same process, interleaved (a, b, a, b, ...) so that load on a shared machine hits
@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from decoct.augment import DSA
 from decoct.data import load_dataset, normalize
-from decoct.methods.dm import DistributionMatching, DMConfig, dm_loss_reference
+from decoct.matching.dm import DistributionMatching, DMConfig, dm_loss_reference
 from decoct.models import model_for
 from decoct.runtime.io import atomic_write_json
 

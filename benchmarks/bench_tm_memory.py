@@ -3,7 +3,7 @@
 Each (mode, syn_steps) cell runs in a fresh subprocess so the process's peak RSS belongs to that
 cell alone: the cell builds its tensors, records its RSS, runs three iterations (a warm-up, then
 the faster of two timed ones, which is robust to other load on a shared CPU) and reports ``peak RSS - RSS before`` plus the peak bytes autograd held for backward
-(:class:`decoct.methods.tm.SavedTensorMeter`, device independent). On CUDA the cells also report
+(:class:`decoct.matching.tm.SavedTensorMeter`, device independent). On CUDA the cells also report
 ``torch.cuda.max_memory_allocated``. Results: ``benchmarks/out/tm_memory.json``.
 
     nice -n 10 python benchmarks/bench_tm_memory.py                 # CPU, ConvNet-D3 width 32, 32x32
@@ -33,7 +33,7 @@ def _rss_bytes() -> int:
 def child(mode: str, steps: int, width: int, images: int, size: int, device: str, threads: int) -> dict:
     import torch
 
-    from decoct.methods.tm import SavedTensorMeter, dsa_augment, make_plan, match_gradients
+    from decoct.matching.tm import SavedTensorMeter, dsa_augment, make_plan, match_gradients
     from decoct.models.convnet import ConvNet
     from decoct.models.flat_params import FlatParams
 

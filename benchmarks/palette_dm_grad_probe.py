@@ -20,7 +20,7 @@ import torch
 from palette_warmup_check import WhitenedInput
 
 from decoct.data import load_dataset
-from decoct.methods.dm import DistributionMatching, DMConfig, dm_loss
+from decoct.matching.dm import DistributionMatching, DMConfig, dm_loss
 
 
 def main() -> None:

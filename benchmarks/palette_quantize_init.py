@@ -19,7 +19,7 @@ import time
 import torch
 
 from decoct.data import load_dataset
-from decoct.methods.dm import DistributionMatching, DMConfig
+from decoct.matching.dm import DistributionMatching, DMConfig
 from decoct.runtime.runs import Run
 
 

@@ -7,7 +7,7 @@ network and after ``--steps`` warm-up steps (``--palette-warmup``) on random rea
 
 ``--zca`` whitens the training space as the AutoPalette CIFAR runs do; ``--input whitened`` then
 feeds the network the whitened image (the authors' code, and decoct before c935a66) instead of
-the pixel-space one decoct uses (see :mod:`decoct.palette.param`).
+the pixel-space one decoct uses (see :mod:`decoct.matching.palette.palette_param`).
 
     python benchmarks/palette_warmup_check.py --steps 300 --report-every 100
     python benchmarks/palette_warmup_check.py --steps 300 --report-every 100 --zca --input whitened
@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from decoct.augment import ZCA
 from decoct.data import load_dataset, normalize
-from decoct.palette import make_param, warmup_palette
-from decoct.palette.network import gather_palette
-from decoct.palette.quantize import quantize
+from decoct.matching.palette import make_param, warmup_palette
+from decoct.matching.palette.network import gather_palette
+from decoct.matching.palette.quantize import quantize
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -80,7 +80,7 @@ def test_corrupted_png_is_reported_and_nothing_lost(tmp_path, capsys):
 def test_interrupted_evaluation_resumes(tmp_path, capsys, monkeypatch):
     assert _select(tmp_path) == 0
     run = tmp_path / "run"
-    import decoct.evaluation as ev
+    import decoct.evaluation.protocols as ev
 
     real = ev.train_students
     calls = {"n": 0}

@@ -338,7 +338,7 @@ def test_every_flag_a_message_or_help_names_exists():
 @pytest.mark.slow
 def test_label_store_advice_works_as_typed(tmp_path, capsys):
     """Each fix the label-store errors advise, run as the message spells it, succeeds."""
-    from decoct.squeeze import squeeze
+    from decoct.decoupled.squeeze import squeeze
 
     squeeze("digits", model="convnet_bn", model_kwargs=dict(width=8), out=tmp_path / "teacher", epochs=1,
             show_progress=False, device="cpu")

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from decoct.data.types import Dataset, DatasetInfo, ImageSplit
-from decoct.methods import coreset
-from decoct.methods.coreset import (
+from decoct.coreset import select as coreset
+from decoct.coreset.select import (
     CORESET_METHODS,
     graphcut_select,
     graphcut_value,
@@ -21,6 +20,7 @@ from decoct.methods.coreset import (
     select_coreset,
     similarity_matrix,
 )
+from decoct.data.types import Dataset, DatasetInfo, ImageSplit
 
 
 def _rand(n: int, d: int, seed: int) -> torch.Tensor:

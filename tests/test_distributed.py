@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from decoct.cli import main
+from decoct.decoupled.recover import merge_parts
+from decoct.decoupled.squeeze import squeeze
 from decoct.formats.artifact import DistilledSet
-from decoct.methods.recover import merge_parts
 from decoct.runtime.distributed import shard_dir
 from decoct.runtime.io import atomic_save_tensors
-from decoct.squeeze import squeeze
 
 
 def _free_port() -> int:

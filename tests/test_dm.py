@@ -7,8 +7,7 @@ import torch
 
 from decoct.data import Dataset, DatasetInfo, ImageSplit
 from decoct.formats.artifact import DistilledSet
-from decoct.methods.base import METHODS
-from decoct.methods.dm import (
+from decoct.matching.dm import (
     DistributionMatching,
     DMConfig,
     class_means,
@@ -17,6 +16,7 @@ from decoct.methods.dm import (
     dm_loss_reference,
     resolve_speed_flags,
 )
+from decoct.methods.base import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,7 +153,7 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
 
 
 def test_fastest_chunk_picks_a_candidate_and_leaves_the_rng_alone() -> None:
-    from decoct.methods.dm import fastest_chunk
+    from decoct.matching.dm import fastest_chunk
     from decoct.models import create_model
 
     before = torch.get_rng_state()
@@ -234,7 +234,7 @@ def test_palette_warmup_runs_before_distillation() -> None:
 
 def test_dm_beats_random_real_on_digits(digits, tmp_path) -> None:
     """A short DM run on digits (IPC 1) beats random real images of the same IPC, same eval seeds."""
-    from decoct.evaluation import evaluate
+    from decoct.evaluation.protocols import evaluate
 
     dset = distill_dm(digits, tmp_path / "dm", ipc=1, iterations=30, batch_real=64, width=32, device="cpu",
                       progress=False)
@@ -286,7 +286,7 @@ def test_extreme_lr_img_stops_the_run_before_any_set_is_written(tmp_path) -> Non
 
 
 def test_a_nan_loss_stops_at_its_iteration(tmp_path, monkeypatch) -> None:
-    import decoct.methods.dm as dm_mod
+    import decoct.matching.dm as dm_mod
     from decoct.runtime.health import DivergedError
 
     calls = []

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from decoct.data import normalize
 from decoct.formats.expert_set import ExpertMismatchError, load_experts
-from decoct.methods import experts as experts_mod
-from decoct.methods.experts import train_experts
+from decoct.matching import experts as experts_mod
+from decoct.matching.experts import train_experts
 from decoct.models import model_for
 from decoct.models.flat_params import FlatParams
 from decoct.train import seeded_model

@@ -6,8 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decoct.augment.fkd import ViewRecipe, ViewRecord, apply_views, draw_views, seeded_generator
-from decoct.train.fkd import FKDConfig, _optimizer, kd_loss, lr_factor, soft_recipe_for, train_fkd
+from decoct.augment.recorded_views import (
+    ViewRecipe,
+    ViewRecord,
+    apply_views,
+    draw_views,
+    seeded_generator,
+)
+from decoct.train.soft_students import (
+    FKDConfig,
+    _optimizer,
+    kd_loss,
+    lr_factor,
+    soft_recipe_for,
+    train_fkd,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -52,7 +52,7 @@ def test_metric_and_tensor_checks_name_the_quantity():
 
 
 def test_teacher_training_stops_on_a_nan_loss(digits, tmp_path, monkeypatch):
-    import decoct.squeeze as sq
+    import decoct.decoupled.squeeze as sq
 
     real = sq.target_loss
     monkeypatch.setattr(sq, "target_loss", lambda *a, **kw: real(*a, **kw) * math.nan)
@@ -68,7 +68,7 @@ def test_teacher_training_stops_on_a_nan_loss(digits, tmp_path, monkeypatch):
 def test_expert_training_stops_on_a_nan_loss_and_keeps_no_expert(digits, tmp_path, monkeypatch):
     import torch.nn.functional as F
 
-    from decoct.methods.experts import train_experts
+    from decoct.matching.experts import train_experts
 
     real = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **kw: real(*a, **kw) * math.nan)
@@ -83,7 +83,7 @@ def test_expert_training_stops_on_a_nan_loss_and_keeps_no_expert(digits, tmp_pat
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, digits):
-    from decoct.squeeze import squeeze
+    from decoct.decoupled.squeeze import squeeze
 
     out = tmp_path_factory.mktemp("health") / "teacher"
     squeeze(digits, "convnet_bn", out=out, epochs=1, model_kwargs=dict(width=8), device="cpu", show_progress=False)
@@ -91,7 +91,7 @@ def teacher(tmp_path_factory, digits):
 
 
 def test_recover_stops_on_a_nan_loss(teacher, tmp_path, monkeypatch):
-    import decoct.methods.recover as rec
+    import decoct.decoupled.recover as rec
 
     real = rec.bn_matching_loss
     calls: list[int] = []

@@ -7,23 +7,19 @@ import pytest
 import torch
 
 from decoct.data import normalize
+from decoct.decoupled.relabel import relabel, relabel_set, replay_logits
 from decoct.formats.artifact import DistilledSet
-from decoct.labels import (
+from decoct.formats.label_pruning import (
     PRUNE_FACTORS,
-    LabelStore,
-    LabelStoreError,
-    attach_store,
     epoch_plan,
     kept_units,
     payload_model,
     prune_store,
-    relabel,
-    relabel_set,
-    replay_logits,
 )
+from decoct.formats.label_store import LabelStore, LabelStoreError, attach_store
 from decoct.models import model_for
 from decoct.train import TrainConfig, seeded_model, train_model
-from decoct.train.fkd import fill_value
+from decoct.train.soft_students import fill_value
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +106,7 @@ def test_store_from_another_artifact_is_rejected(art, digits, tmp_path):
     loaded = DistilledSet.load(tmp_path / "b")  # the artifact itself is intact...
     with pytest.raises(LabelStoreError, match="does not belong to this distilled set"):
         LabelStore.from_set(loaded)  # ...but its label store is someone else's
-    from decoct.evaluation import evaluate
+    from decoct.evaluation.protocols import evaluate
 
     with pytest.raises(LabelStoreError, match="does not belong"):
         evaluate(tmp_path / "b", "soft", runs=1, dataset=digits, device="cpu", model="mlp", progress=False)
@@ -251,8 +247,8 @@ def test_existing_store_noop_force_and_bad_teachers(art, teacher, digits):
 
 def test_soft_evaluation_end_to_end(art, teacher, digits, tmp_path):
     """Random-real IPC 2 + a 30-epoch store: a soft-label MLP student beats chance by far."""
-    from decoct.evaluation import evaluate
-    from decoct.labels import prune_labels
+    from decoct.decoupled.relabel import prune_labels
+    from decoct.evaluation.protocols import evaluate
 
     path = relabel(art, teacher, epochs=30, batch_size=8, seed=0, device="cpu", out=tmp_path / "s30")
     r = evaluate(path, "soft", runs=2, dataset=digits, device="cpu", model="mlp", lr=1e-2, progress=False)
@@ -277,7 +273,7 @@ def test_soft_evaluation_end_to_end(art, teacher, digits, tmp_path):
 
 def test_cli_relabel_prune_and_soft_evaluate(digits, tmp_path, capsys):
     from decoct.cli import main
-    from decoct.squeeze import squeeze
+    from decoct.decoupled.squeeze import squeeze
 
     squeeze(digits, model="convnet_bn", model_kwargs=dict(width=8), out=tmp_path / "teacher", epochs=1,
             show_progress=False, device="cpu")
@@ -309,9 +305,10 @@ import sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
 from decoct.formats.artifact import DistilledSet
-from decoct.labels import LabelStore, relabel
+from decoct.decoupled.relabel import relabel
+from decoct.formats.label_store import LabelStore
 from decoct.models import model_for
-from decoct.train.fkd import FKDConfig, fill_value, train_fkd
+from decoct.train.soft_students import FKDConfig, fill_value, train_fkd
 from decoct.train import seeded_model
 tmp = Path(sys.argv[1])
 info = DistilledSet.load(tmp / "a").info
@@ -339,7 +336,7 @@ def test_torchrun_relabel_and_ddp_student_match_one_process(art, teacher, tmp_pa
     import subprocess
     import sys
 
-    from decoct.train.fkd import FKDConfig, train_fkd
+    from decoct.train.soft_students import FKDConfig, train_fkd
 
     shutil.copytree(art, tmp_path / "a")
     torch.save(teacher.state_dict(), tmp_path / "teacher.pt")

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from decoct.augment import ZCA
 from decoct.data import DatasetInfo, normalize, to_uint8
 from decoct.formats.artifact import DistilledSet
-from decoct.methods.param import PixelParam
-from decoct.palette import (
+from decoct.matching.image_param import PixelParam
+from decoct.matching.palette import (
     add_palette_args,
     effective_ipc,
     init_indices,
@@ -21,15 +21,15 @@ from decoct.palette import (
     palette_budget,
     palette_options,
 )
-from decoct.palette.losses import (
+from decoct.matching.palette.losses import (
     alignment_loss,
     balance_loss,
     confidence_loss,
     max_color_loss,
     sample_pixels,
 )
-from decoct.palette.network import PaletteNet, hard_quantize, soft_quantize
-from decoct.palette.param import PaletteParam, index_bits
+from decoct.matching.palette.network import PaletteNet, hard_quantize, soft_quantize
+from decoct.matching.palette.palette_param import PaletteParam, index_bits
 
 RGB = DatasetInfo("tiny", ("a", "b"), 3, 4, 4, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
 
@@ -426,7 +426,7 @@ def test_dm_presets_resolve_to_table9(ds, ipc):
     from pathlib import Path
 
     from decoct.cli import _resolve, build_parser
-    from decoct.methods.dm import DMConfig
+    from decoct.matching.dm import DMConfig
 
     path = Path(__file__).parent.parent / "configs" / "autopalette" / f"dm-{ds}-ipc{ipc}.yaml"
     args = _resolve(build_parser(), ["distill", "dm", "--dataset", ds, "--out", "x", "--config", str(path)])
@@ -442,7 +442,7 @@ def test_dm_presets_resolve_to_table9(ds, ipc):
 
 def test_warmup_trains_only_the_network_and_lowers_the_aux_loss():
     """The code's --use_warmup: aux losses on real batches, network only, loss goes down."""
-    from decoct.palette import warmup_palette
+    from decoct.matching.palette import warmup_palette
 
     p = _param(k=4, n=6, aux_images=16, lr_palette=0.5)
     real = torch.randn(64, *RGB.image_shape, generator=torch.Generator().manual_seed(5))

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decoct.methods.coreset import graphcut_select, graphcut_value, similarity_matrix
-from decoct.palette import init_indices
-from decoct.palette.init import (
+from decoct.coreset.select import graphcut_select, graphcut_value, similarity_matrix
+from decoct.matching.palette import init_indices
+from decoct.matching.palette.init import (
     colour_guided_indices,
     gradient_kernel,
     graphcut_select_kernel,
@@ -108,7 +108,7 @@ def test_colour_guided_indices_on_digits(small):
 
 def test_colour_guided_indices_selects_graphcut_of_quantised_embeddings(small, monkeypatch):
     """The rule sees the embeddings of the *quantised* images (spied), and its picks are returned."""
-    import decoct.palette.init as pinit
+    import decoct.matching.palette.init as pinit
 
     seen = []
 

@@ -203,10 +203,10 @@ def test_teacher_experts_and_relabel_show_progress_inside_an_epoch(digits, tmp_p
     import torch
 
     import decoct.runtime.progress as prog
+    from decoct.decoupled.relabel import relabel_set
+    from decoct.decoupled.squeeze import squeeze
     from decoct.formats.artifact import DistilledSet
-    from decoct.labels.relabel import relabel_set
-    from decoct.methods.experts import train_experts
-    from decoct.squeeze import squeeze
+    from decoct.matching.experts import train_experts
 
     monkeypatch.setattr(prog, "QUIET_S", 0.0)  # tiny loops: print every 10 % line
     n = len(digits.train)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from decoct.data import DatasetInfo, normalize
 from decoct.formats.artifact import DistilledSet
-from decoct.palette.quantize import (
+from decoct.matching.palette.quantize import (
     QUANTIZERS,
     gather,
     quantize,

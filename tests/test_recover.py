@@ -11,10 +11,7 @@ from torch import nn
 
 from decoct.cli import main
 from decoct.data import Dataset, DatasetInfo, normalize
-from decoct.formats.artifact import DistilledSet
-from decoct.formats.teacher import TeacherError
-from decoct.methods.base import METHODS, run_method
-from decoct.methods.recover import (
+from decoct.decoupled.recover import (
     Recover,
     RecoverConfig,
     batch_moments,
@@ -25,8 +22,11 @@ from decoct.methods.recover import (
     real_assignment,
     shard_range,
 )
+from decoct.decoupled.squeeze import squeeze
+from decoct.formats.artifact import DistilledSet
+from decoct.formats.teacher import TeacherError
+from decoct.methods.base import METHODS, run_method
 from decoct.runtime.runs import Run
-from decoct.squeeze import squeeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,7 +294,7 @@ def test_config_files_match_presets_and_parse():
     import yaml
 
     from decoct.cli import _resolve, build_parser
-    from decoct.methods.recover import PRESETS
+    from decoct.decoupled.recover import PRESETS
 
     root = Path(__file__).resolve().parents[1] / "configs" / "decoupled"
     fam = {"cifar": "small", "tiny": "tiny", "imagenet": "imagenet"}

@@ -287,9 +287,9 @@ def test_cli_in_place_relabel_killed_between_renames_is_recovered(digits, tmp_pa
     """`decoct relabel RUN --teacher T` killed between its two renames: the next command finds the
     relabelled artifact (not a run marked done without artifact/), and the relabel's leftovers go."""
     from decoct.cli import main
+    from decoct.decoupled.squeeze import squeeze
     from decoct.formats.artifact import DistilledSet
-    from decoct.labels import LabelStore
-    from decoct.squeeze import squeeze
+    from decoct.formats.label_store import LabelStore
 
     squeeze(digits, model="convnet_bn", model_kwargs=dict(width=8), out=tmp_path / "teacher", epochs=1,
             show_progress=False, device="cpu")
@@ -404,7 +404,7 @@ def test_lock_released_on_finish_error_and_interrupt(tmp_path, monkeypatch, caps
         Run.open(tmp_path / "r", {**CFG, "ipc": 9})
     assert not (tmp_path / "r" / LOCK_NAME).exists() and not runlock._HELD
 
-    import decoct.methods.coreset as coreset
+    import decoct.coreset.select as coreset
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -443,7 +443,7 @@ time.sleep(60)
 @pytest.mark.slow
 def test_evaluate_refuses_a_run_another_process_writes(tmp_path, capsys, monkeypatch):
     """eval-*.json and log.jsonl have one writer: evaluate on a locked run stops before training."""
-    import decoct.evaluation as evaluation
+    import decoct.evaluation.protocols as evaluation
     from decoct.cli import main
 
     r = tmp_path / "r"

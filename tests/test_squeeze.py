@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoct.data import Dataset, DatasetInfo, ImageSplit, normalize
+from decoct.decoupled.squeeze import collect_bn_stats, crop_resize, rrc_boxes, squeeze
 from decoct.formats.teacher import (
     TeacherError,
     check_teacher_dataset,
@@ -16,7 +17,6 @@ from decoct.formats.teacher import (
     load_teacher_full,
 )
 from decoct.runtime.io import sha256_file
-from decoct.squeeze import collect_bn_stats, crop_resize, rrc_boxes, squeeze
 from decoct.train.trainer import make_generators
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -222,7 +222,7 @@ def test_pretrained_torchvision_only_from_cache(tmp_path, monkeypatch):
     """Never downloads: a missing cache file is a clear error; a cached one is loaded as is."""
     import torchvision
 
-    from decoct.squeeze import _torchvision_weights
+    from decoct.decoupled.squeeze import _torchvision_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "home" / "hub"))  # restored afterwards

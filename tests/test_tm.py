@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from decoct.methods.base import METHODS, run_method
-from decoct.methods.experts import train_experts
-from decoct.methods.tm import (
+from decoct.matching.experts import train_experts
+from decoct.matching.tm import (
     SavedTensorMeter,
     TMConfig,
     TrajectoryMatching,
@@ -17,6 +16,7 @@ from decoct.methods.tm import (
     make_plan,
     match_gradients,
 )
+from decoct.methods.base import METHODS, run_method
 from decoct.models.convnet import ConvNet
 from decoct.models.flat_params import FlatParams
 from decoct.runtime.runs import Run
@@ -215,7 +215,7 @@ def test_resume_equals_uninterrupted(digits, experts, tmp_path):
 
 def test_digits_ipc1_beats_random_real(digits, experts, tmp_path):
     """End to end: 2 short experts, IPC 1, 40 iterations; same fast-eval seeds as random real."""
-    from decoct.evaluation import evaluate
+    from decoct.evaluation.protocols import evaluate
 
     dset = distill_tm(digits, tmp_path / "tm", experts, ipc=1, iterations=40, syn_steps=10, max_start_epoch=2,
                       lr_img=100, lr_lr=1e-5, lr_teacher=0.01, device="cpu", progress=False)
@@ -328,7 +328,7 @@ def test_palette_warmup_through_tm(digits, experts, tmp_path):
 # ---------------------------------------------------------------------- divergence (issue 10, point 15)
 def test_check_bounds_the_learned_step_size_and_learned_tensors(digits, experts):
     """syn_lr must stay finite, > 0 and <= SYN_LR_LIMIT x lr_teacher; images and soft labels finite."""
-    from decoct.methods.tm import SYN_LR_LIMIT
+    from decoct.matching.tm import SYN_LR_LIMIT
     from decoct.runtime.health import DivergedError
 
     cfg = TMConfig(ipc=1, iterations=50, syn_steps=2, max_start_epoch=2, lr_img=100, soft_labels=True)
@@ -377,7 +377,7 @@ def test_a_run_whose_step_size_diverges_stops_without_a_set(digits, experts, tmp
 
 
 def test_a_nan_loss_stops_before_the_update(digits, experts, monkeypatch):
-    import decoct.methods.tm as tm_mod
+    import decoct.matching.tm as tm_mod
     from decoct.runtime.health import DivergedError
 
     real = tm_mod.match_gradients

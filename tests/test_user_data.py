@@ -106,7 +106,7 @@ def test_data_that_does_not_match_the_set_is_refused(tree, tmp_path, capsys, ove
 def test_sets_without_a_recorded_source(tree, tmp_path, capsys, digits):
     """Old sets: a registered name still works, a tree's folder name says which flags to pass."""
     from decoct.data import load_dataset
-    from decoct.evaluation import evaluate
+    from decoct.evaluation.protocols import evaluate
     from decoct.formats.artifact import DistilledSet
 
     data = load_dataset("imagefolder", root=tree)
@@ -217,7 +217,7 @@ def _read_only_probe(monkeypatch):
 
 
 def test_evaluate_read_only_run_fails_before_training(tree, tmp_path, capsys, monkeypatch):
-    import decoct.evaluation
+    import decoct.evaluation.protocols
 
     run = tmp_path / "run"
     assert _select(tree, run) == 0
@@ -228,7 +228,7 @@ def test_evaluate_read_only_run_fails_before_training(tree, tmp_path, capsys, mo
 
     with monkeypatch.context() as m:
         _read_only_probe(m)
-        m.setattr(decoct.evaluation, "train_students", no_training)
+        m.setattr(decoct.evaluation.protocols, "train_students", no_training)
         capsys.readouterr()
         assert main(["evaluate", str(run), *FAST]) == 2
         err = capsys.readouterr().err

@@ -15,11 +15,11 @@ _EXPORTS = {
     "evaluate_run": "decoct.api", "info": "decoct.api", "quickstart": "decoct.api", "select": "decoct.api",
     "DistilledSet": "decoct.formats.artifact",
     "Dataset": "decoct.data", "DatasetInfo": "decoct.data", "ImageSplit": "decoct.data", "list_datasets": "decoct.data", "load_dataset": "decoct.data",
-    "EvalResult": "decoct.evaluation", "evaluate": "decoct.evaluation",
+    "EvalResult": "decoct.evaluation.protocols", "evaluate": "decoct.evaluation.protocols",
     "create_model": "decoct.models", "model_for": "decoct.models",
-    "distill_dm": "decoct.methods.dm", "distill_tm": "decoct.methods.tm", "train_experts": "decoct.methods.experts",
-    "load_experts": "decoct.formats.expert_set", "recover": "decoct.methods.recover", "squeeze": "decoct.squeeze",
-    "load_teacher": "decoct.formats.teacher", "relabel": "decoct.labels.relabel", "quantize": "decoct.palette.quantize",
+    "distill_dm": "decoct.matching.dm", "distill_tm": "decoct.matching.tm", "train_experts": "decoct.matching.experts",
+    "load_experts": "decoct.formats.expert_set", "recover": "decoct.decoupled.recover", "squeeze": "decoct.decoupled.squeeze",
+    "load_teacher": "decoct.formats.teacher", "relabel": "decoct.decoupled.relabel", "quantize": "decoct.matching.palette.quantize",
 }
 
 __all__ = sorted(_EXPORTS)

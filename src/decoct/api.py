@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from decoct.data import load_dataset
-from decoct.evaluation import EvalResult, evaluate
+from decoct.evaluation.protocols import EvalResult, evaluate
 from decoct.formats.artifact import DistilledSet
 from decoct.methods.base import RunSummary, run_summary
 from decoct.report import save_grid
@@ -26,7 +26,7 @@ def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 
            download: bool = False, device: str = "auto", resume: bool = False, force: bool = False,
            progress: bool = True, config: dict[str, Any] | None = None) -> RunSummary:
     """Select ``ipc`` real images per class with a coreset rule and save them as a run."""
-    from decoct.methods.coreset import select_coreset
+    from decoct.coreset.select import select_coreset
 
     config = config or dict(method=method, dataset=dataset, ipc=ipc, seed=seed, embed=embed,
                             embed_model=embed_model, embed_epochs=embed_epochs)
@@ -71,7 +71,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store.
     Under torchrun every rank trains (DDP) but only rank 0 writes the result and the log line.
     """
-    from decoct.evaluation import protocol_config
+    from decoct.evaluation.protocols import protocol_config
     from decoct.runtime.distributed import rank
 
     art = resolve_artifact(path)
@@ -164,7 +164,7 @@ def quickstart(out: str | Path = "runs/quickstart", method: str = "dm", ipc: int
         raise ValueError(f"quickstart method {method!r} unknown; known: {', '.join(QUICKSTART_METHODS)}")
     t0 = time.perf_counter()
     if method == "dm":
-        from decoct.methods.dm import distill_dm
+        from decoct.matching.dm import distill_dm
 
         dset = distill_dm("digits", out, ipc=ipc, iterations=iterations, device=device, force=force,
                           progress=progress)

@@ -186,8 +186,8 @@ class CommandAdder:
 
 def build_parser() -> argparse.ArgumentParser:
     from decoct.api import QUICKSTART_METHODS
+    from decoct.coreset.select import CORESET_METHODS
     from decoct.data import list_datasets
-    from decoct.methods.coreset import CORESET_METHODS
 
     parser = argparse.ArgumentParser(
         prog="decoct", description="Dataset distillation with exact storage accounting.",

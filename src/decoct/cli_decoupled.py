@@ -1,8 +1,8 @@
 """Commands of the decoupled family: ``squeeze``, ``distill sre2l|dwa|lpld``.
 
-Thin wrappers: the work is :func:`decoct.squeeze.squeeze` and :func:`decoct.methods.recover.recover`.
+Thin wrappers: the work is :func:`decoct.decoupled.squeeze.squeeze` and :func:`decoct.decoupled.recover.recover`.
 Options left unset on the command line (``None``) take the preset of the method for the dataset's
-image size (:data:`decoct.methods.recover.PRESETS`); ``configs/decoupled/*.yaml`` hold the papers'
+image size (:data:`decoct.decoupled.recover.PRESETS`); ``configs/decoupled/*.yaml`` hold the papers'
 settings per table cell.
 """
 
@@ -37,7 +37,7 @@ def parse_model_kwargs(value: Any) -> dict[str, Any]:
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
     from decoct.cli import resolved_config
-    from decoct.squeeze import squeeze
+    from decoct.decoupled.squeeze import squeeze
 
     cfg = resolved_config(args)
     for k in ("max_epochs", "device", "download", "data_root", "checkpoint_every"):
@@ -70,7 +70,7 @@ def _recover_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from decoct.cli import resolved_config
-    from decoct.methods.recover import recover
+    from decoct.decoupled.recover import recover
     from decoct.runtime import distributed
 
     dset = recover(args.method, teacher=args.teacher, ipc=args.ipc, out=args.out, dataset=args.dataset,
@@ -91,7 +91,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
-    from decoct.squeeze import AUGMENTS, PRETRAINED
+    from decoct.decoupled.squeeze import AUGMENTS, PRETRAINED
 
     p = cli.command("squeeze", cmd_squeeze,
                     "Train a BatchNorm teacher (or wrap torchvision's ImageNet weights) and record its "

@@ -1,7 +1,7 @@
 """Commands of DM and the quantiser baselines: ``distill dm``, ``quantize``.
 
-Thin: argument parsing only; the work is :func:`decoct.methods.dm.distill_dm` and
-:func:`decoct.palette.quantize.quantize_command` (the Python API). ``configs/dm/*.yaml`` hold the
+Thin: argument parsing only; the work is :func:`decoct.matching.dm.distill_dm` and
+:func:`decoct.matching.palette.quantize.quantize_command` (the Python API). ``configs/dm/*.yaml`` hold the
 paper's settings per table cell.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 def cmd_distill_dm(args: argparse.Namespace) -> int:
     from decoct.cli import resolved_config
-    from decoct.methods.dm import DMConfig, distill_dm
+    from decoct.matching.dm import DMConfig, distill_dm
     from decoct.runtime.runs import Run
 
     if not args.dataset:
@@ -41,7 +41,7 @@ def cmd_distill_dm(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from decoct.cli import resolved_config
-    from decoct.palette.quantize import quantize_command, quantize_grid
+    from decoct.matching.palette.quantize import quantize_command, quantize_grid
 
     common = dict(dataset=args.dataset, ipc=args.ipc, seed=args.seed, data_root=args.data_root,
                   download=args.download, device=args.device, resume=args.resume, force=args.force)
@@ -65,9 +65,9 @@ def _dests(p: argparse.ArgumentParser) -> set[str]:
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
     from decoct.augment.dsa import DEFAULT_STRATEGY
-    from decoct.methods.dm import INITS, PRESET_ITERATIONS
-    from decoct.palette import add_palette_args
-    from decoct.palette.quantize import QUANTIZERS
+    from decoct.matching.dm import INITS, PRESET_ITERATIONS
+    from decoct.matching.palette import add_palette_args
+    from decoct.matching.palette.quantize import QUANTIZERS
 
     p = cli.distill("dm", cmd_distill_dm,
                     "Distribution matching (DM): match per-class mean embeddings of real and synthetic images "

@@ -57,7 +57,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 
 def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Path:
     """Write the label store (relabel with the teacher, or prune the existing one); its artifact path."""
-    from decoct.labels import prune_labels, relabel
+    from decoct.decoupled.relabel import prune_labels, relabel
 
     if args.teacher is None:
         if args.prune is None:
@@ -73,7 +73,7 @@ def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Pa
 
 def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int:
     from decoct.formats.artifact import DistilledSet
-    from decoct.labels import LabelStore
+    from decoct.formats.label_store import LabelStore
     from decoct.runtime.distributed import rank
     from decoct.runtime.runs import Run
 

@@ -1,7 +1,7 @@
 """Commands of trajectory matching: ``experts``, ``distill tm``.
 
-Thin: argument parsing only; the work is :func:`decoct.methods.experts.train_experts` and
-:func:`decoct.methods.tm.distill_tm` (the Python API).
+Thin: argument parsing only; the work is :func:`decoct.matching.experts.train_experts` and
+:func:`decoct.matching.tm.distill_tm` (the Python API).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _model_kwargs(model: str, width: int, norm: str) -> dict[str, Any]:
 
 def cmd_experts(args: argparse.Namespace) -> int:
     from decoct.formats.expert_set import describe
-    from decoct.methods.experts import train_experts
+    from decoct.matching.experts import train_experts
 
     es = train_experts(args.dataset, args.out, num_experts=args.num_experts, epochs=args.epochs, model=args.model,
                        model_kwargs=_model_kwargs(args.model, args.width, args.norm), lr=args.lr,
@@ -48,7 +48,7 @@ def _palette_keys(p: argparse.ArgumentParser) -> set[str]:
 
 def cmd_distill_tm(args: argparse.Namespace) -> int:
     from decoct.cli import resolved_config
-    from decoct.methods.tm import TMConfig, distill_tm
+    from decoct.matching.tm import TMConfig, distill_tm
 
     # --max-iterations only says where this call stops; it is not part of the run's identity
     config = {k: v for k, v in resolved_config(args).items() if k != "max_iterations"}
@@ -75,7 +75,7 @@ def cmd_distill_tm(args: argparse.Namespace) -> int:
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
     from decoct.augment.dsa import DEFAULT_STRATEGY
-    from decoct.palette import INIT_METHODS, add_palette_args
+    from decoct.matching.palette import INIT_METHODS, add_palette_args
 
     p = cli.command("experts", cmd_experts,
                     "Train expert trajectories for trajectory matching (MTT buffer.py recipe): N networks on "

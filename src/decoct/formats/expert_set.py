@@ -1,6 +1,6 @@
 """Expert sets: the on-disk format of expert trajectories for trajectory matching (load and verify).
 
-An *expert* is a network trained on the full real training set (:func:`decoct.methods.experts.train_experts`);
+An *expert* is a network trained on the full real training set (:func:`decoct.matching.experts.train_experts`);
 its *trajectory* is its flattened parameter vector (:class:`~decoct.models.flat_params.FlatParams`) before
 training and after every epoch.
 

@@ -153,7 +153,7 @@ def payload_model(num_images: int, num_classes: int, epochs: int, batch_size: in
     Per image and stored epoch ``2C`` (fp16 logits) + 8 (box) + 1 (flip) + 4 (index) + 2 (mix
     partner, with a mix); per batch 8 (size, batch number) + 4 (lambda, with a mix) + 8 (CutMix
     box); per epoch file 4 (epoch id). The JSON header and the safetensors file headers (about
-    0.5 KB per file) come on top. Batches as relabel makes them (see :mod:`decoct.labels.relabel`).
+    0.5 KB per file) come on top. Batches as relabel makes them (see :mod:`decoct.decoupled.relabel`).
     Compare LPLD's ``2C + 25`` per image and epoch plus ~3 KB per batch file (reference/lpld.md §7.2).
     """
     b = min(batch_size, num_images)

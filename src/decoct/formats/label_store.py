@@ -13,7 +13,7 @@ One file per stored epoch (the unit of resume and of sharding), with its stored 
     units   int32 (U,)     batch number inside the epoch (0, 1, ...; pruned epochs hold a prefix)
     sizes   int32 (U,)     images in each batch
     index   int32 (n,)     image indices, batch after batch (the batch composition)
-    crop    int16 (n, 4)   top, left, height, width in pixels (see decoct.augment.fkd)
+    crop    int16 (n, 4)   top, left, height, width in pixels (see decoct.augment.recorded_views)
     flip    bool  (n,)
     logits  float16 (n, C) the teacher's logits of exactly that view (after the mix)
     perm    int16 (n,)     mix partner inside the batch (stores with a mix only)
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from decoct.augment.fkd import ViewRecipe, ViewRecord
+from decoct.augment.recorded_views import ViewRecipe, ViewRecord
 
 __all__ = [
     "FORMAT",

@@ -1,18 +1,18 @@
 """Teacher files: the teacher directory and its BN-statistics file (load, save, verify only).
 
-A teacher directory, written by :func:`decoct.squeeze.squeeze` and read by :func:`load_teacher`::
+A teacher directory, written by :func:`decoct.decoupled.squeeze.squeeze` and read by :func:`load_teacher`::
 
     model.safetensors     the model's state dict (parameters and BN running buffers)
     bn_stats.safetensors  per BN layer ``<name>.<stat>`` (``mean``, ``var``, ``class_mean``,
                           ``class_var``, ``class_mean_exact``, ``class_var_exact``, ``class_count``),
-                          float32; what they measure is in :mod:`decoct.squeeze`
+                          float32; what they measure is in :mod:`decoct.decoupled.squeeze`
     teacher.json          format/version, model name + kwargs, dataset info, train config,
                           test accuracy, BN layer list, sha256 of both safetensors files
 
 Only safetensors files are read (no pickle). Every load checks teacher.json (format, version,
 model, both files' sha256), then the files' headers against the model teacher.json names, before
 any tensor is read; then the streamed hashes. Training a teacher and computing its statistics
-are not here: they live with the decoupled family (:mod:`decoct.squeeze`).
+are not here: they live with the decoupled family (:mod:`decoct.decoupled.squeeze`).
 """
 
 from __future__ import annotations

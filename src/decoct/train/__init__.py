@@ -1,4 +1,5 @@
-"""Training of teachers and evaluation students: one trainer, plus R students at once."""
+"""Training of teachers and evaluation students: one trainer, R students at once, and students
+from soft labels (:mod:`~decoct.train.soft_students`)."""
 
 from decoct.train.multi import ENGINES, GroupedConvNet, fit_students, resolve_engine, train_students
 from decoct.train.trainer import (

@@ -110,8 +110,8 @@ class DMConfig:
     """Hyper-parameters of a DM run; names are the CLI flags (``--batch-real`` -> ``batch_real``).
 
     ``palette_flags``: the AutoPalette flags by their argparse names (``palette_init``,
-    ``lr_palette``, ``palette_alpha``, ...), as :func:`decoct.palette.add_palette_args` defines
-    them; turned into parameterisation and init options by ``decoct.palette``. ``lr_img`` None
+    ``lr_palette``, ``palette_alpha``, ...), as :func:`decoct.matching.palette.add_palette_args` defines
+    them; turned into parameterisation and init options by ``decoct.matching.palette``. ``lr_img`` None
     means the paper's value (:attr:`resolved_lr_img`); ``amp`` / ``channels_last`` None mean the
     per-device default (:func:`resolve_speed_flags`); ``real_chunk`` 0 means measured.
     """
@@ -244,7 +244,7 @@ class DistributionMatching:
 
     # --- set-up -----------------------------------------------------------------------------
     def init(self, dataset: Dataset, device: torch.device) -> None:
-        from decoct.palette import (
+        from decoct.matching.palette import (
             effective_ipc,
             init_indices,
             init_options,
@@ -468,8 +468,8 @@ class DistributionMatching:
     # --- resume -----------------------------------------------------------------------------
     def warm_start(self, show_progress: bool = False) -> dict[str, float]:
         """The palette network's optional warm-up on real batches (``palette_warmup``; see
-        :func:`decoct.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
-        from decoct.palette import warmup_palette
+        :func:`decoct.matching.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
+        from decoct.matching.palette import warmup_palette
 
         self.warmup_metrics = warmup_palette(self.param, self.palette_flags, self.num_train,
                                              lambda i: self._real_batch(i.to(self.device)), seed=int(self.cfg.seed),
@@ -527,8 +527,8 @@ def distill_dm(dataset: str | Dataset, out: str | Path, *, config: DMConfig | di
     (re-loaded when the run had finished before).
     """
     from decoct.data import load_dataset
+    from decoct.matching.palette import effective_ipc
     from decoct.methods.base import run_method
-    from decoct.palette import effective_ipc
     from decoct.runtime.distributed import resolve_device
     from decoct.runtime.runs import Run
 

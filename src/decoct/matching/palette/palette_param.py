@@ -2,7 +2,7 @@
 
 What is optimised (reference/autopalette.md §4.1): full-resolution float images in the training
 space (ZCA-whitened when ZCA is on), initialised from real images, plus one palette network
-(:class:`~decoct.palette.network.PaletteNet`) shared by all images. What the task loss sees,
+(:class:`~decoct.matching.palette.network.PaletteNet`) shared by all images. What the task loss sees,
 ``param(idx)``, is the *soft* palette image; what is stored, ``param.to_set(info)``, is the *hard*
 one as palette-indexed PNGs (at most K colours each).
 
@@ -47,15 +47,15 @@ from torch import Tensor, nn
 from decoct.augment import ZCA
 from decoct.data import DatasetInfo, normalize, to_uint8
 from decoct.formats.artifact import DistilledSet
-from decoct.methods.param import ImageParam
-from decoct.palette.losses import (
+from decoct.matching.image_param import ImageParam
+from decoct.matching.palette.losses import (
     alignment_loss,
     balance_loss,
     confidence_loss,
     max_color_loss,
     sample_pixels,
 )
-from decoct.palette.network import PaletteNet, gather_palette, hard_quantize, soft_quantize
+from decoct.matching.palette.network import PaletteNet, gather_palette, hard_quantize, soft_quantize
 
 
 def index_bits(colors: int) -> int:
@@ -121,7 +121,7 @@ class PaletteParam(ImageParam):
       per-pixel confidence loss.
     * ``sample_ratio`` 0.3: fraction of pixels L_a samples per image.
     * ``aux_images`` 64: size of the random detached subset of the auxiliary losses (DM 64, TM 50).
-    * ``quantizer`` ``"mediancut"``: L_a's reference quantiser (see :mod:`decoct.palette.quantize`).
+    * ``quantizer`` ``"mediancut"``: L_a's reference quantiser (see :mod:`decoct.matching.palette.quantize`).
     * ``hidden`` 256, ``soften`` 1.0: the network's width and softmax temperature factor.
     """
 
@@ -131,7 +131,7 @@ class PaletteParam(ImageParam):
                  gamma: float = 3.0, conf: float = 0.0, sample_ratio: float = 0.3, aux_images: int = 64,
                  quantizer: str = "mediancut", hidden: int = 256, soften: float = 1.0) -> None:
         super().__init__(labels, zca)
-        from decoct.palette.quantize import QUANTIZERS
+        from decoct.matching.palette.quantize import QUANTIZERS
 
         index_bits(colors)
         if not isinstance(info, DatasetInfo):
@@ -216,7 +216,7 @@ class PaletteParam(ImageParam):
 
     def _reference_of_pixels(self, px: Tensor) -> Tensor:
         """:meth:`reference_indices` of images already in normalised pixel space."""
-        from decoct.palette.quantize import quantize
+        from decoct.matching.palette.quantize import quantize
 
         img8 = to_uint8(px.detach().float(), self.info).cpu()
         return quantize(img8, self.colors, self.quantizer)[0].to(px.device)
@@ -288,7 +288,7 @@ class PaletteParam(ImageParam):
 
         ``meta["palette"]`` records K, the index and palette bits per image and the paper's
         budget factor; when ``meta`` carries the budget ``ipc`` (DM and TM put it there) it also holds
-        ``budget`` = :func:`decoct.palette.palette_budget` (the paper's rule next to the true bits).
+        ``budget`` = :func:`decoct.matching.palette.palette_budget` (the paper's rule next to the true bits).
         """
         if info.image_shape != self.info.image_shape:
             raise ValueError(f"info describes {info.image_shape} images, the parameters are {self.info.image_shape}")

@@ -1,7 +1,7 @@
 """Student training from soft labels: a stored FKD label store, or an online teacher.
 
 Store mode replays every stored batch exactly (same images, same crop/flip/mix via
-:func:`decoct.augment.fkd.apply_views`) and distils from its stored fp16 logits; which stored
+:func:`decoct.augment.recorded_views.apply_views`) and distils from its stored fp16 logits; which stored
 batches make up each training epoch is :func:`decoct.formats.label_pruning.epoch_plan` (in order for a full
 store, LPLD's improved label pool for a pruned one). Online mode draws fresh views every step and
 asks the teacher (eval mode) for their logits: unlimited labels, which results must say.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decoct.augment.fkd import ViewRecipe, apply_views, draw_views, seeded_generator
+from decoct.augment.recorded_views import ViewRecipe, apply_views, draw_views, seeded_generator
 from decoct.data.types import DatasetInfo, normalize
 from decoct.formats.label_pruning import GRANULARITIES, epoch_plan
 from decoct.formats.label_store import LabelStore, LabelStoreError

@@ -14,7 +14,7 @@ Pipeline (reference/autopalette.md §4.2-4.4, §13.8):
 The caller then copies the **original** (not quantised) images at these indices into the
 synthetic set. The greedy computes the correct marginal gain for every candidate (exact greedy by
 default; ``greedy="stochastic"`` is the code's epsilon = 0.9 sampler, without DeepCore's
-index-alignment bug, §4.4): the feature path reuses :func:`decoct.methods.coreset.graphcut_select`;
+index-alignment bug, §4.4): the feature path reuses :func:`decoct.coreset.select.graphcut_select`;
 the gradient path, whose vectors are too long to materialise, uses :func:`graphcut_select_kernel`
 on the per-class kernel (the cosine of ``(p - y) (x) [1, e]`` factorises as
 ``cos(p_i - y_i, p_j - y_j) * cos([1, e_i], [1, e_j])``).
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from decoct.coreset.select import GREEDY_MODES, graphcut_select
 from decoct.data import Dataset, normalize
-from decoct.methods.coreset import GREEDY_MODES, graphcut_select
 from decoct.models import model_for
 from decoct.train import TrainConfig, train_model
 
@@ -45,7 +45,7 @@ def graphcut_select_kernel(sim: Tensor, k: int, lam: float = 1.0, greedy: str = 
     """Greedy graph cut on a precomputed symmetric kernel ``sim`` (n, n); picks in order.
 
     Gain of ``c`` given ``A``: ``lam sum_i s(i, c) - 2 sum_{a in A} s(a, c) - s(c, c)``, i.e.
-    ``f(A + c) - f(A)`` for ``f`` of :func:`decoct.methods.coreset.graphcut_value`. Same
+    ``f(A + c) - f(A)`` for ``f`` of :func:`decoct.coreset.select.graphcut_value`. Same
     tie-breaking (smallest index) and stochastic sampler as ``graphcut_select``.
     """
     s = torch.as_tensor(sim).to(torch.float64)
@@ -90,7 +90,7 @@ def gradient_kernel(residual: Tensor, embed: Tensor) -> Tensor:
 def quantized_train_images(dataset: Dataset, colors: int, quantizer: str = "mediancut",
                            chunk: int = 4096) -> Tensor:
     """uint8 training images reduced to ``colors`` colours (``colors == 0``: unchanged, 8-bit)."""
-    from decoct.palette.quantize import gather, quantize
+    from decoct.matching.palette.quantize import gather, quantize
 
     images = dataset.train.images
     if colors == 0:
@@ -109,7 +109,7 @@ def colour_guided_indices(dataset: Dataset, ipc: int, colors: int, *, seed: int 
     """``ipc`` training-set indices per class chosen by graph cut on ``colors``-colour images.
 
     ``ipc`` is the number of synthetic images per class actually distilled (already enlarged by
-    :func:`decoct.palette.effective_ipc`). ``colors = 0`` selects on the 8-bit images (the paper's
+    :func:`decoct.matching.palette.effective_ipc`). ``colors = 0`` selects on the 8-bit images (the paper's
     "Graph Cut Real" ablation). Indices are grouped class by class in class order and, within a
     class, in selection order. Deterministic for a given ``seed`` (network init, batch order,
     stochastic draws).

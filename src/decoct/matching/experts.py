@@ -1,7 +1,7 @@
 """Expert trajectories for trajectory matching (MTT, Cazenavette et al. 2022): training them.
 
 An *expert* is a network trained on the full real training set; its *trajectory* is its flattened
-parameter vector before training and after every epoch. Trajectory matching (``decoct.methods.tm``)
+parameter vector before training and after every epoch. Trajectory matching (``decoct.matching.tm``)
 starts a student at epoch ``t`` of a random expert and asks the synthetic set to move it, in a few
 steps, to where the expert was at epoch ``t + M``.
 

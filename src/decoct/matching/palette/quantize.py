@@ -238,9 +238,9 @@ def quantize_command(src: str | Path | None = None, *, colors: int, method: str 
 
     Returns the run summary (``decoct.methods.base.RunSummary``): images, bytes on disk and raw bytes.
     """
+    from decoct.coreset.select import random_baseline_indices
     from decoct.data import load_dataset
     from decoct.methods.base import run_summary
-    from decoct.methods.coreset import random_baseline_indices
     from decoct.report import save_grid
     from decoct.runtime.distributed import resolve_device
     from decoct.runtime.runs import Run, resolve_artifact

@@ -13,7 +13,7 @@ is the mean of each image's own pixels in that bucket (§13.1):
 
 The assignment ``m`` is computed from one tensor (what the network sees: the training-space
 image, ZCA-whitened when ZCA is on) and the palette from another (``pixels``), which lets the
-ZCA case keep the K-colour property in pixel space (see :mod:`decoct.palette.param`).
+ZCA case keep the K-colour property in pixel space (see :mod:`decoct.matching.palette.palette_param`).
 
 The two 1x1 convs are held as ``nn.Conv2d`` (so the state dict reads like ColorCNN's) but run as
 matrix products on channels-last pixels, which is the same arithmetic and faster on CPU.

@@ -2,7 +2,7 @@
 
 DESIGN §2: AutoPalette is a parameterisation, not a method. DM and TM only talk to an
 :class:`ImageParam`; plain pixels (:class:`PixelParam`) and palette images
-(``decoct.palette.PaletteParam``) implement the same interface, so ``--palette K`` on either
+(``decoct.matching.palette.PaletteParam``) implement the same interface, so ``--palette K`` on either
 method is one switch.
 
 The interface::

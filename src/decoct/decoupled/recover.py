@@ -22,7 +22,7 @@ One implementation, three presets (``METHODS`` names ``sre2l``, ``dwa``, ``lpld`
   BN targets stay the original teacher's running statistics (dwa.md §3.4, §2.4).
 * **LPLD** (Xiao & He, NeurIPS 2024) — batches of one class (all IPC images of the class, or
   ``batch_size`` of them), matched against that class's BN statistics recorded by
-  :func:`decoct.squeeze.squeeze` (no global term), N(0, 1) initialisation (lpld.md §3).
+  :func:`decoct.decoupled.squeeze.squeeze` (no global term), N(0, 1) initialisation (lpld.md §3).
 
 Choices where the official code differs from the papers or has bugs (not copied):
 
@@ -73,6 +73,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decoct.data import Dataset, DatasetInfo, normalize, to_uint8
+from decoct.decoupled.squeeze import crop_resize
+from decoct.decoupled.squeeze import rrc_boxes as _rrc_boxes
 from decoct.formats.artifact import DistilledSet
 from decoct.formats.teacher import (
     BNStats,
@@ -94,8 +96,6 @@ from decoct.runtime.distributed import (
     world_size,
 )
 from decoct.runtime.health import check_metrics, check_tensors, rerun_hint
-from decoct.squeeze import crop_resize
-from decoct.squeeze import rrc_boxes as _rrc_boxes
 
 __all__ = [
     "FAMILIES",

@@ -1,7 +1,7 @@
 """Relabel: build an FKD label store for a distilled set with a teacher (SRe2L/LPLD relabel).
 
 For every stored epoch the set is shuffled, cut into batches of ``batch_size`` images, and for
-each batch a view record is drawn (crop, flip, mix; see :mod:`decoct.augment.fkd`), applied, and
+each batch a view record is drawn (crop, flip, mix; see :mod:`decoct.augment.recorded_views`), applied, and
 the teacher's logits of exactly that view are stored in fp16 next to the record and the batch
 composition (reference/lpld.md §4). With ``prune`` only the first ``floor((1-r) E B)`` full
 batches are generated (LPLD §4.3).
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from decoct.augment.fkd import ViewRecipe, apply_views, draw_views, seeded_generator
+from decoct.augment.recorded_views import ViewRecipe, apply_views, draw_views, seeded_generator
 from decoct.formats.artifact import DistilledSet
 from decoct.formats.label_pruning import _prune_header, kept_units, pool_total, prune_ratio
 from decoct.formats.label_store import (
@@ -165,7 +165,7 @@ def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 def _generate_epoch(teacher: nn.Module, x: Tensor, plan: RelabelPlan, epoch: int, units: list[int],
                     view: ViewRecipe, seed: int, fill: Tensor, amp: bool, channels_last: bool,
                     on_batch: Callable[[int], None] | None = None) -> EpochLabels:
-    from decoct.train.fkd import teacher_logits
+    from decoct.train.soft_students import teacher_logits
 
     order = _epoch_order(seed, epoch, plan.num_images)
     _, _, h, w = x.shape
@@ -194,7 +194,7 @@ class _Job:
                  seed: int, device: str | torch.device, prune: int | None, view: ViewRecipe | None,
                  amp: bool | None, channels_last: bool | None) -> None:
         from decoct.data.types import normalize
-        from decoct.train.fkd import fill_value, soft_recipe_for
+        from decoct.train.soft_students import fill_value, soft_recipe_for
 
         if not dset.is_canonical:
             raise ValueError("relabel needs a set in canonical (class-sorted) order; use set.canonical()")
@@ -340,7 +340,7 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
 def replay_logits(teacher: nn.Module, images: Tensor, store: LabelStore, epoch: int, pos: int,
                   fill: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(recomputed fp16 logits, stored fp16 logits) of one stored batch: a replay check."""
-    from decoct.train.fkd import teacher_logits
+    from decoct.train.soft_students import teacher_logits
 
     idx, rec, stored = store.batch_at(epoch, pos)
     x = apply_views(images[idx.to(images.device)], rec, fill)

@@ -6,7 +6,7 @@ Shared entry points used by DM and TM (they only call these):
 * ``effective_ipc(ipc, palette)``: the paper's storage-budget rule (images per class distilled).
 * ``palette_budget(ipc, palette, image_shape)``: that rule next to the true bit count.
 * ``make_param(init, labels, zca, palette, **options) -> ImageParam``: pixels when
-  ``palette == 0``, :class:`~decoct.palette.param.PaletteParam` otherwise.
+  ``palette == 0``, :class:`~decoct.matching.palette.palette_param.PaletteParam` otherwise.
 * ``palette_options(config, info=...)``: the parsed flags -> ``make_param`` keyword options.
 * ``init_indices(dataset, ipc, palette, method, seed, device, **options)`` and
   ``init_options(config)``: which real images initialise the synthetic set (``real`` or
@@ -30,8 +30,8 @@ from torch import Tensor
 
 from decoct.augment import ZCA
 from decoct.data import DatasetInfo
-from decoct.methods.param import ImageParam, PixelParam
-from decoct.palette.param import PaletteParam, effective_ipc, palette_budget
+from decoct.matching.image_param import ImageParam, PixelParam
+from decoct.matching.palette.palette_param import PaletteParam, effective_ipc, palette_budget
 
 INIT_METHODS: tuple[str, ...] = ("real", "graphcut")
 
@@ -58,8 +58,8 @@ _INIT_KEYS = {
 
 def add_palette_args(p: argparse.ArgumentParser) -> None:
     """Add the AutoPalette flags (defaults: the paper's CIFAR values, except the init epochs)."""
-    from decoct.palette.init import SIMILARITIES
-    from decoct.palette.quantize import QUANTIZERS
+    from decoct.matching.palette.init import SIMILARITIES
+    from decoct.matching.palette.quantize import QUANTIZERS
 
     g = p.add_argument_group("AutoPalette")
     g.add_argument("--palette", type=int, default=0,
@@ -161,7 +161,7 @@ def make_param(init: Tensor, labels: Tensor, zca: ZCA | None = None, palette: in
                **options: Any) -> ImageParam:
     """Pixels (``palette == 0``; palette options are then ignored) or AutoPalette with K = ``palette``.
 
-    Options for the palette (see :class:`~decoct.palette.param.PaletteParam`): ``info``
+    Options for the palette (see :class:`~decoct.matching.palette.palette_param.PaletteParam`): ``info``
     (required), ``lr_palette``, ``palette_momentum``, ``palette_weight_decay``, ``alpha``, ``beta``,
     ``gamma``, ``conf``, ``sample_ratio``, ``aux_images``, ``quantizer``, ``hidden``, ``soften``.
     """
@@ -181,14 +181,14 @@ def init_indices(dataset: Any, ipc: int, palette: int = 0, method: str = "real",
 
     ``ipc`` is the count actually distilled (pass ``effective_ipc(...)`` for palette runs). Grouped
     class by class in class order. ``real``: uniformly random per class (seeded). ``graphcut``:
-    AutoPalette's colour-guided init (:func:`decoct.palette.init.colour_guided_indices`) on images
+    AutoPalette's colour-guided init (:func:`decoct.matching.palette.init.colour_guided_indices`) on images
     quantised to ``palette`` colours (8-bit when 0); ``options``: ``epochs``, ``lr``, ``batch_size``,
     ``model``, ``similarity``, ``greedy``, ``epsilon``, ``quantizer``, ``progress``.
     """
     if method not in INIT_METHODS:
         raise ValueError(f"unknown init method {method!r}; known: {', '.join(INIT_METHODS)}")
     if method == "graphcut":
-        from decoct.palette.init import colour_guided_indices
+        from decoct.matching.palette.init import colour_guided_indices
 
         return colour_guided_indices(dataset, ipc, palette, seed=seed, device=device, **options)
     if options:

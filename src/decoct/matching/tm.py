@@ -460,7 +460,7 @@ class TrajectoryMatching:
 
     # --- set-up -----------------------------------------------------------------------------
     def init(self, dataset: Dataset, device: torch.device) -> None:
-        from decoct.palette import (
+        from decoct.matching.palette import (
             effective_ipc,
             init_indices,
             init_options,
@@ -590,8 +590,8 @@ class TrajectoryMatching:
     # --- resume -----------------------------------------------------------------------------
     def warm_start(self, show_progress: bool = False) -> dict[str, float]:
         """The palette network's optional warm-up on real batches (``palette_warmup``; see
-        :func:`decoct.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
-        from decoct.palette import warmup_palette
+        :func:`decoct.matching.palette.warmup_palette`); {} when off. Fresh runs only (see methods.base)."""
+        from decoct.matching.palette import warmup_palette
 
         self.warmup_metrics = warmup_palette(self.param, self.palette_flags, len(self.train_images),
                                              self._real_batch, seed=int(self.cfg.seed), show_progress=show_progress)
@@ -674,8 +674,8 @@ def distill_tm(dataset: str | Dataset, out: str | Path, experts: str | Path | Ex
     flags). Returns the stored set (re-loaded when the run had finished before).
     """
     from decoct.data import load_dataset
+    from decoct.matching.palette import effective_ipc
     from decoct.methods.base import run_method
-    from decoct.palette import effective_ipc
     from decoct.runtime.distributed import resolve_device
     from decoct.runtime.runs import Run
 

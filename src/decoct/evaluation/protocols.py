@@ -8,7 +8,7 @@ Protocols (DESIGN §4):
   batch 256, DSA augmentation; ZCA when the artifact carries one. Final-epoch accuracy.
 * ``fast`` — the same recipe with 300 epochs, for CPU smoke runs; always labelled as such and
   never to be compared with paper numbers.
-* ``soft`` — the decoupled family's recipe (:mod:`decoct.train.fkd`): a ResNet-18 student
+* ``soft`` — the decoupled family's recipe (:mod:`decoct.train.soft_students`): a ResNet-18 student
   distilled with KL at the reference temperature from the artifact's FKD label store (replaying
   its stored views), or from an online teacher (``online_teacher=``; unlimited labels, reported
   as protocol ``soft-online``). Optimiser, schedule, epochs, batch and views per dataset from
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from decoct.augment import DSA, ZCA
+from decoct.coreset.select import random_baseline_indices
 from decoct.data import Dataset, normalize
 from decoct.data.provenance import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
 from decoct.formats.artifact import DistilledSet
-from decoct.methods.coreset import random_baseline_indices
 from decoct.models import model_for
 from decoct.runtime.distributed import join_torchrun, resolve_device
 from decoct.train import TrainConfig, train_students
@@ -47,7 +47,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                     augment="dsa", model="convnet", model_kwargs=dict(width=128, norm="instance")),
     "fast": dict(epochs=300, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
                  augment="dsa", model="convnet", model_kwargs=dict(width=128, norm="instance")),
-    # None = from the dataset's reference recipe (decoct.train.fkd.soft_recipe_for) or the label store
+    # None = from the dataset's reference recipe (decoct.train.soft_students.soft_recipe_for) or the label store
     "soft": dict(epochs=None, lr=None, momentum=None, weight_decay=None, batch_size=None, schedule=None,
                  optimizer=None, warmup_epochs=None, temperature=None, t2=None, no_decay_1d=None,
                  granularity="auto", model="resnet18", model_kwargs={}),
@@ -267,9 +267,9 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     Everything that can be wrong (no store, a store of another set, a batch size the store was
     not made with, a teacher of other classes) fails here, before the first student trains.
     """
+    from decoct.decoupled.relabel import check_teacher_output, resolve_teacher
     from decoct.formats.label_store import LabelStore
-    from decoct.labels.relabel import check_teacher_output, resolve_teacher
-    from decoct.train.fkd import FKDConfig, fill_value, fit_soft_students, soft_recipe_for
+    from decoct.train.soft_students import FKDConfig, fill_value, fit_soft_students, soft_recipe_for
 
     device = join_torchrun(device)  # under torchrun every student trains with DDP
     info = dataset.info
