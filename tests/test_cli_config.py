@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from decoct import cli
-from decoct.cli import META_KEYS, _resolve, build_parser, main
+from decoct.cli import build_parser, main
+from decoct.cli.common import META_KEYS, _resolve
 from decoct.runtime.config import RANGES, ConfigError, Range, check_value, key_specs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -230,24 +231,24 @@ def test_message_and_traceback_policy(tmp_path, capsys, monkeypatch):
         (KeyError("missing key 'a'"), "decoct report: error: missing key 'a'"),
     ]
     for exc, line in cases:
-        monkeypatch.setattr(cli, "cmd_report", boom(exc))
+        monkeypatch.setattr(cli.sets, "cmd_report", boom(exc))
         assert main(argv) == 2
         assert capsys.readouterr().err == line + "\n"
     import yaml
 
     for exc, start in [(yaml.YAMLError("bad yaml"), "YAMLError: bad yaml"),
                        (EOFError("Compressed file ended"), "EOFError: Compressed file ended")]:
-        monkeypatch.setattr(cli, "cmd_report", boom(exc))
+        monkeypatch.setattr(cli.sets, "cmd_report", boom(exc))
         assert main(argv) == 2
         assert capsys.readouterr().err == f"decoct report: error: {start}\n"
-    monkeypatch.setattr(cli, "cmd_report", boom(ValueError("v" * 10**6)))
+    monkeypatch.setattr(cli.sets, "cmd_report", boom(ValueError("v" * 10**6)))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err) < cli.MAX_MESSAGE_CHARS + 100 and err.endswith("(1,000,000 characters)\n")
-    monkeypatch.setattr(cli, "cmd_report", boom(KeyboardInterrupt()))
+    monkeypatch.setattr(cli.sets, "cmd_report", boom(KeyboardInterrupt()))
     assert main(argv) == 130
     assert "rerun with --resume" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "cmd_report", boom(TypeError("a bug")))
+    monkeypatch.setattr(cli.sets, "cmd_report", boom(TypeError("a bug")))
     with pytest.raises(TypeError):
         main(argv)
 
@@ -283,7 +284,7 @@ def test_safetensors_error_is_a_user_error(tmp_path, capsys, monkeypatch):
         load_file(bad)
         return 0
 
-    monkeypatch.setattr(cli, "cmd_report", cmd)
+    monkeypatch.setattr(cli.sets, "cmd_report", cmd)
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("decoct report: error: SafetensorError: ") and err.count("\n") == 1
@@ -306,7 +307,7 @@ _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 def _string_constants():
     import ast
 
-    for f in sorted((Path(cli.__file__).parent).rglob("*.py")):
+    for f in sorted((Path(cli.__file__).parents[1]).rglob("*.py")):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 yield f"{f.name}:{node.lineno}", node.value
@@ -318,7 +319,7 @@ def test_every_flag_a_message_or_help_names_exists():
     import ast
 
     defined = set(_EXTERNAL_FLAGS)
-    for f in sorted((Path(cli.__file__).parent).rglob("*.py")):
+    for f in sorted((Path(cli.__file__).parents[1]).rglob("*.py")):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
                 defined |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
@@ -396,7 +397,7 @@ def test_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys):
     with pytest.raises(OSError) as e:
         io.atomic_write_json(target, {"a": 1})
     assert e.value.filename == str(target) and not list(tmp_path.iterdir())  # no temporary left
-    monkeypatch.setattr(cli, "cmd_report", lambda args: io.atomic_write_json(target, {}))
+    monkeypatch.setattr(cli.sets, "cmd_report", lambda args: io.atomic_write_json(target, {}))
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"decoct report: error: {target}: No space left on device (free some "
                                        "space, or choose another output directory)\n")
@@ -408,9 +409,9 @@ def test_closed_stdout_pipe_is_quiet(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom decoct import cli\n"
+    code = ("import sys\nfrom decoct import cli\nfrom decoct.cli import sets\n"
             "def cmd(args):\n    for _ in range(20000):\n        print('x' * 60)\n    return 0\n"
-            "cli.cmd_report = cmd\nsys.exit(cli.main(['report', 'X']))\n")
+            "sets.cmd_report = cmd\nsys.exit(cli.main(['report', 'X']))\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()
     err = p.stderr.read()
@@ -418,7 +419,7 @@ def test_closed_stdout_pipe_is_quiet(tmp_path):
 
 
 def test_model_kwargs_read_scientific_notation():
-    from decoct.cli_decoupled import parse_model_kwargs
+    from decoct.cli.decoupled import parse_model_kwargs
 
     assert parse_model_kwargs("width=64,eps=1e-5,stem=imagenet") == {"width": 64, "eps": 1e-5, "stem": "imagenet"}
     with pytest.raises(ValueError, match=r"\.\.\. \(5,002 characters\)"):

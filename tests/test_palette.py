@@ -425,7 +425,8 @@ def test_palette_budget_factor_matches_brute_force_rule():
 def test_dm_presets_resolve_to_table9(ds, ipc):
     from pathlib import Path
 
-    from decoct.cli import _resolve, build_parser
+    from decoct.cli import build_parser
+    from decoct.cli.common import _resolve
     from decoct.matching.dm import DMConfig
 
     path = Path(__file__).parent.parent / "configs" / "autopalette" / f"dm-{ds}-ipc{ipc}.yaml"

@@ -293,7 +293,8 @@ def test_config_files_match_presets_and_parse():
 
     import yaml
 
-    from decoct.cli import _resolve, build_parser
+    from decoct.cli import build_parser
+    from decoct.cli.common import _resolve
     from decoct.decoupled.recover import PRESETS
 
     root = Path(__file__).resolve().parents[1] / "configs" / "decoupled"

@@ -262,7 +262,8 @@ def test_cli_experts_then_distill_with_resume(tmp_path, capsys):
 def test_presets_resolve(name):
     from pathlib import Path
 
-    from decoct.cli import _resolve, build_parser
+    from decoct.cli import build_parser
+    from decoct.cli.common import _resolve
 
     path = Path(__file__).parent.parent / "configs" / "tm" / f"{name}.yaml"
     args = _resolve(build_parser(), ["distill", "tm", "--dataset", "cifar10", "--out", "x", "--config", str(path)])

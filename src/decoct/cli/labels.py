@@ -9,7 +9,7 @@ from typing import Any
 
 
 def cmd_relabel(args: argparse.Namespace) -> int:
-    from decoct.cli import resolved_config
+    from decoct.cli.common import resolved_config
     from decoct.runtime.distributed import barrier, rank, world_size
     from decoct.runtime.runs import Run, clean_temporaries, lock_run, resolve_artifact, run_kind
 
@@ -100,7 +100,7 @@ def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int
 
 
 def register(cli: Any) -> None:
-    """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
+    """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.common.CommandAdder`)."""
     from decoct.formats.label_pruning import PRUNE_FACTORS
 
     p = cli.command(

@@ -36,7 +36,7 @@ def parse_model_kwargs(value: Any) -> dict[str, Any]:
 
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
-    from decoct.cli import resolved_config
+    from decoct.cli.common import resolved_config
     from decoct.decoupled.squeeze import squeeze
 
     cfg = resolved_config(args)
@@ -69,7 +69,7 @@ def _recover_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from decoct.cli import resolved_config
+    from decoct.cli.common import resolved_config
     from decoct.decoupled.recover import recover
     from decoct.runtime import distributed
 
@@ -90,7 +90,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def register(cli: Any) -> None:
-    """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.CommandAdder`)."""
+    """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.common.CommandAdder`)."""
     from decoct.decoupled.squeeze import AUGMENTS, PRETRAINED
 
     p = cli.command("squeeze", cmd_squeeze,

@@ -1,0 +1,160 @@
+"""Commands on sets and runs: ``quickstart``, ``select`` (the coreset family), ``evaluate``, ``info``,
+``export``, ``report``.
+
+Thin: argument parsing only; the work is :mod:`decoct.api` (select, evaluate_run, quickstart, info),
+:meth:`decoct.formats.artifact.DistilledSet.export_imagefolder` and :func:`decoct.report.write_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from decoct.cli.common import CommandAdder, resolved_config
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from decoct.api import select
+
+    out = select(args.method, dataset=args.dataset, ipc=args.ipc, out=args.out, seed=args.seed,
+                 embed=args.embed, embed_model=args.embed_model, embed_epochs=args.embed_epochs,
+                 data_root=args.data_root, download=args.download, device=args.device,
+                 resume=args.resume, force=args.force, progress=args.progress, config=resolved_config(args))
+    print(out.summary())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from decoct.api import evaluate_run
+
+    result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
+                          epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
+                          data_root=args.data_root, resume=args.resume, force=args.force,
+                          progress=args.progress, teacher=args.teacher, dataset=args.dataset,
+                          download=args.download, save=args.save)
+    from decoct.runtime.distributed import rank
+
+    if rank() != 0:  # torchrun: one report, from rank 0
+        return 0
+    print(result.summary("set"))
+    if result.baseline is not None:
+        print(result.baseline.summary(f"random ipc{result.baseline.extra['ipc']}"))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from decoct.api import quickstart
+
+    quickstart(out=args.out, method=args.method, ipc=args.ipc, runs=args.runs, epochs=args.epochs,
+               iterations=args.iterations, device=args.device, force=args.force, progress=args.progress)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from decoct.api import info
+
+    report = info(args.path)
+    print(json.dumps(report, indent=2))
+    problems = report["problems"]
+    if problems:  # exit 2 exactly when loading the set would fail
+        print(f"decoct info: error: {report['path']} failed its integrity check ({len(problems)} "
+              f"problem{'s' if len(problems) > 1 else ''}); the set will not load:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from decoct.formats.artifact import EXPORT_MARKER, DistilledSet
+    from decoct.runtime.runs import resolve_artifact
+
+    dset = DistilledSet.load(resolve_artifact(args.path))
+    dset.export_imagefolder(args.imagefolder, overwrite=args.force)
+    print(f"wrote {len(dset)} images as an ImageFolder tree to {args.imagefolder}, with {EXPORT_MARKER}")
+    print("to train on it as decoct evaluates it:")
+    for line in dset.export_notes():
+        print(f"  - {line}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from decoct.report import write_report
+
+    md = write_report(args.paths, args.out)
+    print(f"wrote {md}")
+    return 0
+
+
+def register(cli: CommandAdder) -> None:
+    """Add the commands on sets and runs to the ``decoct`` parser (see :class:`decoct.cli.common.CommandAdder`)."""
+    from decoct.api import QUICKSTART_METHODS
+    from decoct.coreset.select import CORESET_METHODS
+    from decoct.data import list_datasets
+
+    p = cli.command("quickstart", cmd_quickstart,
+            "Offline demo: distil the bundled 8x8 digits with the best available method, evaluate it "
+            "against random real images of equal storage, print accuracy and bytes (< 3 min on a CPU).")
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--method", default="dm", choices=QUICKSTART_METHODS,
+                   help="dm (distribution matching, the best measured on digits) or a coreset")
+    p.add_argument("--iterations", type=int, default=200, help="DM iterations")
+    p.add_argument("--ipc", type=int, default=2, help="images per class")
+    p.add_argument("--runs", type=int, default=3, help="students trained per set")
+    p.add_argument("--epochs", type=int, default=300, help="student epochs (the fast protocol)")
+
+    p = cli.command("select", cmd_select, "Select a coreset of real images (random, herding, k-center, graph-cut).")
+    p.add_argument("method", choices=CORESET_METHODS)
+    p.add_argument("--dataset", required=True,
+                   help=f"registered dataset name: {', '.join(list_datasets())} (imagefolder: your own "
+                        "train/<class>/ + test/<class>/ tree, given as --data-root)")
+    p.add_argument("--ipc", type=int, required=True, help="images per class")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embed", default="random", choices=["random", "trained"],
+                   help="embedding net for herding/k-center/graph-cut: freshly initialised or trained on real data")
+    p.add_argument("--embed-model", default="convnet", help="model used for embeddings")
+    p.add_argument("--embed-epochs", type=int, default=5, help="epochs of real-data training when --embed trained")
+
+    p = cli.command("evaluate", cmd_evaluate, "Train students on a distilled set; report accuracy mean ± std and bytes.")
+    p.add_argument("path", help="run directory or artifact directory")
+    p.add_argument("--protocol", default="classic", choices=["classic", "fast", "soft"],
+                   help="classic: 1000 epochs, the matching papers' recipe; fast: 300 epochs for CPU smoke runs; "
+                        "soft: KD from the set's FKD label store (decoct relabel) with the decoupled papers' recipe")
+    p.add_argument("--model", default=None, help="student model (default: the protocol's: ConvNet for classic/fast, ResNet-18 for soft)")
+    p.add_argument("--runs", type=int, default=5, help="students (independent initialisations and augmentations)")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first student (the others follow)")
+    p.add_argument("--baseline", default=None, choices=["random"],
+                   help="also evaluate random real images of equal storage")
+    p.add_argument("--engine", default="auto", choices=["auto", "sequential", "vmap", "grouped"],
+                   help="multi-student engine")
+    p.add_argument("--teacher", default=None,
+                   help="soft protocol only: teacher directory labelling fresh views online (unlimited labels)")
+    p.add_argument("--dataset", default=None,
+                   help="registered dataset of the test data (default: the one the set records; with --data-root "
+                        "to evaluate on data that has moved)")
+    p.add_argument("--no-save", dest="save", action="store_false",
+                   help="write nothing (no eval-*.json, no log line): for a read-only run")
+
+    p = cli.command("info", cmd_info, "Show a distilled set's manifest summary, storage and integrity.", run=False)
+    p.add_argument("path", help="run directory or artifact directory")
+
+    p = cli.command("export", cmd_export,
+            "Export a distilled set as a plain ImageFolder tree (<out>/<class>/<k>.png), with what evaluation "
+            "applies to it beside the tree: decoct-export.json (class order, file of every row, hard labels, "
+            "normalisation mean/std, learned lr, what to apply), labels.safetensors (soft-label sets: "
+            "'soft_labels' logits, row i = files[i]) and zca.safetensors (ZCA sets: 'mean', 'W'; "
+            "x' = (x.flatten() - mean) @ W after normalising). Prints what a consumer must apply.",
+            run=False)
+    p.add_argument("path", help="run directory or artifact directory")
+    p.add_argument("--imagefolder", required=True,
+                   help="output directory: new, empty, or an earlier decoct export (with --force)")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an earlier decoct export in --imagefolder (never a directory decoct did not "
+                        "export)")
+
+    p = cli.command("report", cmd_report, "Markdown table and accuracy-vs-bytes plot for a set of runs.", run=False)
+    p.add_argument("paths", nargs="+", help="run directories")
+    p.add_argument("--out", default="report", help="output directory")
