@@ -1,6 +1,7 @@
 """Squeeze: train (or wrap) a BatchNorm teacher, then record its BN-input statistics.
 
-A teacher directory, written by :func:`squeeze` and read by :func:`load_teacher`::
+A teacher directory, written by :func:`squeeze` and read by :func:`~decoct.formats.teacher.load_teacher`
+(the format and its checks: :mod:`decoct.formats.teacher`)::
 
     model.safetensors     the model's state dict (parameters and BN running buffers)
     bn_stats.safetensors  per BN layer ``<name>.*`` (see below), float32
