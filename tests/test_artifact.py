@@ -16,8 +16,10 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import decoct.formats.artifact as art
+import decoct.formats.png as png_mod
 from decoct.data.types import DatasetInfo, normalize
-from decoct.formats.artifact import ArtifactError, DistilledSet, verify
+from decoct.formats.artifact import DistilledSet, verify
+from decoct.formats.errors import ArtifactError
 
 
 def make_info(
@@ -326,7 +328,7 @@ def test_failed_save_leaves_existing_artifact_untouched(tmp_path: Path, monkeypa
     before = files_under(target)
     manifest_before = (target / "manifest.json").read_bytes()
     calls = {"n": 0}
-    real_encode = art._encode_png
+    real_encode = art.encode_png
 
     def flaky_encode(*args, **kwargs):
         calls["n"] += 1
@@ -334,7 +336,7 @@ def test_failed_save_leaves_existing_artifact_untouched(tmp_path: Path, monkeypa
             raise OSError("disk full")
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(art, "_encode_png", flaky_encode)
+    monkeypatch.setattr(art, "encode_png", flaky_encode)
     with pytest.raises(OSError, match="disk full"):
         rgb_set(seed=1).save(target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp dir left behind
@@ -468,7 +470,7 @@ def _no_decode(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("decoded / allocated before the manifest's numbers were checked")
 
-    monkeypatch.setattr(art.Image, "open", boom)
+    monkeypatch.setattr(png_mod.Image, "open", boom)
     monkeypatch.setattr(art.torch, "repeat_interleave", boom)
 
 
@@ -534,14 +536,14 @@ def _forge_ihdr(root: Path, rel: str, **fields: int) -> None:
 
 def _never_decode(monkeypatch, path: Path) -> None:
     """Pillow may open every PNG except the one at ``path``."""
-    real, bad = art.Image.open, path.read_bytes()
+    real, bad = png_mod.Image.open, path.read_bytes()
 
     def guarded(fp, *a, **k):
         if fp.getvalue() == bad:
             pytest.fail(f"{path.name} was decoded before its header was checked")
         return real(fp, *a, **k)
 
-    monkeypatch.setattr(art.Image, "open", guarded)
+    monkeypatch.setattr(png_mod.Image, "open", guarded)
 
 
 @pytest.mark.parametrize(

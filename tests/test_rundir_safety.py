@@ -268,7 +268,8 @@ def test_next_open_of_a_run_recovers_a_killed_artifact_replacement(tmp_path, mon
         with pytest.raises(_Killed):
             dio.replace_dir(tmp, r / "artifact")
     assert not (r / "artifact").exists()
-    from decoct.formats.artifact import ArtifactError, DistilledSet
+    from decoct.formats.artifact import DistilledSet
+    from decoct.formats.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="interrupted.*decoct info"):  # not a bare "no manifest"
         DistilledSet.load(r / "artifact")

@@ -23,7 +23,9 @@ palette sizes agree with the files it lists (so its numbers cannot size an alloc
 is a plain file (no symbolic links) of the listed size and SHA-256 (hashed in chunks), no file is
 unlisted, each PNG's header (size, bit depth, colour type) is checked before it is decoded (images
 are at most :data:`MAX_IMAGE_SIDE` pixels a side), each safetensors header before it is loaded,
-and the manifest's ``storage`` claims must equal what the files measure.
+and the manifest's ``storage`` claims must equal what the files measure. Encoding and decoding the
+PNGs themselves is :mod:`decoct.formats.png`; every problem raises
+:class:`~decoct.formats.errors.ArtifactError`.
 
 Ordering: an artifact stores images class by class (class 0 first) and, within a class, in the
 order they appear in ``images``; loading returns them in that *canonical* order. ``save``
@@ -38,20 +40,17 @@ import math
 import os
 import re
 import shutil
-import struct
 import tempfile
-import warnings
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from decoct.data.types import DatasetInfo, normalize, to_uint8
+from decoct.formats.errors import ArtifactError
+from decoct.formats.png import bits_for, decode_png, encode_png, gather_palette
 from decoct.runtime.filecheck import (
     FileCheckError,
     confined_path,
@@ -77,7 +76,6 @@ __all__ = [
     "FORMAT",
     "MAX_IMAGE_SIDE",
     "VERSION",
-    "ArtifactError",
     "DistilledSet",
     "ExportError",
     "class_dir_name",
@@ -89,7 +87,6 @@ FORMAT = "decoct-distilled-set"
 VERSION = 1
 MANIFEST = "manifest.json"
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _FLOAT_STORAGE = {torch.float16: "safetensors-float16", torch.float32: "safetensors-float32"}
 _FLOAT_STORAGE_DTYPES = {v: k for k, v in _FLOAT_STORAGE.items()}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -107,10 +104,6 @@ EXPORT_MARKER = "decoct-export.json"
 mark that lets ``export --force`` replace a directory decoct itself exported (and nothing else)."""
 _EXPORT_LABELS = "labels.safetensors"
 _EXPORT_ZCA = "zca.safetensors"
-
-
-class ArtifactError(ValueError):
-    """An artifact on disk is missing, corrupted, or not a decoct distilled set."""
 
 
 class ExportError(ValueError):
@@ -154,152 +147,6 @@ def _check_tensor_files(files: Any, what: str) -> dict[str, dict[str, Tensor]]:
                 raise ValueError(f"{what}[{name!r}] must map str -> Tensor, got {key!r}: {type(t)}")
         out[name] = {k: t.detach().cpu() for k, t in tensors.items()}
     return out
-
-
-def _gather_palette(indices: Tensor, palettes: Tensor) -> Tensor:
-    """palettes (N,K,C) looked up at indices (N,H,W) -> images (N,C,H,W)."""
-    n = torch.arange(indices.shape[0]).view(-1, 1, 1)
-    return palettes[n, indices.long()].permute(0, 3, 1, 2).contiguous()
-
-
-def _bits_for(k: int) -> int:
-    """ceil(log2 k), at least 1: bits needed to index k distinct values."""
-    return max(1, (k - 1).bit_length())
-
-
-def _png_depth_for_palette(k: int) -> int:
-    """PNG palette images exist at 1, 2, 4 or 8 bits per pixel."""
-    return 1 if k <= 2 else 2 if k <= 4 else 4 if k <= 16 else 8
-
-
-def _png_layout(data: bytes) -> tuple[int, int, int]:
-    """(bit depth, colour type, number of PLTE entries) read from a PNG's header chunks."""
-    if data[:8] != _PNG_MAGIC:
-        raise ValueError("not a PNG")
-    pos, depth, colour, plte = 8, -1, -1, 0
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        if kind == b"IHDR":
-            depth, colour = data[pos + 16], data[pos + 17]
-        elif kind == b"PLTE":
-            plte = length // 3
-        elif kind == b"IDAT":
-            break
-        pos += 12 + length
-    return depth, colour, plte
-
-
-def _encode_png(
-    image: Tensor, indices: Tensor | None = None, palette: Tensor | None = None
-) -> bytes:
-    """One image as PNG bytes: palette-indexed when ``palette`` is given, else 8-bit RGB/L.
-
-    Palette PNGs carry exactly the image's K colours and the smallest bit depth PNG allows
-    (Pillow picks 1/2/4/8 bits from the PLTE size; ``bits=`` caps it). The written header is
-    checked so a Pillow that pads the palette or widens the depth fails loudly instead of
-    silently inflating the reported storage.
-    """
-    buf = BytesIO()
-    if palette is not None and indices is not None:
-        k, c = palette.shape
-        h, w = indices.shape
-        rgb = palette.numpy() if c == 3 else palette.numpy().repeat(3, axis=1)
-        im = Image.frombytes("P", (w, h), indices.numpy().tobytes())
-        im.putpalette(rgb.tobytes(), rawmode="RGB")
-        im.save(buf, format="PNG", optimize=True, bits=_bits_for(k))
-        data = buf.getvalue()
-        depth, colour, entries = _png_layout(data)
-        if (depth, colour, entries) != (_png_depth_for_palette(k), 3, k):
-            raise RuntimeError(
-                f"Pillow wrote a palette PNG with bit depth {depth}, colour type {colour} and "
-                f"{entries} palette entries; expected depth {_png_depth_for_palette(k)} with {k} "
-                "entries. This Pillow version is not supported for palette storage."
-            )
-        return data
-    hwc = image.permute(1, 2, 0).numpy()
-    im = Image.fromarray(np.ascontiguousarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc))
-    im.save(buf, format="PNG", compress_level=9)
-    return buf.getvalue()
-
-
-def _png_header(data: bytes, rel: str) -> tuple[int, int, int, int]:
-    """(width, height, bit depth, colour type) from a PNG's IHDR, read without decoding."""
-    if len(data) < 33 or data[:8] != _PNG_MAGIC:
-        raise ArtifactError(f"{rel}: not a PNG file (no PNG signature and header)")
-    length, kind = struct.unpack(">I4s", data[8:16])
-    if kind != b"IHDR" or length != 13:
-        raise ArtifactError(f"{rel}: PNG does not start with its IHDR header — the file is corrupted")
-    w, h, depth, colour = struct.unpack(">IIBB", data[16:26])
-    return w, h, depth, colour
-
-
-def _decode_png(
-    data: bytes, rel: str, info: DatasetInfo, palette_mode: bool, palette_size: int | None = None
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """PNG bytes -> (pixels (C,H,W), palette indices (H,W) or None, palette (K,C) or None).
-
-    The PNG header (size, bit depth, colour type) is compared with what the manifest says
-    before Pillow decodes anything, so a 13000x13000 image in an 8x8 set costs nothing; Pillow's
-    decompression-bomb warning is turned into an error as a second guard.
-    """
-    w, h, depth, colour = _png_header(data, rel)
-    if (w, h) != (info.width, info.height):
-        raise ArtifactError(
-            f"{rel}: PNG header says {w}x{h} (WxH), dataset {info.name!r} in manifest.json is "
-            f"{info.width}x{info.height}; not decoded"
-        )
-    c = info.channels
-    if palette_mode:
-        want = (_png_depth_for_palette(palette_size) if palette_size is not None else depth, 3)
-        kind = f"a {palette_size}-colour palette PNG"
-    else:
-        want = (8, 2 if c == 3 else 0)
-        kind = "an 8-bit RGB PNG" if c == 3 else "an 8-bit greyscale PNG"
-    if (depth, colour) != want:
-        raise ArtifactError(
-            f"{rel}: PNG header has bit depth {depth} and colour type {colour}, the manifest's "
-            f"storage needs {kind} (depth {want[0]}, colour type {want[1]}); not decoded"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(BytesIO(data)) as im:
-                fmt, mode, size = im.format, im.mode, im.size
-                if size != (info.width, info.height):  # Pillow's reading of the header, before load
-                    raise ValueError(f"Pillow reads the size as {size}")
-                im.load()
-                arr = np.array(im)
-                pal = im.getpalette() if mode == "P" else None
-    except Exception as e:  # Pillow raises many types for damaged files
-        raise ArtifactError(
-            f"{rel}: cannot be decoded as a PNG ({e}) — the file is corrupted"
-        ) from e
-    if fmt != "PNG":
-        raise ArtifactError(f"{rel}: is a {fmt} file, expected PNG")
-    if palette_mode:
-        if mode != "P" or not pal:
-            raise ArtifactError(f"{rel}: PNG mode is {mode!r}, a palette set needs mode 'P'")
-        # numpy, not torch: per-image torch indexing costs milliseconds of dispatch overhead
-        palette = np.asarray(pal, dtype=np.uint8).reshape(-1, 3)[:, :c]
-        if palette_size is not None and palette.shape[0] != palette_size:
-            raise ArtifactError(
-                f"{rel}: palette has {palette.shape[0]} colours, manifest.json says {palette_size}"
-            )
-        indices = arr.astype(np.uint8)
-        if int(indices.max()) >= palette.shape[0]:
-            raise ArtifactError(f"{rel}: pixel index {int(indices.max())} is outside its palette")
-        pixels = np.ascontiguousarray(palette[indices].transpose(2, 0, 1))
-        return (
-            torch.from_numpy(pixels),
-            torch.from_numpy(indices),
-            torch.from_numpy(np.ascontiguousarray(palette)),
-        )
-    want_mode = "RGB" if c == 3 else "L"
-    if mode != want_mode:
-        raise ArtifactError(f"{rel}: PNG mode is {mode!r}, expected {want_mode!r} for {c} channel(s)")
-    hwc = arr.reshape(info.height, info.width, c)
-    return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1).contiguous(), None, None
 
 
 @dataclass(eq=False)
@@ -422,8 +269,8 @@ class DistilledSet:
             raise ValueError(
                 f"palette_indices reach {int(idx.max())} but palettes have K={k} colours"
             )
-        if not torch.equal(_gather_palette(idx, pal), self.images):
-            bad = (_gather_palette(idx, pal) != self.images).flatten(1).any(1).nonzero().flatten()
+        if not torch.equal(gather_palette(idx, pal), self.images):
+            bad = (gather_palette(idx, pal) != self.images).flatten(1).any(1).nonzero().flatten()
             raise ValueError(
                 f"images must equal palettes[n][palette_indices[n]]; they differ for images "
                 f"{bad[:10].tolist()} (use DistilledSet.from_palette to build images)"
@@ -471,7 +318,7 @@ class DistilledSet:
             raise ValueError(f"indices and palettes must be uint8, got {idx.dtype} and {pal.dtype}")
         if idx.numel() and int(idx.max()) >= pal.shape[1]:
             raise ValueError(f"indices reach {int(idx.max())} but palettes have K={pal.shape[1]}")
-        images = _gather_palette(idx, pal)
+        images = gather_palette(idx, pal)
         return cls(info, images, labels, palette_indices=idx, palettes=pal, **kwargs)
 
     @classmethod
@@ -639,9 +486,9 @@ class DistilledSet:
         else:
             for rel, i in self._image_paths():
                 if self.palettes is not None and self.palette_indices is not None:
-                    data = _encode_png(self.images[i], self.palette_indices[i], self.palettes[i])
+                    data = encode_png(self.images[i], self.palette_indices[i], self.palettes[i])
                 else:
-                    data = _encode_png(self.images[i])
+                    data = encode_png(self.images[i])
                 put(rel, data, "images")
         if self.soft_labels is not None:
             put(_SOFT_FILE, tensors_to_bytes({"soft_labels": self.soft_labels.half()}), "labels")
@@ -690,7 +537,7 @@ class DistilledSet:
             images = self.float_images.numel() * self.float_images.element_size() * 8
             palettes = 0
         elif self.palette_sizes is not None:
-            images = sum(h * w * _bits_for(k) for k in self.palette_sizes)
+            images = sum(h * w * bits_for(k) for k in self.palette_sizes)
             palettes = sum(k * c * 8 for k in self.palette_sizes)
         else:
             images, palettes = n * c * h * w * 8, 0
@@ -850,7 +697,7 @@ class DistilledSet:
                 dirs.append(d)
                 for k, i in enumerate(members):
                     p = d / f"{k:05d}.png"
-                    p.write_bytes(_encode_png(self.images[i]))
+                    p.write_bytes(encode_png(self.images[i]))
                     written.append(p)
                     rows.append((f"{name}/{k:05d}.png", i))
             written += self._write_export_side_files(tmp, names, rows)
@@ -1360,7 +1207,7 @@ def _decode(root: Path, layout: _Layout) -> DistilledSet:
         pixels, all_idx, all_pal = [], [], []
         for i, rel in enumerate(layout.image_files):
             k = layout.palette_sizes[i] if layout.palette_sizes is not None else None
-            px, idx, pal = _decode_png(_read_listed(root, layout, rel), rel, info, palette_mode, k)
+            px, idx, pal = decode_png(_read_listed(root, layout, rel), rel, info, palette_mode, k)
             pixels.append(px)
             all_idx.append(idx)
             all_pal.append(pal)
