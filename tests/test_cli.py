@@ -26,7 +26,13 @@ def test_select_evaluate_report_export(tmp_path, capsys):
     ev = json.loads(next(run.glob("eval-fast-*.json")).read_text())
     assert len(ev["accuracies"]) == 2 and 0.3 < ev["mean"] <= 1.0 and not ev["partial"]
     assert ev["bytes_on_disk"] > 0 and ev["baseline"]["extra"]["ipc"] == 2
-    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    # a failed attempt beside it (a run directory without a set) is skipped with a note, as
+    # `decoct report runs/*` meets it, not an error that hides every other run
+    assert main(["select", "random", "--dataset", "imagefolder", "--data-root", str(tmp_path / "nope"),
+                 "--ipc", "1", "--out", str(tmp_path / "failed"), "--no-progress"]) == 2
+    capsys.readouterr()
+    assert main(["report", str(run), str(tmp_path / "failed"), "--out", str(tmp_path / "rep")]) == 0
+    assert "skipping" in capsys.readouterr().err
     assert "| run |" in (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "accuracy_vs_bytes.png").exists()
     assert main(["export", str(run), "--imagefolder", str(tmp_path / "exp")]) == 0

@@ -424,3 +424,19 @@ def test_model_kwargs_read_scientific_notation():
     assert parse_model_kwargs("width=64,eps=1e-5,stem=imagenet") == {"width": 64, "eps": 1e-5, "stem": "imagenet"}
     with pytest.raises(ValueError, match=r"\.\.\. \(5,002 characters\)"):
         parse_model_kwargs("x" * 5000)
+
+
+def test_a_config_file_supplies_required_flags(tmp_path, capsys):
+    """`--config` holds every key, required ones too; a required key given nowhere is one line."""
+    from decoct.cli import main
+
+    cfg = tmp_path / "sel.yaml"
+    cfg.write_text(f"dataset: digits\nipc: 1\nout: {tmp_path / 'R'}\n")
+    assert main(["select", "random", "--config", str(cfg), "--no-progress"]) == 0
+    assert (tmp_path / "R" / "DONE").exists()
+    capsys.readouterr()
+    assert main(["select", "random", "--no-progress", "--out", str(tmp_path / "R2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("decoct select: error: the following arguments are required: --dataset, --ipc (on the "
+                   "command line, or as keys dataset, ipc in --config)")
+    assert not (tmp_path / "R2").exists()

@@ -464,3 +464,27 @@ def test_evaluate_refuses_a_run_another_process_writes(tmp_path, capsys, monkeyp
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_without_a_set_says_which_state_it_is_in(tmp_path):
+    """info/evaluate on a run with no set: in progress (a live lock), resumable, or to re-run."""
+    r = tmp_path / "r"
+    run = Run.open(r, CFG)
+    run.close()
+    with pytest.raises(RunError, match="stopped before saving any work; run its command again"):
+        resolve_artifact(r)
+    run = Run.open(r, CFG, resume=True)
+    run.save_checkpoint({"it": torch.tensor(1)})
+    run.close()
+    with pytest.raises(RunError, match="plus --resume"):
+        resolve_artifact(r)
+    proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(r)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(RunError, match=rf"still in progress \(pid {proc.pid},"):
+            resolve_artifact(r)
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(RunError, match="plus --resume"):  # a dead holder's lock is stale
+        resolve_artifact(r)

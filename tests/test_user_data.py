@@ -277,3 +277,17 @@ def test_evaluate_really_read_only_run(tree, tmp_path, capsys):
     finally:
         for p in [run, *run.rglob("*")]:
             p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_a_stored_result_is_reused_only_for_the_same_data(tree, tmp_path, capsys):
+    """A finished eval-*.json answers a repeat of the same command (and says so), never an
+    evaluation asked on other data: `--dataset digits` must not print the tree's old accuracy."""
+    run = tmp_path / "run"
+    assert _select(tree, run) == 0
+    assert main(["evaluate", str(run), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *FAST]) == 0
+    assert "already evaluated" in capsys.readouterr().out
+    assert main(["evaluate", str(run), *FAST, "--dataset", "digits"]) == 2
+    assert "'digits' with 10" in capsys.readouterr().err
+    assert _eval_json(run)["data"] == {"dataset": None, "data_root": None}

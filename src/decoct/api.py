@@ -81,11 +81,17 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     target = run_dir / eval_filename(tag, cfg["model"], cfg["epochs"], baseline) if run_dir else None
     writer = rank() == 0 and save
     state: dict[str, list[float]] = {}
+    # the test data asked for: a stored result is reused only for the same data (an override
+    # with --dataset/--data-root evaluates afresh, and refuses data that does not fit the set)
+    data = {"dataset": dataset, "data_root": str(Path(data_root).expanduser().absolute()) if data_root else None}
     if target is not None and target.exists() and not force:
         saved = json.loads(target.read_text())
-        same = saved.get("seed") == seed and saved.get("requested_runs") == runs
+        same = (saved.get("seed") == seed and saved.get("requested_runs") == runs
+                and saved.get("data", {"dataset": None, "data_root": None}) == data)
         if not saved.get("partial") and same:
-            return _result_from_dict(saved)
+            reused = _result_from_dict(saved)
+            reused.extra = {**reused.extra, "reused": str(target)}
+            return reused
         if saved.get("partial") and not resume:
             raise RuntimeError(f"{target} holds an interrupted evaluation; pass --resume to continue it "
                                "or --force to start over")
@@ -99,7 +105,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
 
     def checkpoint(st: dict[str, list[float]]) -> None:
         if target is not None and writer:
-            atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, state=st))
+            atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, data=data, state=st))
 
     with lock:
         result = evaluate(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
@@ -107,7 +113,8 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                           baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
                           model=model, epochs=epochs, online_teacher=teacher)
         if target is not None and writer:
-            atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs))
+            atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs,
+                                           data=data))
             Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
                              std=result.std, runs=runs, seconds=round(result.seconds, 2))
     return result

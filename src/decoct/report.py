@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from decoct.runtime.filecheck import read_json_object
 from decoct.runtime.io import atomic_write_text
+from decoct.runtime.runs import run_kind
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, max_per_class: int = 10) -> Path:
@@ -38,11 +40,20 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, max_
 
 
 def collect(paths: list[str | Path]) -> list[dict]:
-    """One row per (run, evaluation) with method, IPC, accuracy and bytes."""
+    """One row per (run, evaluation) with method, IPC, accuracy and bytes.
+
+    A decoct run without a set yet (unfinished, or stopped by an error) is skipped with a note on
+    stderr, so ``decoct report runs/*`` works beside a failed attempt; any other path without a
+    manifest is an error.
+    """
     rows = []
     for p in map(Path, paths):
         manifest_path = p / "artifact" / "manifest.json" if (p / "artifact").exists() else p / "manifest.json"
         if not manifest_path.exists():
+            if run_kind(p) in ("run", "legacy"):
+                state = "unfinished" if not (p / "DONE").exists() else "finished but without a set"
+                print(f"report: skipping {p}: a decoct run with no set yet ({state})", file=sys.stderr)
+                continue
             raise FileNotFoundError(f"{p}: no artifact manifest found (is it a decoct run directory?)")
         m = read_json_object(manifest_path)  # an object, or one error naming the file
         counts = m.get("counts_per_class", [])

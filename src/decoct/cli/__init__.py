@@ -18,7 +18,13 @@ import time
 from collections.abc import Callable
 
 from decoct.cli import sets
-from decoct.cli.common import CommandAdder, _common, _HelpFormatter, _resolve
+from decoct.cli.common import (
+    CommandAdder,
+    _common,
+    _HelpFormatter,
+    _resolve,
+    config_may_supply_required,
+)
 from decoct.runtime.config import ConfigError, clip
 
 # ----------------------------------------------------------------------------------------------
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in PLUGINS:
         importlib.import_module(mod).register(adder)
+    config_may_supply_required(parser)
     return parser
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from decoct.runtime.config import (
+    ConfigError,
     check_value,
     key_specs,
     load_yaml,
@@ -44,6 +45,20 @@ def _common(p: argparse.ArgumentParser, *, run: bool = True) -> None:
         g.add_argument("--force", action="store_true", help="start over even if the run directory holds a run")
 
 
+def config_may_supply_required(parser: argparse.ArgumentParser) -> None:
+    """Let ``--config`` supply required flags (``dataset: cifar10`` in a preset): argparse would
+    refuse the command line before the preset is read, so every required flag of every command is
+    made optional to argparse and checked by :func:`_resolve` after the preset and ``--set``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                config_may_supply_required(sub)
+        elif action.option_strings and action.required:
+            action.required = False
+            action.config_required = True  # type: ignore[attr-defined]
+            action.help = f"{action.help or ''} (required: the flag, or the key in --config/--set)".strip()
+
+
 def _resolve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse: defaults <- YAML <- typed flags <- --set, every key typed and checked by its flag.
 
@@ -67,6 +82,11 @@ def _resolve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Names
                 typed[key] = value
     overrides = merge({k: typed[k] for k in known}, split_overrides(args.set), "--set", specs, raw=True)
     typed.update(overrides)
+    missing = [a.option_strings[-1] for a in sub._actions
+               if getattr(a, "config_required", False) and typed.get(a.dest) is None]
+    if missing:
+        raise ConfigError(f"the following arguments are required: {', '.join(missing)} (on the command line, "
+                          f"or as keys {', '.join(m.lstrip('-').replace('-', '_') for m in missing)} in --config)")
     return args
 
 

@@ -40,6 +40,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(result.summary("set"))
     if result.baseline is not None:
         print(result.baseline.summary(f"random ipc{result.baseline.extra['ipc']}"))
+    if result.extra.get("reused"):
+        print(f"(already evaluated: read from {result.extra['reused']}; --force evaluates again)")
     return 0
 
 

@@ -86,6 +86,24 @@ def lock_owner(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else {}
 
 
+def lock_stale(directory: str | os.PathLike[str]) -> bool:
+    """True unless a live process holds ``directory``'s lock (no lock file counts as stale).
+
+    Probes with a non-blocking flock that is released at once; where flock is unavailable the
+    recorded pid decides (see :func:`_stale_by_pid`). Only for messages: it takes nothing."""
+    try:
+        fd = os.open(Path(directory) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        flocked = _try_flock(fd)
+        if flocked is None:
+            return _stale_by_pid(lock_owner(directory))
+        return bool(flocked)
+    finally:
+        os.close(fd)  # closing drops a flock we took
+
+
 def _describe(info: dict[str, Any] | None) -> str:
     if not info:
         return "another process (its lock file names no owner)"

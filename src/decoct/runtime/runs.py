@@ -57,7 +57,7 @@ from decoct.runtime.io import (
     safe_torch_load,
 )
 from decoct.runtime.progress import progress  # noqa: F401  (re-exported: callers import it from here)
-from decoct.runtime.runlock import LOCK_NAME, RunLock, RunLockError
+from decoct.runtime.runlock import LOCK_NAME, RunLock, RunLockError, lock_owner, lock_stale
 
 
 class RunError(RuntimeError):
@@ -439,6 +439,14 @@ def resolve_artifact(path: str | Path) -> Path:
         return p
     if (p / "artifact" / "manifest.json").exists():
         return p / "artifact"
+    if run_kind(p) in ("run", "legacy"):  # a run with no set yet: say which state it is in
+        owner = lock_owner(p)
+        if owner is not None and not lock_stale(p):
+            raise RunError(f"{p} is a decoct run still in progress (pid {owner.get('pid', '?')}, started "
+                           f"{owner.get('started', '?')}); its set appears when it finishes")
+        how = ("continue it with the same command plus --resume" if (p / "checkpoint.pt").exists()
+               else "it stopped before saving any work; run its command again")
+        raise RunError(f"{p} is an unfinished decoct run with no set yet: {how} (see {p / 'log.jsonl'})")
     raise FileNotFoundError(f"{p} is neither a distilled-set artifact nor a run directory holding one "
                             "(no manifest.json found)")
 
