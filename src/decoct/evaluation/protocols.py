@@ -90,7 +90,8 @@ class EvalResult:
 
     def summary(self, label: str = "set") -> str:
         return (f"{label:<12} {100 * self.mean:6.2f} ± {100 * self.std:5.2f} %  "
-                f"({len(self.accuracies)} runs, {self.protocol}, {self.model})  "
+                f"({len(self.accuracies)} run{'s' if len(self.accuracies) != 1 else ''}, {self.protocol}, "
+                f"{self.model})  "
                 f"{self.num_images} images, {self.bytes_on_disk:,} B on disk, {self.raw_bytes:,} B raw")
 
 

@@ -871,7 +871,7 @@ def _check_export_target(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} is not empty and is not a decoct export (no {EXPORT_MARKER}); refusing to "
                           "replace it: choose a new or empty directory")
     if not overwrite:
-        raise ExportError(f"{out} holds an earlier decoct export; pass --force (overwrite=True) to replace it")
+        raise ExportError(f"{out} holds an earlier decoct export; pass --force (in Python: overwrite=True) to replace it")
     ours = set(m.get("files") or []) | set(m.get("side_files") or [])
     for dirpath, dirnames, filenames in os.walk(out):
         for name in dirnames + filenames:
