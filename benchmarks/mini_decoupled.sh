@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4 mini benchmark (DESIGN §6): CIFAR-10, IPC 10, CPU teacher (ConvNet-BN width 64),
-# SRe2L / DWA / LPLD recover, FKD relabel (stored epochs = student epochs), LPLD pruning 10x/40x,
-# soft evaluation with a ConvNet-BN student, 3 runs.
+# Issue 4 mini benchmark (docs/README.md, Benchmarks and presets): CIFAR-10, IPC 10, CPU teacher
+# (ConvNet-BN width 64), SRe2L / DWA / LPLD recover, FKD relabel (stored epochs = student epochs),
+# LPLD pruning 10x/40x, soft evaluation with a ConvNet-BN student, 3 runs.
 # Usage: OMP_NUM_THREADS=1 bash benchmarks/mini_decoupled.sh   (outputs in runs/bench/)
 set -euo pipefail
 B=runs/bench; TE=${TEACHER_EPOCHS:-4}; IT=${RECOVER_ITERATIONS:-500}; EP=${STUDENT_EPOCHS:-30}

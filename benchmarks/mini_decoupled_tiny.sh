@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 4 mini benchmark (DESIGN §6) on tinyimagenet10 (64x64, 10 classes, 500 train/class):
-# CPU teacher (ConvNet-D4-BN width 64), SRe2L / DWA / LPLD recover at IPC 10 with the "tiny"
-# presets (iterations cut to $RECOVER_ITERATIONS), FKD relabel with batch 25 (4 stored batches per
-# epoch) so 40x pruning keeps whole batches, LPLD pruning 10x/40x, soft evaluation, 3 runs.
+# Issue 4 mini benchmark (docs/README.md, Benchmarks and presets) on tinyimagenet10 (64x64, 10
+# classes, 500 train/class): CPU teacher (ConvNet-D4-BN width 64), SRe2L / DWA / LPLD recover at IPC
+# 10 with the "tiny" presets (iterations cut to $RECOVER_ITERATIONS), FKD relabel with batch 25 (4
+# stored batches per epoch) so 40x pruning keeps whole batches, LPLD pruning 10x/40x, soft
+# evaluation, 3 runs.
 # Usage: OMP_NUM_THREADS=1 bash benchmarks/mini_decoupled_tiny.sh   (outputs in runs/bench/)
 set -euo pipefail
 B=runs/bench; TE=${TEACHER_EPOCHS:-20}; IT=${RECOVER_ITERATIONS:-300}; EP=${STUDENT_EPOCHS:-30}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 3 mini benchmark (DESIGN §6): CIFAR-10, IPC 10, CPU, fast evaluation (300 epochs), 3 runs.
+# Issue 3 mini benchmark (docs/README.md, Benchmarks and presets): CIFAR-10, IPC 10, CPU, fast
+# evaluation (300 epochs), 3 runs.
 # Usage: OMP_NUM_THREADS=1 bash benchmarks/mini_matching.sh   (outputs in runs/bench/)
 set -euo pipefail
 B=runs/bench; IT=${DM_ITERATIONS:-100}

@@ -6,11 +6,12 @@ mix (CutMix or Mixup: a permutation of the batch, lambda and, for CutMix, one bo
 record, applies it, runs the teacher and stores record + logits; the student later applies the very
 same record (:func:`apply_views`), so it sees bit-identical inputs to the ones the teacher saw.
 
-Order of operations follows SRe2L / LPLD relabel (reference/lpld.md §4.1): crop -> resize back to
-the full resolution (bilinear) -> horizontal flip -> normalise -> mix on the normalised batch. We
-normalise *first*: bilinear interpolation has weights that sum to one and normalisation is a
-per-channel affine map, so the two commute (up to float rounding), and the padding fill of a
-padded crop is the normalised black pixel, exactly what torchvision's zero padding gives.
+Order of operations follows SRe2L / LPLD relabel (docs/label-store.md, What a view is): crop ->
+resize back to the full resolution (bilinear) -> horizontal flip -> normalise -> mix on the
+normalised batch. We normalise *first*: bilinear interpolation has weights that sum to one and
+normalisation is a per-channel affine map, so the two commute (up to float rounding), and the
+padding fill of a padded crop is the normalised black pixel, exactly what torchvision's zero padding
+gives.
 
 Crop kinds (:class:`ViewRecipe`):
 
@@ -22,11 +23,11 @@ Crop kinds (:class:`ViewRecipe`):
 * ``none`` -- the whole image.
 
 Boxes are stored as integer pixels (not the fractions of the reference format), so replay never
-suffers the off-by-one-pixel round trip of float boxes that reference/lpld.md §10 item 15 notes.
-The resize is implemented with two gathers (rows, then columns), vectorised over the batch and
-deterministic on CPU and CUDA; it matches ``torch.nn.functional.interpolate(mode="bilinear",
-align_corners=False)`` of each crop to float rounding. Crops are never larger than the output, so
-anti-aliasing never applies.
+suffers the off-by-one-pixel round trip of float boxes that docs/label-store.md, Where decoct
+departs from the reference format, notes. The resize is implemented with two gathers (rows, then
+columns), vectorised over the batch and deterministic on CPU and CUDA; it matches
+``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` of each crop to float
+rounding. Crops are never larger than the output, so anti-aliasing never applies.
 """
 
 from __future__ import annotations

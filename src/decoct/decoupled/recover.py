@@ -13,23 +13,25 @@ One implementation, three presets (``METHODS`` names ``sre2l``, ``dwa``, ``lpld`
   [0, 1] range after every step, the last iterate kept. ``A`` is one batch-shared augmentation per
   iteration: RandomResizedCrop (scale 0.08-1) + flip when ``crop``/``flip``, then a circular roll
   by (dy, dx) drawn in [0, J] (``jitter_mode="nonneg"``) or [-J, J] (``"symmetric"``).
-* **DWA** (Du et al., NeurIPS 2024) — real-image initialisation, a separate coefficient ``r_var``
-  on the variance term, and before each batch a *directed weight adjustment*: a copy of the
-  teacher is moved by ``dwa_steps`` (K) normalised gradient-*ascent* steps of size rho/K on the
-  cross-entropy of the batch's real images (one augmentation draw, reused for all K steps),
+* **DWA** (Du et al., NeurIPS 2024) — real-image initialisation, a separate coefficient ``r_var`` on
+  the variance term, and before each batch a *directed weight adjustment*: a copy of the teacher is
+  moved by ``dwa_steps`` (K) normalised gradient-*ascent* steps of size rho/K on the cross-entropy
+  of the batch's real images (one augmentation draw, reused for all K steps),
   ``theta <- theta + (rho/K) g / (||g|| + 1e-12)`` with ``g`` the gradient w.r.t. *all* parameters
-  and ``||g||`` one global L2 norm; the adjusted copy is then frozen for the whole batch and the
-  BN targets stay the original teacher's running statistics (dwa.md §3.4, §2.4).
+  and ``||g||`` one global L2 norm; the adjusted copy is then frozen for the whole batch and the BN
+  targets stay the original teacher's running statistics (docs/methods/dwa.md, What it does).
 * **LPLD** (Xiao & He, NeurIPS 2024) — batches of one class (all IPC images of the class, or
   ``batch_size`` of them), matched against that class's BN statistics recorded by
-  :func:`decoct.decoupled.squeeze.squeeze` (no global term), N(0, 1) initialisation (lpld.md §3).
+  :func:`decoct.decoupled.squeeze.squeeze` (no global term), N(0, 1) initialisation
+  (docs/methods/lpld.md, What it does).
 
 Choices where the official code differs from the papers or has bugs (not copied):
 
-* DWA's released ImageNet script never resets the teacher between the class-batches of one IPC
-  index (the adjustments accumulate) and uses stale weight gradients; here every batch starts
-  from the original teacher, as the paper describes (dwa.md §10.2). The K adjustment backward
-  passes do not leak CE gradients into the first image update either (§10.3).
+* DWA's released ImageNet script never resets the teacher between the class-batches of one IPC index
+  (the adjustments accumulate) and uses stale weight gradients; here every batch starts from the
+  original teacher, as the paper describes (docs/methods/dwa.md, Where decoct departs from the paper
+  or the released code). The K adjustment backward passes do not leak CE gradients into the first
+  image update either (same section).
 * DWA's "random real subset": the code uses the batch's own real initial images; so do we (they
   are a random real sample, one per class and IPC index). With ``init="noise"`` the same real
   images still drive the adjustment.
@@ -40,9 +42,9 @@ Choices where the official code differs from the papers or has bugs (not copied)
 * With per-class BN targets and a batch holding several classes, the target is the moment of the
   class mixture (``mean of mu_c``; ``mean of (var_c + mu_c^2) - mu^2``); for LPLD's one-class
   batches this is exactly the class's statistics.
-* CIFAR-10 DWA settings are not published; CIFAR-100's are used (dwa.md §5). LPLD published no
-  CIFAR settings; the ``small`` preset is SRe2L's CIFAR recipe with LPLD's class batches and
-  class statistics.
+* CIFAR-10 DWA settings are not published; CIFAR-100's are used (docs/methods/dwa.md, Where decoct
+  departs from the paper or the released code). LPLD published no CIFAR settings; the ``small``
+  preset is SRe2L's CIFAR recipe with LPLD's class batches and class statistics.
 
 Per-batch randomness (noise init, augmentation, DWA's draw) comes from a generator seeded by
 ``(seed, batch index)`` only, so a batch's result does not depend on which process computes it:
@@ -133,7 +135,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # SRe2L recover_cifar.sh: lr 0.25, 1000 it, r_bn 0.01, roll [0, 4], no crop, batch 100
         "small": dict(_SRE2L, iterations=1000, lr=0.25, r_bn=0.01, jitter=4, jitter_mode="nonneg",
                       crop=False, flip=False, batch_size=100),
-        # SRe2L recover_tiny.py (+ dwa.md §7): 4000 it, lr 0.1, r_bn 1, RRC + flip, roll [-4, 4], batch 100
+        # SRe2L recover_tiny.py (+ docs/methods/sre2l.md, Hyper-parameters of recover): 4000 it, lr
+        # 0.1, r_bn 1, RRC + flip, roll [-4, 4], batch 100
         "tiny": dict(_SRE2L, iterations=4000, lr=0.1, r_bn=1.0, jitter=4, jitter_mode="symmetric",
                      crop=True, flip=True, batch_size=100),
         # SRe2L recover.sh: 4000 it, lr 0.25, r_bn 0.01, RRC + flip, roll [0, 32], batch 100
@@ -141,7 +144,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                          crop=True, flip=True, batch_size=100),
     },
     "dwa": {
-        # dwa.md §3.7 (CIFAR-100; CIFAR-10 unpublished, same values used)
+        # docs/methods/dwa.md, Hyper-parameters (CIFAR-100; CIFAR-10 unpublished, same values used)
         "small": dict(_DWA, iterations=1000, lr=0.25, r_bn=0.01, r_var=11.0, jitter=4, jitter_mode="nonneg",
                       crop=False, flip=False, batch_size=None),
         "tiny": dict(_DWA, iterations=2000, lr=0.1, r_bn=0.01, r_var=11.0, jitter=4, jitter_mode="nonneg",
@@ -153,7 +156,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # no LPLD CIFAR recipe: SRe2L's CIFAR recipe with class batches and class statistics
         "small": dict(_LPLD, iterations=1000, lr=0.25, r_bn=0.01, jitter=4, jitter_mode="nonneg",
                       crop=False, flip=False, batch_size=None),
-        # lpld.md §3.3: Tiny 4000 it, lr 0.1, r_bn 0.05, roll [-4, 4], batch min(100, IPC)
+        # docs/methods/lpld.md, Hyper-parameters: Tiny 4000 it, lr 0.1, r_bn 0.05, roll [-4, 4],
+        # batch min(100, IPC)
         "tiny": dict(_LPLD, iterations=4000, lr=0.1, r_bn=0.05, jitter=4, jitter_mode="symmetric",
                      crop=True, flip=True, batch_size=100),
         # ImageNet-1K: 4000 it, lr 0.25, r_bn 0.01, roll [0, 32], batch = IPC
@@ -296,8 +300,9 @@ def directed_weight_adjustment(model: nn.Module, x: Tensor, y: Tensor, steps: in
     """DWA: ``steps`` normalised gradient-ascent steps of size ``rho / steps`` on CE(model(x), y).
 
     Every parameter moves, with one global L2 norm of the gradient (SAM's first step, repeated;
-    dwa.md §3.4). ``model`` is modified in place and should be in eval mode (BN uses its running
-    statistics, which are buffers and do not move). Returns the norm of the total displacement.
+    docs/methods/dwa.md, What it does). ``model`` is modified in place and should be in eval mode
+    (BN uses its running statistics, which are buffers and do not move). Returns the norm of the
+    total displacement.
     """
     params = [p for p in model.parameters()]
     start = [p.detach().clone() for p in params]

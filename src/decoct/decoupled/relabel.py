@@ -1,10 +1,10 @@
 """Relabel: build an FKD label store for a distilled set with a teacher (SRe2L/LPLD relabel).
 
-For every stored epoch the set is shuffled, cut into batches of ``batch_size`` images, and for
-each batch a view record is drawn (crop, flip, mix; see :mod:`decoct.augment.recorded_views`), applied, and
-the teacher's logits of exactly that view are stored in fp16 next to the record and the batch
-composition (reference/lpld.md §4). With ``prune`` only the first ``floor((1-r) E B)`` full
-batches are generated (LPLD §4.3).
+For every stored epoch the set is shuffled, cut into batches of ``batch_size`` images, and for each
+batch a view record is drawn (crop, flip, mix; see :mod:`decoct.augment.recorded_views`), applied,
+and the teacher's logits of exactly that view are stored in fp16 next to the record and the batch
+composition (docs/label-store.md, What a view is). With ``prune`` only the first
+``floor((1-r) E B)`` full batches are generated (docs/label-store.md, LPLD label pruning).
 
 Determinism: epoch e's order comes from a generator keyed (seed, "order", e) and batch (e, b)'s
 views from one keyed (seed, "view", e, b). Hence a pruned store equals the prefix of the full one

@@ -15,18 +15,19 @@ variance, during one pass over the training set with the teacher in eval mode (s
 outputs and running buffers are unchanged):
 
 * ``<name>.class_mean`` / ``<name>.class_var`` (K x C): LPLD's class statistics, i.e. for every
-  batch and every class present in it, the moments of that class's rows, folded in by an
-  exponential moving average with momentum 0.1 from the initial values 0 / 1 (LPLD §2.3; this is
-  what LPLD's recover matches, so it is the default target);
+  batch and every class present in it, the moments of that class's rows, folded in by an exponential
+  moving average with momentum 0.1 from the initial values 0 / 1 (docs/methods/lpld.md, What it
+  does; this is what LPLD's recover matches, so it is the default target);
 * ``<name>.class_mean_exact`` / ``<name>.class_var_exact`` (K x C): the exact pooled moments of
   each class over the whole pass (Chan's parallel update; offered as an option);
 * ``<name>.class_count`` (K,): rows (images) of each class seen;
 * ``<name>.mean`` / ``<name>.var`` (C,): exact moments over the whole pass, all classes.
 
 SRe2L and DWA match the teacher's own ``running_mean`` / ``running_var`` (in ``model.safetensors``),
-not these (DWA §2.4). The pass uses the teacher's training augmentation by default, as LPLD
-does (its one pass uses the training preset: RandomResizedCrop + flip); ``stats_augment="none"``
-gives the plain images. Everything is vectorised over classes with ``index_add_``.
+not these (docs/methods/dwa.md, What it does). The pass uses the teacher's training augmentation by
+default, as LPLD does (its one pass uses the training preset: RandomResizedCrop + flip);
+``stats_augment="none"`` gives the plain images. Everything is vectorised over classes with
+``index_add_``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evaluation protocols and multi-run evaluation of a distilled set.
 
-Protocols (DESIGN §4):
+Protocols (docs/protocols.md):
 
 * ``classic`` — the matching family's recipe with hard labels: ConvNet (depth from the image
   size: D3 for 32x32, D4 for 64x64, D5 for 128x128; D2 for 8x8 digits), width 128, instance
@@ -9,11 +9,11 @@ Protocols (DESIGN §4):
 * ``fast`` — the same recipe with 300 epochs, for CPU smoke runs; always labelled as such and
   never to be compared with paper numbers.
 * ``soft`` — the decoupled family's recipe (:mod:`decoct.train.soft_students`): a ResNet-18 student
-  distilled with KL at the reference temperature from the artifact's FKD label store (replaying
-  its stored views), or from an online teacher (``online_teacher=``; unlimited labels, reported
-  as protocol ``soft-online``). Optimiser, schedule, epochs, batch and views per dataset from
-  reference/lpld.md and reference/dwa.md; epochs default to the store's. Label bytes are part of
-  ``bytes_on_disk``. A fast variant is ``epochs=`` fewer.
+  distilled with KL at the reference temperature from the artifact's FKD label store (replaying its
+  stored views), or from an online teacher (``online_teacher=``; unlimited labels, reported as
+  protocol ``soft-online``). Optimiser, schedule, epochs, batch and views per dataset from
+  docs/protocols.md, soft; epochs default to the store's. Label bytes are part of ``bytes_on_disk``.
+  A fast variant is ``epochs=`` fewer.
 
 The set evaluated is always what was saved (uint8 or palette pixels decoded from the PNGs),
 never float tensors from memory. ``baseline='random'`` evaluates, under the same protocol and

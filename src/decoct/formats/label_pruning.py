@@ -1,16 +1,17 @@
 """LPLD label pruning: keep a label pool, draw each training epoch's batches from it.
 
-reference/lpld.md §5: a store of E epochs x B batches ("units", global id g = epoch*B + batch)
-is pruned at ratio r by keeping the *prefix* of ``floor((1-r) * E * B)`` units (every epoch is an
-independent random draw of views, so a prefix is a random subset). The student still trains all
-E epochs; with the improved label pool (``batch_to_epoch``, what every LPLD script uses) each
-epoch is B unit ids drawn uniformly *with replacement* from the pool. ``epoch`` granularity
-replays one whole stored epoch drawn uniformly from the pool's complete epochs; ``order`` replays
-stored epoch e at training epoch e (the unpruned 1x protocol).
+docs/label-store.md, LPLD label pruning: a store of E epochs x B batches ("units", global id g =
+epoch*B + batch) is pruned at ratio r by keeping the *prefix* of ``floor((1-r) * E * B)`` units
+(every epoch is an independent random draw of views, so a prefix is a random subset). The student
+still trains all E epochs; with the improved label pool (``batch_to_epoch``, what every LPLD script
+uses) each epoch is B unit ids drawn uniformly *with replacement* from the pool. ``epoch``
+granularity replays one whole stored epoch drawn uniformly from the pool's complete epochs;
+``order`` replays stored epoch e at training epoch e (the unpruned 1x protocol).
 
-Factor <-> ratio mapping, exactly as the LPLD scripts (§5.1): 10x r=0.9, 20x r=0.95, "30x"
-r=0.97 (really 33.3x), 40x r=0.975, and the paper's 50x r=0.98, 100x r=0.99. Computed with
-fractions, so the kept count never suffers float rounding (``int(100 * (1 - 0.9))`` is 9, not 10).
+Factor <-> ratio mapping, exactly as the LPLD scripts (docs/label-store.md, LPLD label pruning): 10x
+r=0.9, 20x r=0.95, "30x" r=0.97 (really 33.3x), 40x r=0.975, and the paper's 50x r=0.98, 100x
+r=0.99. Computed with fractions, so the kept count never suffers float rounding
+(``int(100 * (1 - 0.9))`` is 9, not 10).
 
 B counts only *full* batches (LPLD relabels pruned stores with drop-last), so the pool never holds
 a short tail batch; the reference instead draws over all ids and replaces a drawn last-of-epoch id
@@ -152,9 +153,10 @@ def payload_model(num_images: int, num_classes: int, epochs: int, batch_size: in
 
     Per image and stored epoch ``2C`` (fp16 logits) + 8 (box) + 1 (flip) + 4 (index) + 2 (mix
     partner, with a mix); per batch 8 (size, batch number) + 4 (lambda, with a mix) + 8 (CutMix
-    box); per epoch file 4 (epoch id). The JSON header and the safetensors file headers (about
-    0.5 KB per file) come on top. Batches as relabel makes them (see :mod:`decoct.decoupled.relabel`).
-    Compare LPLD's ``2C + 25`` per image and epoch plus ~3 KB per batch file (reference/lpld.md §7.2).
+    box); per epoch file 4 (epoch id). The JSON header and the safetensors file headers (about 0.5
+    KB per file) come on top. Batches as relabel makes them (see :mod:`decoct.decoupled.relabel`).
+    Compare LPLD's ``2C + 25`` per image and epoch plus ~3 KB per batch file (docs/label-store.md,
+    Size of a store).
     """
     b = min(batch_size, num_images)
     full = num_images // b

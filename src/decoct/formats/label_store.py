@@ -20,10 +20,11 @@ One file per stored epoch (the unit of resume and of sharding), with its stored 
     lam     float32 (U,)   mix lambda per batch (stores with a mix only)
     box     int16 (U, 4)   CutMix box a1, b1, a2, b2 per batch (CutMix stores only)
 
-This is the SRe2L/LPLD per-batch format (reference/lpld.md §4.2) with three changes: integer
-pixel boxes instead of fractions (exact replay), int32/int16 indices instead of int64 (smaller),
-and batches addressed by (epoch, batch number) rather than by their first image index (the LPLD
-lookup collision of §5.3 cannot happen). Logits are all C classes in fp16, no top-k, as LPLD.
+This is the SRe2L/LPLD per-batch format (docs/label-store.md, Where decoct departs from the
+reference format) with three changes: integer pixel boxes instead of fractions (exact replay),
+int32/int16 indices instead of int64 (smaller), and batches addressed by (epoch, batch number)
+rather than by their first image index (the LPLD lookup collision of the reference cannot happen).
+Logits are all C classes in fp16, no top-k, as LPLD.
 
 The header records the format version, the pruning factor, the relabel settings and the
 *fingerprint* of the artifact's pixels and labels: a store used with any other set is refused

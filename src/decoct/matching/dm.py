@@ -7,9 +7,10 @@ Each iteration:
    its parameters are frozen, it only embeds;
 2. per class c, ``batch_real`` random real images of c (all of them when the class is smaller,
    as the original DM) and every synthetic image of c;
-3. one DSA draw per class (a seed from the global RNG), applied to the class's real *and*
-   synthetic images: the siamese augmentation of the original DM. AutoPalette's ``dm_quant.py``
-   draws independently for real and synthetic; we keep DM's shared draw (reference/autopalette.md §6);
+3. one DSA draw per class (a seed from the global RNG), applied to the class's real *and* synthetic
+   images: the siamese augmentation of the original DM. AutoPalette's ``dm_quant.py`` draws
+   independently for real and synthetic; we keep DM's shared draw (docs/methods/dm.md, Where decoct
+   departs from the paper or the released code);
 4. ``L = sum_c || mean_i f(real_c,i) - mean_j f(syn_c,j) ||^2`` with f the penultimate features.
    Normalisation: the original DM's *sum* over classes (its lr_img = 1 is calibrated to it);
    AutoPalette's DM code divides by the number of classes (a x1/C smaller step at the same lr);
@@ -17,7 +18,8 @@ Each iteration:
    Table 9), after ``param.aux_loss`` (AutoPalette's L_m, L_b, L_a; ``None`` for pixels) has been
    back-propagated into the same gradients.
 
-Speed (DESIGN §6, issue 3 item 5), without changing the estimator:
+Speed (docs/methods/dm.md, Where decoct departs from the paper or the released code), without
+changing the estimator:
 
 * the real images never need gradients: they are embedded under ``torch.no_grad`` in chunks of
   ``real_chunk`` images, the size measured fastest on the device at the first step (``0`` = auto;

@@ -5,9 +5,9 @@ parameter vector before training and after every epoch. Trajectory matching (``d
 starts a student at epoch ``t`` of a random expert and asks the synthetic set to move it, in a few
 steps, to where the expert was at epoch ``t + M``.
 
-Recipe (MTT ``buffer.py``; ``reference/anchors.md`` §1.4): the protocol ConvNet for the image size
-(depth from the size, width 128, instance norm), plain SGD with lr 0.01 (the *teacher lr*),
-momentum 0, weight decay 0, batch 256, no lr decay, DSA augmentation on every minibatch
+Recipe (MTT ``buffer.py``; docs/methods/tm.md, Experts): the protocol ConvNet for the image size
+(depth from the size, width 128, instance norm), plain SGD with lr 0.01 (the *teacher lr*), momentum
+0, weight decay 0, batch 256, no lr decay, DSA augmentation on every minibatch
 (``color_crop_cutout_flip_scale_rotate``, one family per call, per-sample draws), 50 epochs, 100
 experts; ZCA whitening where the papers use it (CIFAR-10/100). Two deliberate differences, both
 recorded in the manifest:

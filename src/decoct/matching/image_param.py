@@ -1,9 +1,9 @@
 """Parameterisations of synthetic images: what DM and TM optimise.
 
-DESIGN §2: AutoPalette is a parameterisation, not a method. DM and TM only talk to an
-:class:`ImageParam`; plain pixels (:class:`PixelParam`) and palette images
-(``decoct.matching.palette.PaletteParam``) implement the same interface, so ``--palette K`` on either
-method is one switch.
+docs/methods/autopalette.md, What it does: AutoPalette is a parameterisation, not a method. DM and
+TM only talk to an :class:`ImageParam`; plain pixels (:class:`PixelParam`) and palette images
+(``decoct.matching.palette.PaletteParam``) implement the same interface, so ``--palette K`` on
+either method is one switch.
 
 The interface::
 

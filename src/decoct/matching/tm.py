@@ -56,10 +56,11 @@ Choices where the papers' code is silent or differs (recorded in the run config)
 * DATM options: ``threshold`` (skip the update when the loss is above it; 0 = off),
   ``current_max_start_epoch`` + ``expansion_end_epoch`` (DATM's growing start window; 0 = off),
   ``min_start_epoch``;
-* ``lr_decay`` (default: on with ``palette``): AutoPalette's TM schedules (reference/autopalette.md
-  §3.6, §5): image lr x0.1 once ``iterations // 3`` updates have been *accepted*, palette-network lr
-  x0.1 once ``iterations // 2`` have (their LambdaLRs step on accepted iterations only). Computed from
-  the accepted count, so a resumed run gets the same rates. Plain MTT/DATM have no image schedule;
+* ``lr_decay`` (default: on with ``palette``): AutoPalette's TM schedules
+  (docs/methods/autopalette.md, Where decoct departs from the paper or the released code): image lr
+  x0.1 once ``iterations // 3`` updates have been *accepted*, palette-network lr x0.1 once
+  ``iterations // 2`` have (their LambdaLRs step on accepted iterations only). Computed from the
+  accepted count, so a resumed run gets the same rates. Plain MTT/DATM have no image schedule;
   ``lr_decay: true`` without a palette is refused rather than silently doing something the
   AutoPalette code does not;
 * not implemented: DATM's correct-sample soft-label init, FTD/GSAM experts.
@@ -361,9 +362,10 @@ class SavedTensorMeter:
 # the method
 SYN_LR_LIMIT = 100.0
 """The learned step size may grow to this multiple of its start (``lr_teacher``) before the run counts
-as diverged. Healthy runs stay within a few x: the CIFAR-10 runs in benchmarks/logs learned 0.026-0.035
-from 0.01, and MTT/DATM report learned rates of the same order as their teachers'. A run that grew it to
-2.2 (220 x) scored chance accuracy with 98 % of its pixels saturated (issue 10)."""
+as diverged. Healthy runs stay within a few x: the CIFAR-10 runs in benchmarks/logs learned
+0.026-0.035 from 0.01, and MTT/DATM report learned rates of the same order as their teachers'. A run
+that grew it to 2.2 (220 x) scored chance accuracy with 98 % of its pixels saturated
+(docs/methods/tm.md, Hyper-parameters)."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -9,20 +9,22 @@ asks the teacher (eval mode) for their logits: unlimited labels, which results m
 Loss: ``KL(softmax(t/T) || softmax(s/T))`` averaged over the batch ("batchmean"), times T^2 where
 the reference recipe has it. Recipes per dataset (:func:`soft_recipe_for`) come from the references:
 
-* ``imagenet`` (>= 128 px) -- LPLD ImageNet-1K (reference/lpld.md §6): ResNet-18, 300 epochs,
-  batch 128, AdamW lr 1e-3 wd 0.01 (no decay on 1-D parameters), cosine per epoch, T=20 without
-  T^2, RandomResizedCrop(0.08-1) + flip + CutMix(alpha 1).
+* ``imagenet`` (>= 128 px) -- LPLD ImageNet-1K (docs/protocols.md, soft): ResNet-18, 300 epochs,
+  batch 128, AdamW lr 1e-3 wd 0.01 (no decay on 1-D parameters), cosine per epoch, T=20 without T^2,
+  RandomResizedCrop(0.08-1) + flip + CutMix(alpha 1).
 * ``tiny`` (64 px) -- LPLD Tiny-ImageNet: ResNet-18 (CIFAR stem), 100 epochs, batch 64, SGD lr 0.2
-  momentum 0.9 wd 1e-4 (no decay on 1-D parameters), 5 warm-up epochs from 0.01x then cosine,
-  T=20 with T^2, RandomResizedCrop(0.08-1) + flip, no CutMix (the config, §10 item 8).
-* ``cifar`` (<= 32 px) -- SRe2L/DWA CIFAR relabel (reference/dwa.md §4.1, SRe2L relabel_cifar):
-  ResNet-18 (CIFAR stem), 400 epochs, batch 128, AdamW lr 1e-3 wd 0.01 on all parameters, cosine
-  per epoch, T=30 without T^2, RandomCrop(pad H/8) + flip + Mixup(alpha 0.8). The references
-  only run this recipe with an online teacher; storing its views is our extension.
+  momentum 0.9 wd 1e-4 (no decay on 1-D parameters), 5 warm-up epochs from 0.01x then cosine, T=20
+  with T^2, RandomResizedCrop(0.08-1) + flip, no CutMix (the config, docs/methods/lpld.md, Where
+  decoct departs from the paper or the released code).
+* ``cifar`` (<= 32 px) -- SRe2L/DWA CIFAR relabel (docs/protocols.md, soft; SRe2L relabel_cifar):
+  ResNet-18 (CIFAR stem), 400 epochs, batch 128, AdamW lr 1e-3 wd 0.01 on all parameters, cosine per
+  epoch, T=30 without T^2, RandomCrop(pad H/8) + flip + Mixup(alpha 0.8). The references only run
+  this recipe with an online teacher; storing its views is our extension.
 
 Choices that differ from the official code: the teacher is always in eval mode (the CIFAR scripts
-leave it in train mode, dwa.md §10 item 7); every draw is seeded; the final epoch's accuracy is
-reported (the scripts report the best test accuracy seen, which selects on the test set).
+leave it in train mode, docs/methods/dwa.md, Where decoct departs from the paper or the released
+code); every draw is seeded; the final epoch's accuracy is reported (the scripts report the best
+test accuracy seen, which selects on the test set).
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ class SoftRecipe:
 
 def _recipes() -> dict[str, SoftRecipe]:
     return {
-        "imagenet": SoftRecipe("imagenet", "LPLD ImageNet-1K (lpld.md §6)", "resnet18", 300, 128, "adamw", 1e-3,
+        "imagenet": SoftRecipe("imagenet", "LPLD ImageNet-1K (docs/protocols.md#soft)", "resnet18", 300, 128, "adamw", 1e-3,
                                0.9, 0.01, True, "cosine", 0, 20.0, False,
                                ViewRecipe(crop="rrc", mix="cutmix", mix_alpha=1.0)),
-        "tiny": SoftRecipe("tiny", "LPLD Tiny-ImageNet (lpld.md §6)", "resnet18", 100, 64, "sgd", 0.2, 0.9, 1e-4,
+        "tiny": SoftRecipe("tiny", "LPLD Tiny-ImageNet (docs/protocols.md#soft)", "resnet18", 100, 64, "sgd", 0.2, 0.9, 1e-4,
                            True, "warmup_cosine", 5, 20.0, True, ViewRecipe(crop="rrc", mix="none")),
-        "cifar": SoftRecipe("cifar", "SRe2L/DWA CIFAR (dwa.md §4.1)", "resnet18", 400, 128, "adamw", 1e-3, 0.9,
+        "cifar": SoftRecipe("cifar", "SRe2L/DWA CIFAR (docs/protocols.md#soft)", "resnet18", 400, 128, "adamw", 1e-3, 0.9,
                             0.01, False, "cosine", 0, 30.0, False,
                             ViewRecipe(crop="pad", padding=4, mix="mixup", mix_alpha=0.8)),
     }
@@ -238,11 +240,12 @@ def train_fkd(
     :func:`fill_value`). Returns ``{"steps", "label_source", "stored_batches_used", "ranks"}``; ``log``
     receives ``{"epoch", "lr", "loss"}`` after every epoch.
 
-    ``ddp`` (default: when a torch.distributed group with more than one rank is joined): every
-    rank builds the same views of the whole batch (mix partners need the whole batch), keeps a
-    contiguous 1/world slice, and DistributedDataParallel averages the gradients of the slices'
-    batch-mean losses: the full-batch gradient when the batch divides evenly. BN statistics are
-    per rank, as with the reference's DataParallel (lpld.md §10 item 14).
+    ``ddp`` (default: when a torch.distributed group with more than one rank is joined): every rank
+    builds the same views of the whole batch (mix partners need the whole batch), keeps a contiguous
+    1/world slice, and DistributedDataParallel averages the gradients of the slices' batch-mean
+    losses: the full-batch gradient when the batch divides evenly. BN statistics are per rank, as
+    with the reference's DataParallel (docs/methods/lpld.md, Where decoct departs from the paper or
+    the released code).
     """
     from decoct.runtime.runs import progress as bar_of
 

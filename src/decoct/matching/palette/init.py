@@ -1,6 +1,7 @@
 """AutoPalette's colour-guided initialisation: graph-cut selection on colour-quantised real images.
 
-Pipeline (reference/autopalette.md §4.2-4.4, §13.8):
+Pipeline (docs/methods/autopalette.md, What it does and Where decoct departs from the paper or the
+released code):
 
 1. quantise every real training image to K colours (median cut, as the code: Pillow, no dither);
 2. train a ConvNet (ConvNet-D3 at 32x32) on the quantised set: SGD lr 0.1, momentum 0.9, wd 5e-4,
@@ -11,12 +12,12 @@ Pipeline (reference/autopalette.md §4.2-4.4, §13.8):
 4. per class, greedily maximise the generalised graph cut with ``s = 0.5 + 0.5 cos`` and
    ``lambda = 1``, picking ``ipc`` images.
 
-The caller then copies the **original** (not quantised) images at these indices into the
-synthetic set. The greedy computes the correct marginal gain for every candidate (exact greedy by
-default; ``greedy="stochastic"`` is the code's epsilon = 0.9 sampler, without DeepCore's
-index-alignment bug, §4.4): the feature path reuses :func:`decoct.coreset.select.graphcut_select`;
-the gradient path, whose vectors are too long to materialise, uses :func:`graphcut_select_kernel`
-on the per-class kernel (the cosine of ``(p - y) (x) [1, e]`` factorises as
+The caller then copies the **original** (not quantised) images at these indices into the synthetic
+set. The greedy computes the correct marginal gain for every candidate (exact greedy by default;
+``greedy="stochastic"`` is the code's epsilon = 0.9 sampler, without DeepCore's index-alignment bug,
+docs/methods/coresets.md): the feature path reuses :func:`decoct.coreset.select.graphcut_select`;
+the gradient path, whose vectors are too long to materialise, uses :func:`graphcut_select_kernel` on
+the per-class kernel (the cosine of ``(p - y) (x) [1, e]`` factorises as
 ``cos(p_i - y_i, p_j - y_j) * cos([1, e_i], [1, e_j])``).
 """
 

@@ -1,6 +1,7 @@
 """AutoPalette's auxiliary losses on the palette network's soft assignments ``m`` (B, K, H, W).
 
-All are minimised; reference/autopalette.md §3 and §12 fix the forms:
+All are minimised; docs/methods/autopalette.md (What it does; Where decoct departs from the paper or
+the released code) fixes the forms:
 
 * :func:`max_color_loss` ``L_m`` (paper Eq. 6): ``-mean_{b,k} max_ij m_k(ij)``: every colour
   should win at least one pixel (no dead palette entries).

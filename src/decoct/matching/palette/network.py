@@ -1,9 +1,9 @@
 """AutoPalette's palette network and the soft / hard palette quantisation it drives.
 
-The network (ColorCNN-style, reference/autopalette.md §2.1) is a per-pixel MLP: a 1x1 conv
-``C -> 256`` with bias, ReLU, a 1x1 conv ``256 -> K`` without bias, softmax over the K colours.
-It only decides *which bucket* each pixel goes to; the palette itself is never a parameter, it
-is the mean of each image's own pixels in that bucket (§13.1):
+The network (ColorCNN-style, docs/methods/autopalette.md, What it does) is a per-pixel MLP: a 1x1
+conv ``C -> 256`` with bias, ReLU, a 1x1 conv ``256 -> K`` without bias, softmax over the K colours.
+It only decides *which bucket* each pixel goes to; the palette itself is never a parameter, it is
+the mean of each image's own pixels in that bucket (same page):
 
 * soft (training): ``P_k = sum_ij m_k(ij) x(ij) / (sum_ij m_k(ij) + 1e-8)``, image
   ``b(ij) = sum_k m_k(ij) P_k``. A relaxation, not straight-through: gradients reach the

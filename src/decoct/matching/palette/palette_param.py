@@ -1,14 +1,14 @@
 """``PaletteParam``: AutoPalette as a parameterisation of synthetic images (DM and TM use it).
 
-What is optimised (reference/autopalette.md §4.1): full-resolution float images in the training
-space (ZCA-whitened when ZCA is on), initialised from real images, plus one palette network
-(:class:`~decoct.matching.palette.network.PaletteNet`) shared by all images. What the task loss sees,
-``param(idx)``, is the *soft* palette image; what is stored, ``param.to_set(info)``, is the *hard*
-one as palette-indexed PNGs (at most K colours each).
+What is optimised (docs/methods/autopalette.md, What it does): full-resolution float images in the
+training space (ZCA-whitened when ZCA is on), initialised from real images, plus one palette network
+(:class:`~decoct.matching.palette.network.PaletteNet`) shared by all images. What the task loss
+sees, ``param(idx)``, is the *soft* palette image; what is stored, ``param.to_set(info)``, is the
+*hard* one as palette-indexed PNGs (at most K colours each).
 
-Gradient routing (§3.6, §13.5): the task loss reaches the pixels and the network;
-:meth:`PaletteParam.aux_loss` (``alpha L_m + beta L_b + gamma L_a (+ conf)``) runs on a random
-subset of the **detached** images, so it reaches the network only. The caller does
+Gradient routing (docs/methods/autopalette.md, What it does): the task loss reaches the pixels and
+the network; :meth:`PaletteParam.aux_loss` (``alpha L_m + beta L_b + gamma L_a (+ conf)``) runs on a
+random subset of the **detached** images, so it reaches the network only. The caller does
 ``task.backward(); aux.backward(); step every optimiser``.
 
 Storage rule (a deliberate deviation from the code, recorded here): the stored artifact is
@@ -30,8 +30,9 @@ mixed unrelated colours. Measured on 400 real CIFAR-10 images at K = 64
 16.7 dB after 300 warm-up steps (20 colours in use); pixel-space input 22.1 -> 25.6 dB, exactly
 as without ZCA. Without ZCA the two are the same thing.
 
-L_a's median-cut target is computed on the real RGB rendering of the current images (ZCA undone,
-the dataset's own mean/std undone), not on the code's fixed CIFAR-statistics rendering (§11.4).
+L_a's median-cut target is computed on the real RGB rendering of the current images (ZCA undone, the
+dataset's own mean/std undone), not on the code's fixed CIFAR-statistics rendering
+(docs/methods/autopalette.md, Where decoct departs from the paper or the released code).
 """
 
 from __future__ import annotations
@@ -258,17 +259,17 @@ class PaletteParam(ImageParam):
     def warmup(self, batches: Iterable[Tensor], generator: torch.Generator | None = None,
                progress: Any = None) -> dict[str, float]:
         """Train the palette network alone on real images before distillation (the code's
-        ``--use_warmup``, reference/autopalette.md §3.6): ``alpha L_m + beta L_b + gamma L_a`` on
-        each batch of training-space images, no task loss, no confidence loss, an SGD of the
-        palette optimiser's settings. Not in the paper (the authors use it for ImageNet subsets).
-        Measured on 400 real CIFAR-10 images at K = 64 (benchmarks/palette_warmup_check.py): 300
-        steps raise the argmax colours in use from 5.7 to 14.0 and the stored images' PSNR from
-        22.1 to 25.6 dB, with or without ZCA (the network sees pixel space); median cut: 35.1 dB.
-        DM needs it: a fresh network's near-uniform soft output makes flat images, DM's first loss
-        is ~11x its usual size (174.7 vs 15.4 after 300 warm-up steps, CIFAR-10 IPC 10) and its
-        gradient (norm 372 vs 0.19 from the auxiliary losses) leaves 2 colours in use for good
-        (benchmarks/palette_dm_grad_probe.py). It does not replace a long run. Returns the last
-        batch's metrics.
+        ``--use_warmup``, docs/methods/autopalette.md, Where decoct departs from the paper or the
+        released code): ``alpha L_m + beta L_b + gamma L_a`` on each batch of training-space images,
+        no task loss, no confidence loss, an SGD of the palette optimiser's settings. Not in the
+        paper (the authors use it for ImageNet subsets). Measured on 400 real CIFAR-10 images at K =
+        64 (benchmarks/palette_warmup_check.py): 300 steps raise the argmax colours in use from 5.7
+        to 14.0 and the stored images' PSNR from 22.1 to 25.6 dB, with or without ZCA (the network
+        sees pixel space); median cut: 35.1 dB. DM needs it: a fresh network's near-uniform soft
+        output makes flat images, DM's first loss is ~11x its usual size (174.7 vs 15.4 after 300
+        warm-up steps, CIFAR-10 IPC 10) and its gradient (norm 372 vs 0.19 from the auxiliary
+        losses) leaves 2 colours in use for good (benchmarks/palette_dm_grad_probe.py). It does not
+        replace a long run. Returns the last batch's metrics.
         """
         opt = torch.optim.SGD(self.net.parameters(), lr=self.lr_palette, momentum=self.palette_momentum,
                               weight_decay=self.palette_weight_decay)

@@ -1,7 +1,8 @@
 """Classic colour quantisers: median cut, octree (Pillow) and k-means (torch), batched.
 
-They are the baselines of AutoPalette's Table 8 (reference/autopalette.md §10.8) and the
-target quantiser of its alignment loss L_a and colour-guided init (median cut, §3.4, §4.2).
+They are the baselines of AutoPalette's Table 8 (docs/methods/quantizers.md, What they do) and the
+target quantiser of its alignment loss L_a and colour-guided init (median cut,
+docs/methods/autopalette.md, What it does).
 
 Every quantiser maps uint8 images (N, C, H, W) to ``(indices (N, H, W) uint8, palettes (N, K, C)
 uint8)`` with ``palettes[n][indices[n]]`` the quantised image. Palettes always have exactly K
