@@ -54,6 +54,7 @@ from decoct.formats.png import bits_for, decode_png, encode_png, gather_palette
 from decoct.runtime.filecheck import (
     FileCheckError,
     confined_path,
+    is_int,
     is_sha256,
     read_json_object,
     regular_file_size,
@@ -936,19 +937,15 @@ def _files_table(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if not is_sha256(entry.get("sha256")):
             raise ArtifactError(f"manifest.json: files[{rel!r}] has no valid sha256 (64 hex digits)")
         size = entry.get("bytes")
-        if not _is_int(size) or size < 0:
+        if not is_int(size, 0):
             raise ArtifactError(f"manifest.json: files[{rel!r}].bytes must be a non-negative integer")
         if entry.get("component") not in _COMPONENTS:
             raise ArtifactError(f"{rel}: unknown component {entry.get('component')!r} in manifest.json")
     return files
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _int_list(v: Any, what: str, lo: int, hi: int) -> list[int]:
-    if not isinstance(v, list) or not all(_is_int(x) and lo <= x <= hi for x in v):
+    if not isinstance(v, list) or not all(is_int(x, lo, hi) for x in v):
         raise ArtifactError(f"manifest.json: {what} must be a list of integers in [{lo}, {hi}]")
     return v
 
@@ -963,10 +960,10 @@ def _dataset_info(d: Any) -> DatasetInfo:
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ArtifactError("manifest.json: dataset.classes must be a non-empty list of strings")
     c, h, w = d.get("channels"), d.get("height"), d.get("width")
-    if not (_is_int(c) and 1 <= c <= MAX_CHANNELS):
+    if not is_int(c, 1, MAX_CHANNELS):
         raise ArtifactError(f"manifest.json: dataset.channels must be an integer in 1..{MAX_CHANNELS}")
     for key, v in (("height", h), ("width", w)):
-        if not (_is_int(v) and 1 <= v <= MAX_IMAGE_SIDE):
+        if not is_int(v, 1, MAX_IMAGE_SIDE):
             raise ArtifactError(f"manifest.json: dataset.{key} is {str(v)[:20]}; decoct reads images of "
                                 f"1..{MAX_IMAGE_SIDE} pixels a side")
     for key in ("mean", "std"):
@@ -1006,7 +1003,7 @@ def _parse_manifest(m: dict[str, Any]) -> _Layout:
     info = _dataset_info(m.get("dataset"))
     counts = _int_list(m.get("counts_per_class"), "counts_per_class", 0, 1 << 62)
     num_images = m.get("num_images")
-    if not _is_int(num_images) or num_images < 1:
+    if not is_int(num_images, 1):
         raise ArtifactError("manifest.json: num_images must be a positive integer")
     labels = m.get("labels")
     hard = labels.get("hard") if isinstance(labels, dict) else None
@@ -1021,7 +1018,7 @@ def _parse_manifest(m: dict[str, Any]) -> _Layout:
         )
     pos = 0
     for c, n in enumerate(counts):  # sum(counts) == len(hard): bounded by the manifest's own size
-        if any(v != c or not _is_int(v) for v in hard[pos:pos + n]):
+        if any(v != c or not is_int(v) for v in hard[pos:pos + n]):
             raise ArtifactError("manifest.json: labels.hard disagree with counts_per_class")
         pos += n
     storage_kind = m.get("image_storage")

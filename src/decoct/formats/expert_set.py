@@ -37,6 +37,7 @@ from decoct.models.flat_params import FlatParams
 from decoct.runtime.filecheck import (
     FileCheckError,
     confined_path,
+    is_int,
     is_sha256,
     read_json_object,
     regular_file_size,
@@ -242,10 +243,6 @@ _MAX_EPOCHS = 100_000
 _MAX_PARAMS = 1 << 34
 
 
-def _is_int(v: Any, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
 def read_manifest(path: Path) -> dict[str, Any]:
     """manifest.json of an expert directory, every field that sizes or locates something checked."""
     m = path / "manifest.json"
@@ -259,22 +256,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise ExpertFileError(f"{m} is not a decoct expert manifest (format {str(manifest.get('format'))[:40]!r})")
     version = manifest.get("version", 0)
-    if not _is_int(version, 0, FORMAT_VERSION):
+    if not is_int(version, 0, FORMAT_VERSION):
         raise ExpertFileError(f"{m} has format version {str(version)[:20]}; this decoct reads up to {FORMAT_VERSION}")
     s, d = manifest.get("settings"), manifest.get("dataset")
     bad: str | None = None
     if not isinstance(s, dict) or not isinstance(d, dict):
         bad = "settings and dataset must be objects"
-    elif not _is_int(s.get("epochs"), 1, _MAX_EPOCHS):
+    elif not is_int(s.get("epochs"), 1, _MAX_EPOCHS):
         bad = f"settings.epochs must be an integer in 1..{_MAX_EPOCHS}"
     elif not isinstance(s.get("zca"), bool) or not isinstance(s.get("model"), str):
         bad = "settings.zca must be true/false and settings.model a name"
     elif not isinstance(s.get("model_kwargs"), dict) or not isinstance(s.get("dataset"), str):
         bad = "settings.model_kwargs must be an object and settings.dataset a name"
     elif (not isinstance(s.get("image_shape"), list) or len(s["image_shape"]) != 3
-          or not all(_is_int(v, 1, 1 << 14) for v in s["image_shape"]) or not _is_int(s.get("num_classes"), 1, 1 << 20)):
+          or not all(is_int(v, 1, 1 << 14) for v in s["image_shape"]) or not is_int(s.get("num_classes"), 1, 1 << 20)):
         bad = "settings.image_shape must be 3 positive integers and settings.num_classes a positive integer"
-    elif not _is_int(manifest.get("num_params"), 1, _MAX_PARAMS) or not isinstance(manifest.get("param_layout"), list):
+    elif not is_int(manifest.get("num_params"), 1, _MAX_PARAMS) or not isinstance(manifest.get("param_layout"), list):
         bad = "num_params must be a positive integer and param_layout a list"
     elif s["zca"] and not isinstance(manifest.get("zca_file"), str):
         bad = "zca_file must name the ZCA file of experts trained with ZCA"
@@ -282,7 +279,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         bad = "zca_sha256 must be a SHA-256 (64 hex digits)"
     elif not isinstance(manifest.get("experts"), list) or not all(
             isinstance(e, dict) and isinstance(e.get("file"), str) and is_sha256(e.get("sha256"))
-            and _is_int(e.get("index"), 0, 1 << 31) and isinstance(e.get("test_accuracy"), list)
+            and is_int(e.get("index"), 0, 1 << 31) and isinstance(e.get("test_accuracy"), list)
             for e in manifest["experts"]):
         bad = "experts must list {index, file, sha256, test_accuracy} per expert (a sha256 is required)"
     if bad is None:

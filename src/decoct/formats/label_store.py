@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from decoct.augment.recorded_views import ViewRecipe, ViewRecord
+from decoct.runtime.filecheck import is_int
 
 __all__ = [
     "FORMAT",
@@ -359,13 +360,13 @@ def _decode_header(tensors: dict[str, Tensor]) -> dict[str, Any]:
     for key, lo in (("num_images", 1), ("num_classes", 1), ("epochs", 1), ("batch", 1), ("units_per_epoch", 1),
                     ("full_units_per_epoch", 0), ("seed", 0)):
         v = header.get(key, 0 if key == "full_units_per_epoch" else None)
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < (1 << 31):
+        if not is_int(v, lo, (1 << 31) - 1):
             raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header {key} must be an integer in "
                                   f"[{lo}, 2^31), got {str(v)[:20]}")
     stored = header["stored_epochs"]
     if not isinstance(stored, dict) or not all(
-            isinstance(k, str) and k.isdigit() and int(k) < header["epochs"] and isinstance(v, int)
-            and not isinstance(v, bool) and 0 <= v <= header["units_per_epoch"] for k, v in stored.items()):
+            isinstance(k, str) and k.isdigit() and int(k) < header["epochs"]
+            and is_int(v, 0, header["units_per_epoch"]) for k, v in stored.items()):
         raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header stored_epochs must map epochs below "
                               f"{header['epochs']} to batch counts of at most units_per_epoch")
     ViewRecipe.from_dict(header["view"])

@@ -29,6 +29,7 @@ from decoct.data import DatasetInfo
 from decoct.models import MODELS, model_for
 from decoct.runtime.filecheck import (
     FileCheckError,
+    is_int,
     is_sha256,
     read_json_object,
     regular_file_size,
@@ -204,7 +205,7 @@ def read_teacher_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != TEACHER_FORMAT:
         raise TeacherError(f"{j}: format {str(meta.get('format'))[:40]!r}, expected {TEACHER_FORMAT!r}")
     version = meta.get("version", -1)
-    if not isinstance(version, int) or isinstance(version, bool) or version > TEACHER_VERSION:
+    if not is_int(version, hi=TEACHER_VERSION):
         raise TeacherError(f"{j}: format version {str(version)[:20]} is not one this decoct reads "
                            f"(up to {TEACHER_VERSION}); upgrade decoct")
     if meta.get("model") not in MODELS:

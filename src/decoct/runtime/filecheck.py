@@ -24,6 +24,7 @@ __all__ = [
     "MAX_JSON_BYTES",
     "FileCheckError",
     "confined_path",
+    "is_int",
     "is_sha256",
     "read_json_object",
     "regular_file_size",
@@ -47,6 +48,14 @@ _DTYPE_BYTES = {
 
 class FileCheckError(ValueError):
     """A file is not what its directory's manifest says it is (or not a file decoct can read)."""
+
+
+def is_int(value: Any, lo: int | None = None, hi: int | None = None) -> bool:
+    """True for a JSON integer (not a bool, not a float) within ``lo``..``hi`` (inclusive) where given:
+    the check every number read from a manifest or header gets before it sizes anything."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
 
 
 def is_sha256(value: Any) -> bool:
@@ -150,11 +159,10 @@ def safetensors_header(source: Path | bytes, what: str | None = None) -> dict[st
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in _DTYPE_BYTES:
             raise FileCheckError(f"{bad} (tensor {key!r} has unknown dtype {str(dtype)[:20]!r})")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                  for s in shape):
+        if not isinstance(shape, list) or not all(is_int(s, 0) for s in shape):
             raise FileCheckError(f"{bad} (tensor {key!r} has an invalid shape {str(shape)[:40]})")
         if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                or not all(is_int(o) for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_len):
             raise FileCheckError(f"{bad} (tensor {key!r} lies outside the file's {data_len:,} data bytes: "
                                  f"truncated or corrupted)")
