@@ -4,7 +4,9 @@ Names: ``digits`` (scikit-learn's bundled 8x8 digits, the offline default), ``ci
 (the shared ImageFolder archive when present, else torchvision's files, downloaded only with
 ``download=True``), ``cifar100`` (torchvision), ``tinyimagenet10`` (the shared archive),
 ``tinyimagenet`` and ``imagefolder`` (``root`` = a directory or ``.tar``/``.tar.gz`` archive
-holding ``[prefix/]train/<class>/<file>`` and ``test/<class>/<file>``).
+holding ``[prefix/]train/<class>/<file>`` and ``test/<class>/<file>``), and ``imagenet`` (a
+``train/<wnid>/`` + ``val/<wnid>/`` tree, streamed from disk when it does not fit in memory:
+:mod:`decoct.data.stream`).
 """
 
 from __future__ import annotations
@@ -219,6 +221,94 @@ def _imagefolder(root: str | None = None, download: bool = False, image_size: in
                              label=f"imagefolder {path}")
 
 
+DATA_MODES = ("auto", "memory", "stream")
+DEFAULT_MEMORY_LIMIT = 4 * 2**30
+
+
+def memory_limit() -> int:
+    """Decoded bytes above which ``data_mode='auto'`` streams: ``$DECOCT_MEMORY_LIMIT`` or 4 GiB."""
+    raw = os.environ.get("DECOCT_MEMORY_LIMIT")
+    if raw is None:
+        return DEFAULT_MEMORY_LIMIT
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError(f"$DECOCT_MEMORY_LIMIT must be a number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"$DECOCT_MEMORY_LIMIT must be >= 0, got {raw!r}")
+    return value
+
+
+def _default_workers() -> int:
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@DATASETS.register("imagenet")
+def _imagenet(root: str | None = None, download: bool = False, data_mode: str = "auto",
+              classes: str | list[str] | None = None, image_size: int = 224, workers: int | None = None) -> Dataset:
+    """ImageNet(-1K) kept as ``train/<wnid>/*.JPEG`` + ``val/<wnid>/*.JPEG`` (the layout after the
+    usual validation reorganisation, and torchvision's ``datasets.ImageNet`` layout).
+
+    ``data_mode``: ``stream`` reads images per batch in ``workers`` processes (the views of
+    :mod:`decoct.data.views`: RandomResizedCrop + flip for statistics, Resize + CenterCrop for
+    validation); ``memory`` decodes both splits once through the validation view (Resize(256) +
+    CenterCrop(224) at the default size) into uint8 tensors (cached on disk); ``auto`` streams when
+    the decoded splits would exceed :func:`memory_limit`. ``classes``: ``"A:B"`` (class indices of
+    the sorted wnids) or wnid names, to work on a subset. Normalisation: ImageNet's mean/std, the
+    constants torchvision's weights expect. Never downloaded (ImageNet's licence needs a login).
+    """
+    from decoct.data.stream import StreamSplit, load_index, parse_classes
+
+    if download:
+        raise ValueError("dataset 'imagenet' cannot be downloaded (its licence needs a login at image-net.org); "
+                         "put train/<wnid>/ and val/<wnid>/ under --data-root DIR")
+    if data_mode not in DATA_MODES:
+        raise ValueError(f"data_mode must be one of {', '.join(DATA_MODES)}, got {data_mode!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 1024:
+        raise ValueError(f"image_size must be an integer in [8, 1024], got {image_size!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers must be a non-negative integer, got {workers!r}")
+    path, tried = _find(["imagenet", "ILSVRC2012", "imagenet-1k"], root)
+    if path is None and root:
+        path = Path(root).expanduser()
+    if path is None or not path.is_dir():
+        raise _not_found("imagenet", tried, "Fix: pass --data-root DIR holding train/<wnid>/ and val/<wnid>/.")
+    train_idx, val_idx = load_index(path)
+    keep = parse_classes(classes, train_idx.classes)
+    if keep is not None:
+        train_idx, val_idx = train_idx.subset_classes(keep), val_idx.subset_classes(keep)
+    info = DatasetInfo("imagenet", train_idx.classes, 3, image_size, image_size, IMAGENET_MEAN, IMAGENET_STD)
+    decoded = (len(train_idx) + len(val_idx)) * 3 * image_size * image_size
+    mode = data_mode if data_mode != "auto" else ("stream" if decoded > memory_limit() else "memory")
+    n_workers = _default_workers() if workers is None else workers
+    note(f"imagenet {path}: {len(info.classes)} classes, {len(train_idx):,} train / {len(val_idx):,} val images, "
+         f"{mode} ({decoded / 2**30:.1f} GiB decoded at {image_size} px)")
+    if mode == "stream":
+        return Dataset(info, StreamSplit(train_idx, image_size, workers=n_workers),  # type: ignore[arg-type]
+                       StreamSplit(val_idx, image_size, workers=n_workers))  # type: ignore[arg-type]
+    rows = [[split.root.name, c, (split.root / c).stat().st_mtime_ns] for split in (train_idx, val_idx)
+            for c in split.classes]
+
+    def build() -> dict[str, torch.Tensor]:
+        t = {"meta": meta_tensor({"classes": list(info.classes), "skipped": 0, "skipped_first": []})}
+        for name, idx in (("train", train_idx), ("test", val_idx)):
+            xs, ys = [], []
+            for x, y, _ in StreamSplit(idx, image_size, workers=n_workers).loader("val", batch_size=256):
+                xs.append(x)
+                ys.append(y)
+            t[f"{name}_images"], t[f"{name}_labels"] = torch.cat(xs), torch.cat(ys)
+        return t
+
+    t = cached(path, "imagenet", {"image_size": image_size, "view": "val",
+                                          "classes": list(info.classes) if keep is not None else None}, build, rows=rows)
+    return Dataset(info, _split(t, "train"), _split(t, "test"))
+
+
+def is_streamed(data: Dataset) -> bool:
+    """Whether ``data``'s splits are read from disk per batch (:class:`decoct.data.stream.StreamSplit`)."""
+    return bool(getattr(data.train, "streamed", False))
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False, **kwargs) -> Dataset:
     """Load a registered dataset as whole uint8 splits (see the module docstring for names)."""
     factory = DATASETS.get(name)
@@ -242,5 +332,6 @@ def list_datasets() -> list[str]:
 
 __all__ = [
     "DATASETS", "BadImageError", "DataNotFoundError", "ImageFolderError", "Dataset", "DatasetInfo", "ImageSplit",
-    "denormalize", "list_datasets", "load_dataset", "normalize", "to_uint8",
+    "DATA_MODES", "denormalize", "is_streamed", "list_datasets", "load_dataset", "memory_limit", "normalize",
+    "to_uint8",
 ]

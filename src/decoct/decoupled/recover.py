@@ -75,8 +75,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decoct.data import Dataset, DatasetInfo, normalize, to_uint8
+from decoct.data.views import rrc_boxes as _rrc_boxes
 from decoct.decoupled.squeeze import crop_resize
-from decoct.decoupled.squeeze import rrc_boxes as _rrc_boxes
 from decoct.formats.artifact import DistilledSet
 from decoct.formats.teacher import (
     BNStats,

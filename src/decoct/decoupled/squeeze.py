@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decoct.data import Dataset, DatasetInfo, load_dataset, normalize
+from decoct.data.views import rrc_boxes
 from decoct.formats.teacher import (
     TEACHER_FORMAT,
     TEACHER_VERSION,
@@ -103,41 +104,6 @@ def _random_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
 def _random_flip(x: Tensor, g: torch.Generator) -> Tensor:
     flip = torch.rand(len(x), generator=g, device=g.device).to(x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-def rrc_boxes(n: int, h: int, w: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-              ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> Tensor:
-    """``n`` RandomResizedCrop boxes (top, left, height, width) as torchvision draws them.
-
-    Up to ``tries`` candidates per sample (area fraction uniform in ``scale``, log aspect ratio
-    uniform in ``ratio``); the first that fits is used, otherwise torchvision's fallback (the
-    whole image clipped to the ratio range, centred). Vectorised over samples.
-    """
-    dev = g.device
-    area = h * w
-    s = torch.empty(n, tries, device=dev).uniform_(scale[0], scale[1], generator=g) * area
-    logr = torch.empty(n, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
-    r = torch.exp(logr)
-    cw = torch.round(torch.sqrt(s * r))
-    ch = torch.round(torch.sqrt(s / r))
-    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
-    u = torch.rand(n, tries, 2, device=dev, generator=g)
-    top = torch.floor(u[..., 0] * (h - ch + 1).clamp(min=1))
-    left = torch.floor(u[..., 1] * (w - cw + 1).clamp(min=1))
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=dev))
-    # fallback: centre crop with the ratio clipped to the allowed range
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        fw, fh = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fh, fw = h, int(round(h * ratio[1]))
-    else:
-        fw, fh = w, h
-    fb = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float32, device=dev)
-    idx = first.clamp(min=0)
-    ar = torch.arange(n, device=dev)
-    box = torch.stack([top[ar, idx], left[ar, idx], ch[ar, idx], cw[ar, idx]], 1)
-    return torch.where((first >= 0)[:, None], box, fb[None]).long()
 
 
 def crop_resize(x: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
