@@ -45,6 +45,26 @@ def _common(p: argparse.ArgumentParser, *, run: bool = True) -> None:
         g.add_argument("--force", action="store_true", help="start over even if the run directory holds a run")
 
 
+def data_flags(p: argparse.ArgumentParser) -> None:
+    """``--data-mode``, ``--classes``, ``--workers``: how a large image tree (``imagenet``) is read."""
+    g = p.add_argument_group("large datasets (imagenet)")
+    g.add_argument("--data-mode", default=None, choices=("auto", "memory", "stream"),
+                   help="stream: decode images per batch from disk; memory: decode the splits once into memory; "
+                        "auto (the dataset's default): stream when the decoded splits exceed $DECOCT_MEMORY_LIMIT "
+                        "(4 GiB)")
+    g.add_argument("--classes", default=None, metavar="A:B|WNID,...",
+                   help="work on a class subset of the tree: sorted class indices A..B-1, or folder names")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes decoding a streamed dataset (default: min(8, CPUs))")
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`data_flags` the user set, as ``load_dataset`` options (unset ones are left out, so a
+    dataset without them is not handed options it would refuse)."""
+    keys = {"data_mode": "data_mode", "classes": "classes", "workers": "workers"}
+    return {k: getattr(args, a) for k, a in keys.items() if getattr(args, a, None) is not None}
+
+
 def config_may_supply_required(parser: argparse.ArgumentParser) -> None:
     """Let ``--config`` supply required flags (``dataset: cifar10`` in a preset): argparse would
     refuse the command line before the preset is read, so every required flag of every command is
@@ -113,3 +133,5 @@ class CommandAdder:
         p.set_defaults(func=func, _sub=p)
         _common(p, run=True)
         return p
+
+    data_flags = staticmethod(data_flags)

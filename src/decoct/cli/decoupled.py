@@ -36,21 +36,24 @@ def parse_model_kwargs(value: Any) -> dict[str, Any]:
 
 
 def cmd_squeeze(args: argparse.Namespace) -> int:
-    from decoct.cli.common import resolved_config
+    from decoct.cli.common import data_options, resolved_config
     from decoct.decoupled.squeeze import squeeze
+    from decoct.runtime import distributed
 
     cfg = resolved_config(args)
-    for k in ("max_epochs", "device", "download", "data_root", "checkpoint_every"):
+    for k in ("max_epochs", "device", "download", "data_root", "checkpoint_every", "workers"):
         cfg.pop(k, None)
     t = squeeze(args.dataset, args.model, out=args.out, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, batch_size=args.batch_size, schedule=args.schedule,
                 optimizer=args.optimizer, label_smoothing=args.label_smoothing, augment=args.augment,
                 model_kwargs=parse_model_kwargs(args.model_kwargs), pretrained=args.pretrained,
-                stats_augment=args.stats_augment, stats_batch_size=args.stats_batch_size,
+                weights=args.weights, data_options=data_options(args), stats_augment=args.stats_augment, stats_batch_size=args.stats_batch_size,
                 stats_momentum=args.stats_momentum, seed=args.seed, device=args.device, amp=args.amp,
                 channels_last=args.channels_last, data_root=args.data_root, download=args.download,
                 resume=args.resume, force=args.force, show_progress=args.progress,
                 checkpoint_every=args.checkpoint_every, stop_after=args.max_epochs, config=cfg)
+    if t is None or distributed.rank() != 0:
+        return 0
     if t.meta.get("unfinished"):
         print(f"squeeze stopped early; continue with: decoct squeeze ... --out {args.out} --resume")
         return 0
@@ -103,6 +106,9 @@ def register(cli: Any) -> None:
     p.add_argument("--out", required=True, help="teacher directory to create")
     p.add_argument("--pretrained", default=None, choices=PRETRAINED,
                    help="use torchvision's ImageNet weights (must be cached locally; never downloaded)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="wrap a torchvision resnet18/resnet50 state dict from this local file (.pth read "
+                        "weights-only, or .safetensors; e.g. resnet18-f37072fd.pth): no training, never downloaded")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
@@ -123,6 +129,7 @@ def register(cli: Any) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
     p.add_argument("--max-epochs", type=int, default=None,
                    help="stop after this many epochs of this call (checkpointed; continue with --resume)")
+    cli.data_flags(p)
 
     for method, help_ in _RECOVER_HELP.items():
         p = cli.distill(method, cmd_recover, help_)

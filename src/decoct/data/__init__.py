@@ -283,9 +283,10 @@ def _imagenet(root: str | None = None, download: bool = False, data_mode: str = 
     n_workers = _default_workers() if workers is None else workers
     note(f"imagenet {path}: {len(info.classes)} classes, {len(train_idx):,} train / {len(val_idx):,} val images, "
          f"{mode} ({decoded / 2**30:.1f} GiB decoded at {image_size} px)")
+    subset = tuple(keep) if keep is not None else None
     if mode == "stream":
         return Dataset(info, StreamSplit(train_idx, image_size, workers=n_workers),  # type: ignore[arg-type]
-                       StreamSplit(val_idx, image_size, workers=n_workers))  # type: ignore[arg-type]
+                       StreamSplit(val_idx, image_size, workers=n_workers), subset_of=subset)  # type: ignore[arg-type]
     rows = [[split.root.name, c, (split.root / c).stat().st_mtime_ns] for split in (train_idx, val_idx)
             for c in split.classes]
 
@@ -301,7 +302,7 @@ def _imagenet(root: str | None = None, download: bool = False, data_mode: str = 
 
     t = cached(path, "imagenet", {"image_size": image_size, "view": "val",
                                           "classes": list(info.classes) if keep is not None else None}, build, rows=rows)
-    return Dataset(info, _split(t, "train"), _split(t, "test"))
+    return Dataset(info, _split(t, "train"), _split(t, "test"), subset_of=subset)
 
 
 def is_streamed(data: Dataset) -> bool:

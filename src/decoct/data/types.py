@@ -87,12 +87,16 @@ class Dataset:
     ``source`` is how :func:`decoct.data.load_dataset` found it (``{"registry": name, "root":
     absolute path or None[, "options": {...}]}``); sets and teachers record it so later commands
     find the same data again (:mod:`decoct.data.provenance`). None for a dataset built by hand.
+    ``train``/``test`` are :class:`ImageSplit` or, for a streamed dataset, :class:`decoct.data.stream.StreamSplit`.
     """
 
     info: DatasetInfo
     train: ImageSplit
     test: ImageSplit
     source: dict | None = None
+    subset_of: tuple[int, ...] | None = None
+    """For a class subset of a larger tree: each class's index among the tree's sorted classes
+    (what a 1000-way ImageNet classifier's output rows are indexed by)."""
 
 
 def normalize(images: Tensor, info: DatasetInfo, device: torch.device | str | None = None) -> Tensor:

@@ -66,7 +66,7 @@ from decoct.train.trainer import (
     TrainConfig,
     autocast,
     check_device,
-    evaluate_accuracy,
+    evaluate_split,
     lr_at,
     make_generators,
     make_optimizer,
@@ -204,24 +204,51 @@ def _chan(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor
     return n, mean, m2
 
 
-class _StatsCollector:
-    """Forward pre-hooks on every BN layer that fold the layer's input moments into running sums."""
+def ema_plan(ordered_labels: Tensor, batch_size: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    """For LPLD's per-class EMA over the batches of one pass, in closed form.
 
-    def __init__(self, model: nn.Module, num_classes: int, momentum: float, device: torch.device) -> None:
+    ``ordered_labels`` (N,) are the labels in the pass's order, cut into batches of ``batch_size``.
+    Returns ``after`` (B, K) int32: for batch b and class c, how many *later* batches hold class c;
+    and ``updates`` (K,): how many batches hold class c. The sequential update
+    ``ema <- (1 - m) ema + m v_b`` over the batches holding c equals
+    ``(1 - m)^updates_c ema_0 + sum_b m (1 - m)^after[b, c] v_b[c]``: each batch's term depends only on
+    the labels, so any process can fold in any batch in any order and the sums add up across
+    torchrun ranks to exactly the single-process EMA.
+    """
+    n = len(ordered_labels)
+    nb = -(-n // batch_size)
+    bidx = torch.arange(n) // batch_size
+    present = torch.zeros(nb, num_classes, dtype=torch.int32)
+    present[bidx, ordered_labels.long()] = 1
+    updates = present.sum(0)
+    after = updates[None, :] - present.cumsum(0)
+    return after, updates
+
+
+class _StatsCollector:
+    """Forward pre-hooks on every BN layer that fold the layer's input moments into running sums.
+
+    Before each forward pass set ``labels`` (the batch's, on the device) and ``batch`` (its number
+    in the pass, for the EMA weights of :func:`ema_plan`). :meth:`reduce` sums the parts of a
+    sharded pass across ranks.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, momentum: float, device: torch.device,
+                 after: Tensor, updates: Tensor) -> None:
         self.layers = bn_layers(model)
         if not self.layers:
             raise TeacherError("the model has no BatchNorm layers: there are no BN statistics to record "
                                "(use a BN model, e.g. convnet_bn or resnet18)")
         self.k, self.m = num_classes, momentum
         self.labels: Tensor | None = None
+        self.batch = 0
+        self.after, self.updates = after, updates
         self.acc: dict[str, dict[str, Tensor]] = {}
         for name, mod in self.layers:
             c = mod.num_features
             z = lambda *s: torch.zeros(*s, device=device, dtype=torch.float64)  # noqa: E731
             self.acc[name] = dict(n=z(num_classes), mean=z(num_classes, c), m2=z(num_classes, c),
-                                  ema_mean=z(num_classes, c), ema_var=torch.ones(num_classes, c, device=device,
-                                                                                 dtype=torch.float64),
-                                  rows=z(num_classes))
+                                  ema_mean=z(num_classes, c), ema_var=z(num_classes, c), rows=z(num_classes))
         self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in self.layers]
 
     def _hook(self, name: str):
@@ -233,31 +260,73 @@ class _StatsCollector:
             n_b, mean_b, m2_b = _moments(x, y, self.k)
             a["n"], a["mean"], a["m2"] = _chan(a["n"], a["mean"], a["m2"], n_b, mean_b, m2_b)
             a["rows"] += torch.bincount(y, minlength=self.k).to(torch.float64)
-            present = (n_b > 0)[:, None]
-            var_b = m2_b / n_b.clamp(min=1)[:, None]
-            m = self.m
-            a["ema_mean"] = torch.where(present, (1 - m) * a["ema_mean"] + m * mean_b, a["ema_mean"])
-            a["ema_var"] = torch.where(present, (1 - m) * a["ema_var"] + m * var_b, a["ema_var"])
+            present = (n_b > 0).to(torch.float64)
+            w = (present * self.m * (1 - self.m) ** self.after[self.batch].to(x.device, torch.float64))[:, None]
+            a["ema_mean"] += w * mean_b
+            a["ema_var"] += w * (m2_b / n_b.clamp(min=1)[:, None])
         return hook
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
+    def reduce(self) -> None:
+        """Sum every rank's part (torch.distributed, one group): exact pooled moments, EMA sums."""
+        import torch.distributed as dist
+
+        for name, _ in self.layers:
+            a = self.acc[name]
+            for key in ("ema_mean", "ema_var", "rows"):
+                dist.all_reduce(a[key])
+            n_all = a["n"].clone()
+            dist.all_reduce(n_all)
+            total = a["mean"] * a["n"][:, None]
+            dist.all_reduce(total)
+            mean = total / n_all.clamp(min=1)[:, None]
+            m2 = a["m2"] + a["n"][:, None] * (a["mean"] - mean).square()
+            dist.all_reduce(m2)
+            a["n"], a["mean"], a["m2"] = n_all, mean, m2
+
     def result(self) -> BNStats:
         stats: dict[str, dict[str, Tensor]] = {}
+        decay = ((1 - self.m) ** self.updates.to(torch.float64))[:, None]
         for name, _ in self.layers:
             a = self.acc[name]
             n_all = a["n"].sum()
             tot_mean = (a["mean"] * a["n"][:, None]).sum(0) / n_all.clamp(min=1)
             m2_all = (a["m2"] + a["n"][:, None] * (a["mean"] - tot_mean).square()).sum(0)
+            ema_mean = a["ema_mean"].cpu()  # + decay * 0 (the EMA starts from mean 0 ...)
+            ema_var = a["ema_var"].cpu() + decay  # ... and variance 1)
             stats[name] = dict(
                 mean=tot_mean.float().cpu(), var=(m2_all / n_all.clamp(min=1)).float().cpu(),
-                class_mean=a["ema_mean"].float().cpu(), class_var=a["ema_var"].float().cpu(),
+                class_mean=ema_mean.float(), class_var=ema_var.float(),
                 class_mean_exact=a["mean"].float().cpu(),
                 class_var_exact=(a["m2"] / a["n"].clamp(min=1)[:, None]).float().cpu(),
                 class_count=a["rows"].round().long().cpu())
         return BNStats([n for n, _ in self.layers], stats, self.k, self.m)
+
+
+def _check_labels(labels: Tensor, info: DatasetInfo) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+        raise ValueError(f"labels must lie in [0, {info.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+
+
+def _prepare_model(model: nn.Module, dev: torch.device, amp: bool, channels_last: bool) -> None:
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
+    model.to(dev).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def _forward(model: nn.Module, col: _StatsCollector, x: Tensor, y: Tensor, batch: int, amp: bool,
+             channels_last: bool) -> None:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    col.labels, col.batch = y, batch
+    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else _null()
+    with ctx:
+        model(x)
 
 
 @torch.no_grad()
@@ -272,35 +341,76 @@ def collect_bn_stats(model: nn.Module, images: Tensor, labels: Tensor, info: Dat
     and its running buffers are left untouched (eval mode).
     """
     dev = torch.device(device)
-    if amp and dev.type != "cuda":
-        raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
-        raise ValueError(f"labels must lie in [0, {info.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
-    model.to(dev).eval()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    col = _StatsCollector(model, info.num_classes, momentum, dev)
+    _check_labels(labels, info)
+    _prepare_model(model, dev, amp, channels_last)
     perm_gen, aug_gen = make_generators(seed, dev)
     aug = teacher_augment(augment, info)
     order = torch.randperm(len(labels), generator=perm_gen)
+    after, updates = ema_plan(labels[order], batch_size, info.num_classes)
+    col = _StatsCollector(model, info.num_classes, momentum, dev, after, updates)
     try:
         bar = progress(total=len(labels), desc="bn stats", enabled=show_progress, unit="img")
-        for start, stop in minibatches(len(labels), batch_size):
+        for b, (start, stop) in enumerate(minibatches(len(labels), batch_size)):
             idx = order[start:stop]
             x = normalize(images[idx], info, dev)
             if aug is not None:
                 x = aug(x, aug_gen)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            col.labels = labels[idx].to(dev)
-            ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else _null()
-            with ctx:
-                model(x)
+            _forward(model, col, x, labels[idx].to(dev), b, amp, channels_last)
             bar.update(stop - start)
         bar.close()
     finally:
         col.labels = None
         col.remove()
+    return col.result()
+
+
+STREAM_VIEWS = {"rrc_flip": "train", "none": "val"}
+
+
+@torch.no_grad()
+def collect_bn_stats_stream(model: nn.Module, split: Any, info: DatasetInfo, *, batch_size: int = 256,
+                            augment: str = "rrc_flip", momentum: float = 0.1, seed: int = 0,
+                            device: torch.device | str = "cpu", amp: bool = False, channels_last: bool = False,
+                            workers: int | None = None, show_progress: bool = False) -> BNStats:
+    """:func:`collect_bn_stats` over a streamed split (:class:`decoct.data.stream.StreamSplit`).
+
+    ``augment``: ``rrc_flip`` decodes the references' training view (RandomResizedCrop + flip,
+    LPLD's statistics pass), ``none`` the validation view. The order is the same seeded
+    permutation as in memory. Under torchrun (a joined process group of W ranks) rank r reads the
+    batches r, r + W, ... and the parts are summed (:meth:`_StatsCollector.reduce`): every rank
+    returns the statistics one process computes, up to float64 rounding. Returns BNStats.
+    """
+    import torch.distributed as dist
+
+    if augment not in STREAM_VIEWS:
+        raise ValueError(f"a streamed statistics pass supports augment {' or '.join(STREAM_VIEWS)}, got {augment!r} "
+                         "(the crop/pad recipes are for small in-memory images)")
+    dev = torch.device(device)
+    labels = split.labels
+    _check_labels(labels, info)
+    _prepare_model(model, dev, amp, channels_last)
+    perm_gen, _ = make_generators(seed, "cpu")
+    order = torch.randperm(len(labels), generator=perm_gen)
+    after, updates = ema_plan(labels[order], batch_size, info.num_classes)
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    r, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    n_batches = len(after)
+    mine = range(r, n_batches, world)
+    col = _StatsCollector(model, info.num_classes, momentum, dev, after, updates)
+    loader = split.loader(STREAM_VIEWS[augment], batch_size=batch_size, order=order, batches=mine, seed=seed,
+                          workers=workers)
+    try:
+        bar = progress(total=sum(min(batch_size, len(labels) - b * batch_size) for b in mine), desc="bn stats",
+                       enabled=show_progress, unit="img")
+        for x, y, pos in loader:
+            _forward(model, col, normalize(x, info, dev), y.to(dev), int(pos[0]) // batch_size, amp, channels_last)
+            bar.update(len(y))
+        bar.close()
+    finally:
+        col.labels = None
+        col.remove()
+    if sharded:
+        col.reduce()
     return col.result()
 
 
@@ -321,6 +431,7 @@ class SqueezeConfig:
     model: str = "convnet_bn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    weights: str | None = None
     epochs: int = 30
     lr: float = 0.05
     momentum: float = 0.9
@@ -347,6 +458,8 @@ class SqueezeConfig:
 def _check_config(cfg: SqueezeConfig) -> None:
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; known: {', '.join(MODELS.names())}")
+    if cfg.pretrained is not None and cfg.weights is not None:
+        raise ValueError("pass either --pretrained or --weights FILE, not both")
     if cfg.pretrained is not None and cfg.pretrained not in PRETRAINED:
         raise ValueError(f"unknown pretrained source {cfg.pretrained!r}; known: {', '.join(PRETRAINED)}")
     if cfg.augment not in AUGMENTS:
@@ -373,19 +486,82 @@ def _torchvision_weights(model_name: str) -> tuple[Path, str]:
     return path, url
 
 
-def _load_pretrained(model: nn.Module, cfg: SqueezeConfig, info: DatasetInfo) -> None:
+def _check_imagenet_model(model: nn.Module, cfg: SqueezeConfig, info: DatasetInfo, what: str) -> None:
+    if info.channels != 3:
+        raise ValueError(f"{what} take RGB input; dataset {info.name!r} has {info.channels} channel(s)")
+    if not hasattr(model, "net") or getattr(model, "config", {}).get("stem") != "imagenet":
+        raise ValueError(f"{what} fit torchvision's resnet18/resnet50 with the ImageNet stem: pass --model resnet18 "
+                         "or resnet50 (the ImageNet stem is chosen for images larger than 64 px, or --model-kwargs "
+                         "stem=imagenet)")
+
+
+def _fit_classes(state: dict[str, Tensor], info: DatasetInfo, subset_of: tuple[int, ...] | None, what: str) -> None:
+    """Keep the classifier rows of a class subset (``subset_of``: the classes' indices in the full tree)."""
+    w = state.get("fc.weight")
+    if w is None or w.shape[0] == info.num_classes:
+        return
+    if subset_of is None or len(subset_of) != info.num_classes or max(subset_of) >= w.shape[0]:
+        raise ValueError(f"{what} classify {w.shape[0]} classes, the dataset has {info.num_classes}; for a class "
+                         "subset of the weights' tree pass --classes A:B on that tree")
+    rows = torch.as_tensor(subset_of, dtype=torch.long)
+    state["fc.weight"] = w[rows].contiguous()
+    if "fc.bias" in state:
+        state["fc.bias"] = state["fc.bias"][rows].contiguous()
+
+
+def _load_state(model: nn.Module, state: Any, what: str) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{what}: not a state dict of tensors (torchvision's published .pth files are)")
+    try:
+        model.net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()
+        raise ValueError(f"{what} do not fit the model: {' '.join(first[:3])[:400]}") from None
+
+
+def _load_pretrained(model: nn.Module, cfg: SqueezeConfig, info: DatasetInfo,
+                     subset_of: tuple[int, ...] | None = None) -> None:
     path, url = _torchvision_weights(cfg.model)
-    if info.num_classes != 1000 or info.channels != 3:
-        raise ValueError(f"torchvision's ImageNet weights have 1000 classes and RGB input; dataset "
-                         f"{info.name!r} has {info.num_classes} classes and {info.channels} channel(s)")
-    if getattr(model, "config", {}).get("stem") != "imagenet":
-        raise ValueError("torchvision's ImageNet weights need the ImageNet stem: pass --model-kwargs stem=imagenet "
-                         "(or images larger than 64 px)")
+    what = "torchvision's ImageNet weights"
+    _check_imagenet_model(model, cfg, info, what)
     if not path.exists():
         raise FileNotFoundError(f"torchvision weights for {cfg.model} are not cached at {path}; decoct never "
-                                f"downloads them itself: fetch {url} into that directory (or set TORCH_HOME)")
+                                f"downloads them itself: fetch {url} into that directory (or set TORCH_HOME), "
+                                "or pass the file with --weights FILE")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.net.load_state_dict(state, strict=True)
+    _fit_classes(state, info, subset_of, what)
+    _load_state(model, state, what)
+
+
+def load_weights_file(model: nn.Module, path: str | Path, cfg: SqueezeConfig, info: DatasetInfo,
+                      subset_of: tuple[int, ...] | None = None) -> None:
+    """Load a torchvision ResNet state dict from ``path`` (``.safetensors``, or a ``.pth``/``.pt`` read with
+    ``weights_only=True``: never unpickled) into ``model``.
+
+    A 1000-way classifier is cut to a class subset's rows (``subset_of``, from ``--classes`` on the
+    ImageNet tree). Raises FileNotFoundError / ValueError naming the file and what does not fit.
+    """
+    p = Path(path).expanduser()
+    what = f"weights {p}"
+    if not p.is_file():
+        raise FileNotFoundError(f"--weights {p}: no such file (torchvision's resnet18-f37072fd.pth, "
+                                "resnet50-0676ba61.pth, or a .safetensors of the same state dict)")
+    _check_imagenet_model(model, cfg, info, what)
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(p))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{what}: not a readable safetensors file ({e})") from None
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise ValueError(f"{what}: not a weights-only torch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    _fit_classes(state, info, subset_of, what)
+    _load_state(model, state, what)
 
 
 def _train_teacher(model: nn.Module, data: Dataset, cfg: SqueezeConfig, run: Run, dev: torch.device, *,
@@ -483,23 +659,39 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
             lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 128,
             schedule: str = "cosine", optimizer: str = "sgd", label_smoothing: float = 0.0,
             augment: str = "auto", model_kwargs: dict[str, Any] | None = None, pretrained: str | None = None,
-            stats_augment: str = "train", stats_batch_size: int = 256, stats_momentum: float = 0.1,
-            seed: int = 0, device: str | torch.device = "auto", amp: bool = False, channels_last: bool = False,
-            data_root: str | None = None, download: bool = False, resume: bool = False, force: bool = False,
+            weights: str | None = None, stats_augment: str = "train", stats_batch_size: int = 256,
+            stats_momentum: float = 0.1, seed: int = 0, device: str | torch.device = "auto", amp: bool = False,
+            channels_last: bool = False, data_root: str | None = None, download: bool = False,
+            data_options: dict[str, Any] | None = None, resume: bool = False, force: bool = False,
             show_progress: bool = True, checkpoint_every: int = 1, stop_after: int | None = None,
-            config: dict[str, Any] | None = None) -> Teacher:
-    """Train a teacher on ``dataset`` (or wrap torchvision's ImageNet weights) and record BN stats.
+            config: dict[str, Any] | None = None) -> Teacher | None:
+    """Train a teacher on ``dataset`` (or wrap ImageNet weights) and record BN stats.
 
     Writes the teacher directory ``out`` (see the module docstring) and returns the loaded
     :class:`Teacher`. Defaults are a CPU-sized ConvNet-BN recipe; DWA's CIFAR teacher is
     ``model="resnet18", epochs=200, lr=0.1, batch_size=128, weight_decay=5e-4`` (configs/decoupled).
+    ``weights`` (a local torchvision state-dict file) or ``pretrained="torchvision"`` (torch hub's
+    cache) wrap ImageNet weights without training. ``data_options`` go to
+    :func:`~decoct.data.load_dataset` (``data_mode``, ``classes``, ``workers`` for ``imagenet``).
+    A streamed dataset is validated and its statistics collected per batch
+    (:func:`collect_bn_stats_stream`); under torchrun both passes are sharded across the ranks and
+    rank 0 writes the teacher (other ranks return None).
     A finished directory is reused unless ``force``; an interrupted one needs ``resume``.
     ``stop_after`` ends training after that many epochs of this call with a checkpoint (tests).
     """
-    from decoct.runtime.distributed import resolve_device
+    from decoct.data import is_streamed
+    from decoct.runtime.distributed import (
+        barrier,
+        init_process_group,
+        rank,
+        rank_device,
+        resolve_device,
+        world_size,
+    )
 
     name = dataset if isinstance(dataset, str) else dataset.info.name
     cfg = SqueezeConfig(dataset=name, model=model, model_kwargs=dict(model_kwargs or {}), pretrained=pretrained,
+                        weights=str(weights) if weights is not None else None,
                         epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                         schedule=schedule, optimizer=optimizer, label_smoothing=label_smoothing, augment=augment,
                         stats_augment=stats_augment, stats_batch_size=stats_batch_size,
@@ -507,63 +699,108 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
     _check_config(cfg)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    world = world_size()
+    if world > 1:
+        dev = rank_device(str(device))
+    else:
+        dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if amp and dev.type != "cuda":
         raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
     run_cfg = config if config is not None else asdict(cfg)
     done = (Path(out) / "DONE").exists() and not force
     if done:
+        if world > 1 and rank() != 0:
+            return None
         run = Run.open(out, run_cfg, resume=resume, force=force)
         return load_teacher_full(run.path, dev)
     # everything that can fail on bad input fails here, before the run directory is created
-    data = dataset if isinstance(dataset, Dataset) else load_dataset(name, root=data_root, download=download)
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(name, root=data_root, download=download,
+                                                                   **(data_options or {}))
     info = data.info
     net = seeded_model(lambda: model_for(cfg.model, info, **cfg.model_kwargs), seed)
     if not bn_layers(net):
         raise ValueError(f"model {cfg.model!r} {cfg.model_kwargs} has no BatchNorm layer; squeeze needs one "
                          "(e.g. convnet_bn, resnet18)")
-    if pretrained:
-        _load_pretrained(net, cfg, info)
-    run = Run.open(out, run_cfg, resume=resume, force=force)
-    if pretrained:
-        finished, seconds = True, 0.0
-        run.log(event="pretrained", source=pretrained, model=cfg.model)
-    else:
-        run.log(event="start", model=cfg.model, epochs=cfg.epochs, dataset=info.name)
-        finished, seconds = _train_teacher(net, data, cfg, run, dev, checkpoint_every=checkpoint_every,
-                                           stop_after=stop_after, show_progress=show_progress)
-    if not finished:
-        return Teacher(net.eval(), info, {"unfinished": True, "model": cfg.model}, None, run.path)
-    test_x = data.test.images
-    acc = None
-    if len(test_x):
-        acc = evaluate_accuracy(net, normalize(test_x, info), data.test.labels, device=dev, amp=amp,
-                                channels_last=channels_last)
-    run.log(event="trained", test_accuracy=acc, seconds=round(seconds, 2))
-    t1 = time.perf_counter()
-    st_aug = cfg.augment if cfg.stats_augment == "train" else cfg.stats_augment
-    stats = collect_bn_stats(net, data.train.images, data.train.labels, info, batch_size=cfg.stats_batch_size,
-                             augment=st_aug, momentum=cfg.stats_momentum, seed=seed + 1, device=dev, amp=amp,
-                             channels_last=channels_last, show_progress=show_progress)
-    stats_seconds = time.perf_counter() - t1
-    net = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    p = run.path
-    atomic_save_tensors(p / "model.safetensors", net.state_dict(), metadata={"format": TEACHER_FORMAT})
-    save_bn_stats(p / "bn_stats.safetensors", stats, cfg.model)
-    meta = {
-        "format": TEACHER_FORMAT, "version": TEACHER_VERSION, "model": cfg.model,
-        "model_kwargs": cfg.model_kwargs, "dataset": info.to_dict(), "pretrained": pretrained,
-        "train": {k: v for k, v in asdict(cfg).items() if k not in ("model", "model_kwargs", "dataset")},
-        "resolved_augment": resolve_augment(cfg.augment, info), "stats_augment": resolve_augment(st_aug, info),
-        "test_accuracy": acc, "train_seconds": round(seconds, 2), "stats_seconds": round(stats_seconds, 2),
-        "num_train_images": len(data.train), "bn_layers": [[n, stats.channels(n)] for n in stats.layers],
-        "files": {f: sha256_file(p / f) for f in ("model.safetensors", "bn_stats.safetensors")},
-        "data_source": data.source,  # how distill/relabel find this data again (decoct.data.provenance)
-    }
-    atomic_write_json(p / "teacher.json", meta)
-    run.log(event="finished", test_accuracy=acc, seconds=round(seconds + stats_seconds, 2))
-    run.finish()
-    return Teacher(net, info, meta, stats, p)
+    wrapped = cfg.pretrained or cfg.weights
+    if cfg.weights:
+        load_weights_file(net, cfg.weights, cfg, info, data.subset_of)
+    elif pretrained:
+        _load_pretrained(net, cfg, info, data.subset_of)
+    streamed = is_streamed(data)
+    if streamed and not wrapped:
+        raise ValueError("training a teacher on a streamed dataset is not supported: pass --weights FILE "
+                         "(torchvision's ImageNet weights) or --pretrained torchvision, or --data-mode memory")
+    if world > 1 and not streamed:
+        raise ValueError("squeeze under torchrun shards the streamed passes of --weights/--pretrained teachers; "
+                         "train an in-memory teacher with one process")
+    lead = world == 1 or rank() == 0
+    if world > 1:
+        init_process_group(dev)
+    try:
+        run = Run.open(out, run_cfg, resume=resume, force=force) if lead else None
+        if world > 1:
+            barrier()
+        if wrapped:
+            finished, seconds = True, 0.0
+            if run is not None:
+                run.log(event="pretrained", source=cfg.weights or pretrained, model=cfg.model, world=world)
+        else:
+            run.log(event="start", model=cfg.model, epochs=cfg.epochs, dataset=info.name)
+            finished, seconds = _train_teacher(net, data, cfg, run, dev, checkpoint_every=checkpoint_every,
+                                               stop_after=stop_after, show_progress=show_progress)
+        if not finished:
+            return Teacher(net.eval(), info, {"unfinished": True, "model": cfg.model}, None, run.path)
+        acc = None
+        t_val = time.perf_counter()
+        if len(data.test):
+            acc = evaluate_split(net, data.test, info, cfg.stats_batch_size, dev, amp=amp, channels_last=channels_last,
+                                 show_progress=show_progress and lead)
+        val_seconds = time.perf_counter() - t_val
+        if run is not None:
+            run.log(event="trained", test_accuracy=acc, seconds=round(seconds, 2), val_seconds=round(val_seconds, 2))
+        t1 = time.perf_counter()
+        st_aug = cfg.augment if cfg.stats_augment == "train" else cfg.stats_augment
+        if streamed:
+            st_aug = resolve_augment(st_aug, info)
+            stats = collect_bn_stats_stream(net, data.train, info, batch_size=cfg.stats_batch_size, augment=st_aug,
+                                            momentum=cfg.stats_momentum, seed=seed + 1, device=dev, amp=amp,
+                                            channels_last=channels_last, show_progress=show_progress and lead)
+        else:
+            stats = collect_bn_stats(net, data.train.images, data.train.labels, info,
+                                     batch_size=cfg.stats_batch_size, augment=st_aug, momentum=cfg.stats_momentum,
+                                     seed=seed + 1, device=dev, amp=amp, channels_last=channels_last,
+                                     show_progress=show_progress)
+        stats_seconds = time.perf_counter() - t1
+        if run is None:
+            barrier()
+            return None
+        net = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
+        p = run.path
+        atomic_save_tensors(p / "model.safetensors", net.state_dict(), metadata={"format": TEACHER_FORMAT})
+        save_bn_stats(p / "bn_stats.safetensors", stats, cfg.model)
+        meta = {
+            "format": TEACHER_FORMAT, "version": TEACHER_VERSION, "model": cfg.model,
+            "model_kwargs": cfg.model_kwargs, "dataset": info.to_dict(), "pretrained": pretrained,
+            "weights": cfg.weights,
+            "train": {k: v for k, v in asdict(cfg).items() if k not in ("model", "model_kwargs", "dataset")},
+            "resolved_augment": resolve_augment(cfg.augment, info), "stats_augment": resolve_augment(st_aug, info),
+            "test_accuracy": acc, "train_seconds": round(seconds, 2), "stats_seconds": round(stats_seconds, 2),
+            "val_seconds": round(val_seconds, 2), "streamed": streamed, "world_size": world,
+            "num_train_images": len(data.train), "bn_layers": [[n, stats.channels(n)] for n in stats.layers],
+            "files": {f: sha256_file(p / f) for f in ("model.safetensors", "bn_stats.safetensors")},
+            "data_source": data.source,  # how distill/relabel find this data again (decoct.data.provenance)
+        }
+        atomic_write_json(p / "teacher.json", meta)
+        run.log(event="finished", test_accuracy=acc, seconds=round(seconds + stats_seconds + val_seconds, 2))
+        run.finish()
+        if world > 1:
+            barrier()
+        return Teacher(net, info, meta, stats, p)
+    finally:
+        import torch.distributed as dist
+
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 __all__ += ["SqueezeConfig", "RunError", "crop_resize", "rrc_boxes"]

@@ -224,7 +224,7 @@ RANGES: dict[str, Range] = {
     # counts where 0 means off / all / automatic
     "seed": Range(0, 2**32 - 1), "real_chunk": _NONNEG, "batch_syn": _NONNEG, "snapshot_every": _NONNEG,
     "min_start_epoch": _NONNEG, "current_max_start_epoch": _NONNEG, "expansion_end_epoch": _NONNEG,
-    "dwa_steps": _NONNEG, "jitter": _NONNEG, "palette_warmup": _NONNEG, "palette_init_epochs": _NONNEG,
+    "dwa_steps": _NONNEG, "jitter": _NONNEG, "workers": _NONNEG, "palette_warmup": _NONNEG, "palette_init_epochs": _NONNEG,
     # colours per image
     "colors": Range(2, 256), "palette": Range(2, 256, extra=(0,), note="0 = full colour"),
     # learning rates: > 0

@@ -13,6 +13,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -285,3 +286,56 @@ def evaluate_accuracy(
         correct += (pred == labels[start:stop].to(dev)).sum()
     model.train(was_training)
     return correct.item() / max(1, len(images_norm))
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, split: Any, info: Any, batch_size: int = 256,
+                   device: torch.device | str = "cpu", *, amp: bool = False, channels_last: bool = False,
+                   workers: int | None = None, show_progress: bool = False) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` on a test split, in memory or streamed.
+
+    An in-memory :class:`~decoct.data.types.ImageSplit` goes through :func:`evaluate_accuracy`
+    (normalised per batch). A streamed split (:class:`decoct.data.stream.StreamSplit`) is read
+    through its validation view (Resize + CenterCrop) by DataLoader workers; under torchrun (a
+    joined process group) rank r reads batches r, r + W, ... and the correct/total counts are
+    summed with an all-reduce, so every rank returns exactly the single-process accuracy.
+    """
+    import torch.distributed as dist
+
+    from decoct.data.types import normalize
+
+    dev = torch.device(device)
+    if not getattr(split, "streamed", False):
+        correct = 0
+        model_was = model.training
+        for start, stop in minibatches(len(split), max(batch_size, 1)):
+            x = normalize(split.images[start:stop], info, dev)
+            correct += round(evaluate_accuracy(model, x, split.labels[start:stop], batch_size, dev, amp=amp,
+                                               channels_last=channels_last) * (stop - start))
+        model.train(model_was)
+        return correct / max(1, len(split))
+    if amp and dev.type != "cuda":
+        raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    r, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    n_batches = -(-len(split) // batch_size)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.long, device=dev)
+    bar = progress_bar(total=len(split), desc="validate", enabled=show_progress and r == 0, unit="img")
+    for x, y, _ in split.loader("val", batch_size=batch_size, batches=range(r, n_batches, world), workers=workers):
+        xb = normalize(x, info, dev)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            pred = model(xb).argmax(dim=-1)
+        counts[0] += (pred == y.to(dev)).sum()
+        counts[1] += len(y)
+        bar.update(len(y) * world)
+    bar.close()
+    model.train(was_training)
+    if sharded:
+        dist.all_reduce(counts)
+    return int(counts[0]) / max(1, int(counts[1]))
