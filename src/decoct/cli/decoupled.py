@@ -72,14 +72,15 @@ def _recover_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from decoct.cli.common import resolved_config
+    from decoct.cli.common import data_options, resolved_config
     from decoct.decoupled.recover import recover
     from decoct.runtime import distributed
 
+    extra = {"data_options": data_options(args)} if data_options(args) else {}
     dset = recover(args.method, teacher=args.teacher, ipc=args.ipc, out=args.out, dataset=args.dataset,
                    data_root=args.data_root, download=args.download, device=args.device, resume=args.resume,
                    force=args.force, show_progress=args.progress, checkpoint_every=args.checkpoint_every,
-                   stop_after=args.max_iterations, config=resolved_config(args), **_recover_options(args))
+                   stop_after=args.max_iterations, config=resolved_config(args), **_recover_options(args), **extra)
     if distributed.rank() != 0:
         return 0
     if dset is None or not dset.meta.get("complete", True):
@@ -169,3 +170,4 @@ def register(cli: Any) -> None:
         p.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
         p.add_argument("--max-iterations", type=int, default=None,
                        help="stop after this many iterations of this call (checkpointed; continue with --resume)")
+        cli.data_flags(p)

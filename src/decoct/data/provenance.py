@@ -104,11 +104,13 @@ def _at(classes: tuple[str, ...], i: int) -> str:
 
 
 def load_for(info: DatasetInfo, recorded: dict[str, Any] | None, *, dataset: str | None = None,
-             data_root: str | None = None, download: bool = False, what: str = "the set") -> Dataset:
+             data_root: str | None = None, download: bool = False, what: str = "the set",
+             options: dict[str, Any] | None = None) -> Dataset:
     """Load the data a set or teacher made for ``info`` needs (see :func:`resolve_source`), checked
-    to have the same classes and image shape."""
-    registry, root, options = resolve_source(info, recorded, dataset=dataset, data_root=data_root, what=what)
-    data = load_dataset(registry, root=root, download=download, **options)
+    to have the same classes and image shape. ``options`` (the command's ``--data-mode``,
+    ``--workers``, ...) override the recorded loader options."""
+    registry, root, recorded_options = resolve_source(info, recorded, dataset=dataset, data_root=data_root, what=what)
+    data = load_dataset(registry, root=root, download=download, **{**recorded_options, **(options or {})})
     check_same_data(info, data.info, what, f"{registry}" + (f" at {root}" if root else ""))
     return data
 

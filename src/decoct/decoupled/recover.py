@@ -490,8 +490,12 @@ class Recover:
         self._ready = True
 
     def _real(self, batch: Batch) -> Tensor:
+        """The batch's real images, normalised. A streamed split decodes just these files, resized
+        to the set's size without a crop (DWA's real initialisation, docs/methods/dwa.md)."""
         idx = self.assign[batch.classes, batch.slots]
-        return normalize(self.dataset.train.images[idx], self.info, self.device)
+        train = self.dataset.train
+        pixels = train.load(idx, view="resize") if getattr(train, "streamed", False) else train.images[idx]
+        return normalize(pixels, self.info, self.device)
 
     def _targets(self, batch: Batch) -> list[tuple[Tensor, Tensor]]:
         cfg = self.config
@@ -686,7 +690,8 @@ RUNTIME_KEYS = ("max_iterations", "checkpoint_every", "device", "download", "dat
 
 
 def prepare(method: str, *, teacher: str, ipc: int, dataset: str | None = None, data_root: str | None = None,
-            download: bool = False, shard: tuple[int, int] = (0, 1), **options: Any) -> tuple[Recover, Dataset]:
+            download: bool = False, shard: tuple[int, int] = (0, 1), data_options: dict[str, Any] | None = None,
+            **options: Any) -> tuple[Recover, Dataset]:
     """Build and validate a recover run *before any work*: teacher, statistics, dataset, options.
 
     Raises a clear error for an unknown method or option, a teacher directory that is missing or
@@ -707,7 +712,7 @@ def prepare(method: str, *, teacher: str, ipc: int, dataset: str | None = None, 
     rec = Recover(cfg, teacher=t, shard=shard)
     recorded = read_source(t.meta.get(SOURCE_KEY), f"{teacher}/teacher.json")
     data = load_for(t.info, recorded, dataset=dataset, data_root=data_root, download=download,
-                    what=f"teacher {teacher}")
+                    what=f"teacher {teacher}", options=data_options)
     check_teacher_dataset(t.info, data.info, teacher)
     return rec, data
 
