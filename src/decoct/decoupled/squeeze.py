@@ -495,8 +495,10 @@ def _check_imagenet_model(model: nn.Module, cfg: SqueezeConfig, info: DatasetInf
                          "stem=imagenet)")
 
 
-def _fit_classes(state: dict[str, Tensor], info: DatasetInfo, subset_of: tuple[int, ...] | None, what: str) -> None:
+def _fit_classes(state: Any, info: DatasetInfo, subset_of: tuple[int, ...] | None, what: str) -> None:
     """Keep the classifier rows of a class subset (``subset_of``: the classes' indices in the full tree)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{what}: not a state dict of tensors (torchvision's published .pth files are)")
     w = state.get("fc.weight")
     if w is None or w.shape[0] == info.num_classes:
         return
@@ -509,9 +511,7 @@ def _fit_classes(state: dict[str, Tensor], info: DatasetInfo, subset_of: tuple[i
         state["fc.bias"] = state["fc.bias"][rows].contiguous()
 
 
-def _load_state(model: nn.Module, state: Any, what: str) -> None:
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise ValueError(f"{what}: not a state dict of tensors (torchvision's published .pth files are)")
+def _load_state(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     try:
         model.net.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -733,6 +733,12 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
     if world > 1 and not streamed:
         raise ValueError("squeeze under torchrun shards the streamed passes of --weights/--pretrained teachers; "
                          "train an in-memory teacher with one process")
+    st_aug = cfg.augment if cfg.stats_augment == "train" else cfg.stats_augment
+    if streamed:  # the streamed pass decodes the references' views: RandomResizedCrop + flip, or plain
+        st_aug = "rrc_flip" if st_aug == "auto" else st_aug
+        if st_aug not in STREAM_VIEWS:
+            raise ValueError(f"a streamed statistics pass supports --stats-augment rrc_flip or none (or auto/train), "
+                             f"got {st_aug!r}: the crop/pad recipes are for small in-memory images")
     lead = world == 1 or rank() == 0
     if world > 1:
         init_process_group(dev)
@@ -759,9 +765,7 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
         if run is not None:
             run.log(event="trained", test_accuracy=acc, seconds=round(seconds, 2), val_seconds=round(val_seconds, 2))
         t1 = time.perf_counter()
-        st_aug = cfg.augment if cfg.stats_augment == "train" else cfg.stats_augment
         if streamed:
-            st_aug = resolve_augment(st_aug, info)
             stats = collect_bn_stats_stream(net, data.train, info, batch_size=cfg.stats_batch_size, augment=st_aug,
                                             momentum=cfg.stats_momentum, seed=seed + 1, device=dev, amp=amp,
                                             channels_last=channels_last, show_progress=show_progress and lead)
