@@ -307,13 +307,14 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
         return model_for(cfg["model"], info, **cfg["model_kwargs"])
 
     def run_students(images: torch.Tensor, key: str) -> list[float]:
-        x = normalize(images, info, device)
+        # uint8 pixels, normalised per batch on the device (not a float32 copy of the whole set)
         accs = list(state.get(key) or [])
         step = max(1, chunk or runs)
         while len(accs) < runs:
             seeds = [seed + r for r in range(len(accs), min(runs, len(accs) + step))]
-            accs += fit_soft_students(factory, x, xt, yt, fcfg, seeds=seeds, store=store if key == "set" else None,
-                                      teacher=teacher, view=view, fill=fill, device=device, progress=progress)
+            accs += fit_soft_students(factory, images, xt, yt, fcfg, seeds=seeds,
+                                      store=store if key == "set" else None, teacher=teacher, view=view, fill=fill,
+                                      device=device, progress=progress, info=info)
             state[key] = list(accs)
             if on_progress is not None:
                 on_progress(state)

@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -51,6 +52,7 @@ from torch import Tensor
 from decoct.data.types import DatasetInfo, normalize, to_uint8
 from decoct.formats.errors import ArtifactError
 from decoct.formats.png import bits_for, decode_png, encode_png, gather_palette
+from decoct.formats.tensor_files import TensorFile, TensorFiles, payload_bytes
 from decoct.runtime.filecheck import (
     FileCheckError,
     confined_path,
@@ -132,6 +134,11 @@ def _check_json(value: Any, what: str) -> None:
 
 
 def _check_tensor_files(files: Any, what: str) -> dict[str, dict[str, Tensor]]:
+    if isinstance(files, TensorFiles):  # entries on disk were checked when opened, and are not read here
+        in_memory = {n: files.entry(n) for n in files if isinstance(files.entry(n), dict)}
+        _check_tensor_files(in_memory, what)
+        _check_tensor_files({n: {"x": torch.zeros(1)} for n in files if n not in in_memory}, what)
+        return files  # type: ignore[return-value]
     if not isinstance(files, dict):
         raise ValueError(f"{what} must be a dict of name -> dict of tensors")
     out: dict[str, dict[str, Tensor]] = {}
@@ -159,6 +166,12 @@ class DistilledSet:
     ``float_images`` (normalised, float16/float32) are set the set is stored as floats and
     ``images`` is their uint8 quantisation. All tensors are kept on the CPU. Palette sets use one
     K for every image (``palettes`` is (N, K, C)); the manifest still lists K per image.
+
+    ``label_files`` maps a name to its tensors: a plain dict for a set built in memory; for a
+    loaded set a :class:`~decoct.formats.tensor_files.TensorFiles` whose entries stay on disk and
+    are read (and checked again) on each access, so a label store of gigabytes is never held whole
+    (docs/label-store.md, Reading a store). Measure them with
+    :func:`~decoct.formats.tensor_files.payload_bytes`, not by loading every value.
     """
 
     info: DatasetInfo
@@ -171,7 +184,7 @@ class DistilledSet:
     config: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     attachments: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-    label_files: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    label_files: Mapping[str, dict[str, Tensor]] = field(default_factory=dict)
     float_images: Tensor | None = None
     _last_storage: dict | None = field(default=None, init=False, repr=False)
 
@@ -493,8 +506,10 @@ class DistilledSet:
                 put(rel, data, "images")
         if self.soft_labels is not None:
             put(_SOFT_FILE, tensors_to_bytes({"soft_labels": self.soft_labels.half()}), "labels")
-        for name, tensors in self.label_files.items():
-            put(f"labels/{name}.safetensors", tensors_to_bytes(tensors), "labels")
+        for name in self.label_files:  # one file at a time; a loaded file's own bytes are copied
+            files_ = self.label_files
+            data = files_.file_bytes(name) if isinstance(files_, TensorFiles) else tensors_to_bytes(files_[name])
+            put(f"labels/{name}.safetensors", data, "labels")
         for name, tensors in self.attachments.items():
             put(f"extra/{name}.safetensors", tensors_to_bytes(tensors), "extra")
         # Durable before the directory is renamed into place: files first, then their dirs.
@@ -545,8 +560,7 @@ class DistilledSet:
         labels = n * (info.num_classes - 1).bit_length()
         if self.soft_labels is not None:
             labels += self.soft_labels.numel() * 16
-        for tensors in self.label_files.values():
-            labels += sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+        labels += payload_bytes(self.label_files) * 8  # from the headers: no label file is read
         extra = sum(
             t.numel() * t.element_size() * 8
             for ts in self.attachments.values()
@@ -1183,10 +1197,13 @@ def _read_tensors(data: bytes, rel: str, expect: dict[str, tuple[tuple[str, ...]
         raise ArtifactError(f"{rel}: cannot be read as safetensors ({e})") from e
 
 
-def _decode(root: Path, layout: _Layout) -> DistilledSet:
+def _decode(root: Path, layout: _Layout, verified: bool = False) -> DistilledSet:
     """Rebuild a DistilledSet from an artifact directory (integrity is checked by the caller).
 
-    Sizes are checked before any file is read, and each PNG's header before it is decoded.
+    Sizes are checked before any file is read, and each PNG's header before it is decoded. Label
+    files other than the soft labels are not read: only their size and safetensors header are
+    checked here, and ``label_files`` reads each on access (:class:`TensorFile`; with ``verified``
+    the manifest's SHA-256, which the caller has just checked, is checked again on each read).
     """
     info = layout.info
     num_images = layout.num_images
@@ -1217,19 +1234,26 @@ def _decode(root: Path, layout: _Layout) -> DistilledSet:
             kwargs["palette_indices"] = torch.stack(all_idx)
             kwargs["palettes"] = torch.stack(all_pal)
 
-    label_files: dict[str, dict[str, Tensor]] = {}
+    label_files: dict[str, TensorFile] = {}
     attachments: dict[str, dict[str, Tensor]] = {}
     for rel, entry in layout.files.items():
         if entry["component"] == "images":
             continue
         parts = _safe_rel(rel).parts
+        if parts[0] == "labels" and rel != _SOFT_FILE:
+            try:
+                p = confined_path(root, rel, "manifest.json")
+            except FileCheckError as e:
+                raise ArtifactError(str(e)) from e
+            label_files[parts[1][: -len(".safetensors")]] = TensorFile.open(
+                p, rel, entry["bytes"], entry["sha256"] if verified else None)
+            continue
         data = _read_listed(root, layout, rel)
         if rel == _SOFT_FILE:
             soft = _read_tensors(data, rel, {"soft_labels": (("F16", "F32"), (num_images, info.num_classes))})
             kwargs["soft_labels"] = soft["soft_labels"].float()
         else:
-            target = label_files if parts[0] == "labels" else attachments
-            target[parts[1][: -len(".safetensors")]] = _read_tensors(data, rel)
+            attachments[parts[1][: -len(".safetensors")]] = _read_tensors(data, rel)
 
     try:
         return DistilledSet(
@@ -1239,7 +1263,7 @@ def _decode(root: Path, layout: _Layout) -> DistilledSet:
             method=layout.method,
             config=layout.config,
             meta=layout.meta,
-            label_files=label_files,
+            label_files=TensorFiles(label_files),
             attachments=attachments,
             **kwargs,
         )
@@ -1264,7 +1288,7 @@ def _inspect(root: Path, check_files: bool = True) -> tuple[list[str], Distilled
             problems, sizes = _integrity_problems(root, layout, manifest)
             if problems:
                 return problems, None, sizes
-        ds = _decode(root, layout)
+        ds = _decode(root, layout, verified=check_files)
     except ArtifactError as e:
         return [str(e)], None, sizes
     if not sizes:

@@ -26,7 +26,7 @@ from fractions import Fraction
 
 import torch
 
-from decoct.formats.label_store import EpochLabels, LabelStore, LabelStoreError
+from decoct.formats.label_store import LabelStore, LabelStoreError
 
 __all__ = [
     "GRANULARITIES",
@@ -90,16 +90,15 @@ def prune_store(store: LabelStore, factor: int) -> LabelStore:
     keep = kept_units(pool_total(int(h["epochs"]), full_per_epoch), factor)
     if factor == 1:
         return store
-    epochs: dict[int, EpochLabels] = {}
+    positions: dict[int, list[int]] = {}
     left = keep
-    for e, ep in store.epochs.items():
+    for e in store.epochs:  # batch sizes come from the store's layout: no epoch is read here
         if left <= 0:
             break
-        full = [p for p, s in enumerate(ep.sizes.tolist()) if s == store.batch][:left]
-        epochs[e] = ep.select(full)
-        left -= len(full)
+        positions[e] = [p for p, s in enumerate(store.epoch_sizes(e)) if s == store.batch][:left]
+        left -= len(positions[e])
     header = dict(h, prune=_prune_header(factor, keep, pool_total(int(h["epochs"]), full_per_epoch)))
-    return LabelStore(header, epochs)
+    return store.select(positions, header)  # a store read per epoch stays one (each epoch cut when used)
 
 
 def _prune_header(factor: int, kept: int, total: int) -> dict:
@@ -132,13 +131,13 @@ def epoch_plan(store: LabelStore, epochs: int, granularity: str = "auto",
                 f"has {len(have)} complete epoch(s){' (it is pruned)' if store.prune_factor > 1 else ''}. "
                 f"Fix: {fewer}store {epochs} epochs (decoct relabel RUN --teacher DIR --epochs {epochs} --force), "
                 "or, in Python, replay stored batches at random with granularity='batch_to_epoch'")
-        return [[(e, p) for p in range(len(store.epochs[e]))] for e in range(epochs)]
+        return [[(e, p) for p in range(store.epoch_len(e))] for e in range(epochs)]
     if granularity == "epoch":
         pool_epochs = store.complete_epochs()
         if not pool_epochs:
             raise LabelStoreError("epoch granularity needs at least one complete stored epoch")
         picks = torch.randint(len(pool_epochs), (epochs,), generator=g).tolist()
-        return [[(pool_epochs[i], p) for p in range(len(store.epochs[pool_epochs[i]]))] for i in picks]
+        return [[(pool_epochs[i], p) for p in range(store.epoch_len(pool_epochs[i]))] for i in picks]
     pool = store.units(full_only=True)
     if not pool:
         raise LabelStoreError("the label pool holds no full batch")

@@ -29,6 +29,14 @@ Logits are all C classes in fp16, no top-k, as LPLD.
 The header records the format version, the pruning factor, the relabel settings and the
 *fingerprint* of the artifact's pixels and labels: a store used with any other set is refused
 (:meth:`LabelStore.check_for`).
+
+Reading is per epoch, never whole (docs/label-store.md, Reading a store): a store opened from a
+loaded artifact's label files (:class:`~decoct.formats.tensor_files.TensorFiles`) checks the header,
+the file set and every epoch's small tensors (``epoch``, ``units``, ``sizes``, ``index``; the others
+by dtype and shape from the file header) up front, then reads an epoch's tensors on first use and
+keeps only the ``keep`` most recently used epochs (an LRU; :meth:`LabelStore.held_epochs`).
+:meth:`LabelStore.read_batch` reads a single stored batch's rows (what a pruned store's random
+replay needs). A store built in memory (relabel, a plain ``label_files`` dict) holds its epochs.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,14 +55,24 @@ import torch
 from torch import Tensor
 
 from decoct.augment.recorded_views import ViewRecipe, ViewRecord
+from decoct.formats.tensor_files import (
+    Deferred,
+    Spec,
+    TensorFile,
+    TensorFiles,
+    file_entry,
+    file_payload_bytes,
+)
 from decoct.runtime.filecheck import is_int
 
 __all__ = [
     "FORMAT",
     "VERSION",
     "HEADER_FILE",
+    "DEFAULT_KEEP",
     "EpochLabels",
     "LabelStore",
+    "LazyEpochs",
     "LabelStoreError",
     "attach_store",
     "dataset_fingerprint",
@@ -144,6 +164,8 @@ class EpochLabels:
         extra = set(t) - set(need) - {"perm", "lam", "box"}
         if extra:
             raise LabelStoreError(f"labels/{name}.safetensors: unexpected tensor(s) {sorted(extra)}")
+        if t["epoch"].shape != (1,) or t["epoch"].dtype != torch.int32:
+            raise LabelStoreError(f"labels/{name}.safetensors: epoch must be int32 (1,)")
         return cls(epoch=int(t["epoch"][0]), units=t["units"], sizes=t["sizes"], index=t["index"],
                    crop=t["crop"], flip=t["flip"], logits=t["logits"], perm=t.get("perm"),
                    lam=t.get("lam"), box=t.get("box"))
@@ -216,17 +238,84 @@ class EpochLabels:
             raise LabelStoreError(f"{where}: batch number outside [0, {header['units_per_epoch']})")
 
 
-class LabelStore:
-    """A whole label store: the header plus its stored epochs (in memory, as the artifact is)."""
+DEFAULT_KEEP = 2
+"""Stored epochs a store read from files keeps in memory (the epoch in use and the one before)."""
 
-    def __init__(self, header: dict[str, Any], epochs: dict[int, EpochLabels]) -> None:
-        self.epochs = dict(sorted(epochs.items()))
-        self.header = dict(header, stored_epochs={str(e): len(ep) for e, ep in self.epochs.items()})
+_SMALL = ("epoch", "units", "sizes", "index")  # read up front to check every epoch; a few bytes per view
+
+
+class LazyEpochs(Mapping[int, EpochLabels]):
+    """Stored epochs by number, each made by its loader on first use; only the ``keep`` most recently
+    used are held (an LRU), so iterating a store of any size holds at most ``keep`` epochs."""
+
+    def __init__(self, loaders: Mapping[int, Callable[[], EpochLabels]], keep: int = DEFAULT_KEEP) -> None:
+        if not is_int(keep, 1):
+            raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+        self._loaders = dict(sorted(loaders.items()))
+        self._held: OrderedDict[int, EpochLabels] = OrderedDict()
+        self.keep = keep
+
+    def __getitem__(self, epoch: int) -> EpochLabels:
+        if epoch in self._held:
+            self._held.move_to_end(epoch)
+            return self._held[epoch]
+        ep = self._loaders[epoch]()
+        self._held[epoch] = ep
+        while len(self._held) > self.keep:
+            self._held.popitem(last=False)
+        return ep
+
+    def __contains__(self, epoch: object) -> bool:
+        return epoch in self._loaders
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def held(self) -> list[int]:
+        """Epochs held in memory now, least recently used first."""
+        return list(self._held)
+
+
+class LabelStore:
+    """A label store: the header plus its stored epochs, held in memory or read per epoch.
+
+    ``epochs`` maps stored epoch -> :class:`EpochLabels`: a dict (everything in memory, as relabel
+    builds a store) or a :class:`LazyEpochs` (read on use; then ``layout`` gives each epoch's
+    ``(units, sizes)`` up front and ``sources`` the file each epoch came from, copied as is when the
+    store is written again). Everything but the batches themselves (plans, counts, sizes) comes from
+    the layout, so it never loads an epoch.
+    """
+
+    def __init__(self, header: dict[str, Any], epochs: Mapping[int, EpochLabels], *,
+                 layout: Mapping[int, tuple[Tensor, Tensor]] | None = None,
+                 sources: Mapping[int, TensorFile] | None = None) -> None:
+        if isinstance(epochs, LazyEpochs):
+            if layout is None or sorted(layout) != list(epochs):
+                raise ValueError("a store of lazily read epochs needs the (units, sizes) layout of every epoch")
+            self.epochs: Mapping[int, EpochLabels] = epochs
+            self._layout = {e: layout[e] for e in epochs}
+        else:
+            self.epochs = dict(sorted(epochs.items()))
+            self._layout = {e: (ep.units, ep.sizes) for e, ep in self.epochs.items()}
+        self._sources = dict(sources or {})
+        self.header = dict(header, stored_epochs={str(e): len(u) for e, (u, _) in self._layout.items()})
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def from_label_files(cls, files: dict[str, dict[str, Tensor]]) -> LabelStore | None:
-        """The store held in a set's ``label_files`` (None when it has none)."""
+    def from_label_files(cls, files: Mapping[str, dict[str, Tensor]], keep: int = DEFAULT_KEEP
+                         ) -> LabelStore | None:
+        """The store held in a set's ``label_files`` (None when it has none).
+
+        Checked here, before anything trains: the header, that its ``stored_epochs`` name exactly
+        the epoch files present, and each epoch's tensors (dtypes, shapes, batch sizes, image
+        indices, batch numbers; :meth:`EpochLabels.validate`). From a plain dict the epochs are
+        kept (they are in memory already); from :class:`~decoct.formats.tensor_files.TensorFiles`
+        only their small tensors are read now, the rest when an epoch is used (checked again
+        then), at most ``keep`` epochs held at a time.
+        """
         if HEADER_FILE not in files:
             stray = [k for k in files if _EPOCH_RE.match(k)]
             if stray:
@@ -238,18 +327,23 @@ class LabelStore:
         if listed != present:
             raise LabelStoreError(
                 f"label store header lists epochs {sorted(listed)[:8]}..., files hold {sorted(present)[:8]}...")
-        epochs = {}
+        lazy = isinstance(files, TensorFiles) and any(
+            not isinstance(files.entry(epoch_file(e)), dict) for e in listed)
+        epochs: dict[int, EpochLabels] = {}
+        layout: dict[int, tuple[Tensor, Tensor]] = {}
         for e in sorted(listed):
             name = epoch_file(e)
-            ep = EpochLabels.from_tensors(files[name], name)
-            if ep.epoch != e:
-                raise LabelStoreError(f"labels/{name}.safetensors: holds epoch {ep.epoch}")
-            ep.validate(header, name)
-            if len(ep) != int(header["stored_epochs"][str(e)]):
-                raise LabelStoreError(f"labels/{name}.safetensors: {len(ep)} batches, header says "
-                                      f"{header['stored_epochs'][str(e)]}")
-            epochs[e] = ep
-        return cls(header, epochs)
+            ep = _checked_epoch(_small_tensors(files, name) if lazy else files[name], header, e, name)
+            if lazy:
+                layout[e] = (ep.units.clone(), ep.sizes.clone())
+            else:
+                epochs[e] = ep
+        if not lazy:
+            return cls(header, epochs)
+        assert isinstance(files, TensorFiles)
+        loaders = {e: _file_loader(files, header, e, layout[e]) for e in layout}
+        sources = {e: s for e in layout if isinstance(s := files.entry(epoch_file(e)), TensorFile)}
+        return cls(header, LazyEpochs(loaders, keep), layout=layout, sources=sources)
 
     @classmethod
     def from_set(cls, dset: Any) -> LabelStore:
@@ -274,12 +368,41 @@ class LabelStore:
                 f"{fp[:12]}… ({len(dset)} images). Relabel this set instead of copying labels.")
 
     # ------------------------------------------------------------------ writing
-    def label_files(self) -> dict[str, dict[str, Tensor]]:
-        """``DistilledSet.label_files`` entries of this store."""
-        files = {HEADER_FILE: {"header": _encode_header(self.header)}}
-        for e, ep in self.epochs.items():
-            files[epoch_file(e)] = ep.tensors()
-        return files
+    def label_files(self) -> Mapping[str, dict[str, Tensor]]:
+        """``DistilledSet.label_files`` entries of this store.
+
+        A dict of tensors for a store held in memory; for one read per epoch a
+        :class:`~decoct.formats.tensor_files.TensorFiles` whose epochs are the files they were read
+        from (copied byte for byte when saved) or computed one at a time when saved (a pruned store).
+        """
+        head = {"header": _encode_header(self.header)}
+        if not isinstance(self.epochs, LazyEpochs):
+            files = {HEADER_FILE: head}
+            for e, ep in self.epochs.items():
+                files[epoch_file(e)] = ep.tensors()
+            return files
+        entries: dict[str, Any] = {HEADER_FILE: head}
+        for e in self._layout:
+            src = self._sources.get(e)
+            entries[epoch_file(e)] = src if src is not None else Deferred(_tensors_of(self.epochs, e),
+                                                                         self._epoch_specs(e))
+        return TensorFiles(entries)
+
+    def select(self, positions: Mapping[int, list[int]], header: dict[str, Any]) -> LabelStore:
+        """A store under ``header`` holding, of each epoch in ``positions``, the stored batches at those
+        positions (in that order): how a pruned store is cut from a full one. A store read per epoch
+        gives one read per epoch too (each epoch selected when it is used)."""
+        if not isinstance(self.epochs, LazyEpochs):
+            return LabelStore(header, {e: self.epochs[e].select(list(p)) for e, p in positions.items()})
+        layout, loaders, sources = {}, {}, {}
+        for e, p in positions.items():
+            units, sizes = self._layout[e]
+            pos = torch.tensor(list(p), dtype=torch.long)
+            layout[e] = (units[pos], sizes[pos])
+            loaders[e] = _selected(self.epochs, e, list(p))
+            if list(p) == list(range(len(units))) and e in self._sources:
+                sources[e] = self._sources[e]  # the whole epoch: its file is copied as it is
+        return LabelStore(header, LazyEpochs(loaders, self.epochs.keep), layout=layout, sources=sources)
 
     # ------------------------------------------------------------------ views
     @property
@@ -298,14 +421,26 @@ class LabelStore:
 
     @property
     def num_units(self) -> int:
-        return sum(len(ep) for ep in self.epochs.values())
+        return sum(len(u) for u, _ in self._layout.values())
+
+    def epoch_len(self, epoch: int) -> int:
+        """Stored batches of ``epoch`` (no epoch is read)."""
+        return len(self._layout[epoch][0])
+
+    def epoch_sizes(self, epoch: int) -> list[int]:
+        """Images in each stored batch of ``epoch`` (no epoch is read)."""
+        return self._layout[epoch][1].tolist()
+
+    def held_epochs(self) -> list[int]:
+        """Epochs whose tensors this store holds in memory now (all of them for a store built in memory)."""
+        return self.epochs.held() if isinstance(self.epochs, LazyEpochs) else list(self.epochs)
 
     def units(self, full_only: bool = False) -> list[tuple[int, int]]:
         """(epoch, position) of every stored batch in global order; ``full_only`` skips short ones."""
         out = []
-        for e, ep in self.epochs.items():
-            sizes = ep.sizes.tolist()
-            out += [(e, p) for p in range(len(ep)) if not full_only or sizes[p] == self.batch]
+        for e, (_, sizes) in self._layout.items():
+            s = sizes.tolist()
+            out += [(e, p) for p in range(len(s)) if not full_only or s[p] == self.batch]
         return out
 
     def complete_epochs(self) -> list[int]:
@@ -313,24 +448,112 @@ class LabelStore:
         h = self.header
         pruned = self.prune_factor > 1
         out = []
-        for e, ep in self.epochs.items():
-            full = int((ep.sizes == self.batch).sum())
-            if full == int(h["full_units_per_epoch"]) and (pruned or len(ep) == int(h["units_per_epoch"])):
+        for e, (units, sizes) in self._layout.items():
+            full = int((sizes == self.batch).sum())
+            if full == int(h["full_units_per_epoch"]) and (pruned or len(units) == int(h["units_per_epoch"])):
                 out.append(e)
         return out
 
     def batch_at(self, epoch: int, pos: int) -> tuple[Tensor, ViewRecord, Tensor]:
+        """(image indices, view record, fp16 logits) of a stored batch, from its epoch (read whole and
+        kept, for a store read per epoch): the access for replaying epochs in order."""
         return self.epochs[epoch].batch(pos)
 
+    def read_batch(self, epoch: int, pos: int) -> tuple[Tensor, ViewRecord, Tensor]:
+        """As :meth:`batch_at`, but reads only this batch's rows when its epoch is not held: the access
+        for batches drawn at random from a pool (a pruned store), which would otherwise read a whole
+        epoch per batch. Equal to :meth:`batch_at` bit for bit."""
+        src = self._sources.get(epoch)
+        if src is None or not isinstance(self.epochs, LazyEpochs) or epoch in self.epochs.held():
+            return self.batch_at(epoch, pos)
+        sizes = self._layout[epoch][1]
+        if not 0 <= pos < len(sizes):
+            raise IndexError(f"stored epoch {epoch} has {len(sizes)} batches, asked for position {pos}")
+        s = int(sizes[:pos].long().sum())
+        e = s + int(sizes[pos])
+        mix = self.header["view"]["mix"]
+        rows: dict[str, tuple[int, int] | None] = {"index": (s, e), "crop": (s, e), "flip": (s, e), "logits": (s, e)}
+        if mix != "none":
+            rows.update(perm=(s, e), lam=(pos, pos + 1))
+        if mix == "cutmix":
+            rows["box"] = (pos, pos + 1)
+        t = src.read(rows)
+        idx = t["index"]
+        n_img = int(self.header["num_images"])
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n_img):
+            raise LabelStoreError(f"{src.rel}: image index outside [0, {n_img}) — changed after it was checked?")
+        rec = ViewRecord(crop=t["crop"], flip=t["flip"])
+        if mix != "none":
+            rec.perm, rec.lam = t["perm"], t["lam"][0]
+            rec.box = t["box"][0] if mix == "cutmix" else None
+        return idx.long(), rec, t["logits"]
+
     def payload_bytes(self) -> int:
-        """Bytes of the stored tensors (what the store costs before file headers)."""
-        return sum(t.numel() * t.element_size() for f in self.label_files().values() for t in f.values())
+        """Bytes of the stored tensors (what the store costs before file headers); reads no epoch."""
+        files = self.label_files()
+        return sum(file_payload_bytes(files, name) for name in files)
 
     def summary(self) -> dict[str, Any]:
         h = self.header
         return dict(epochs=h["epochs"], batch=h["batch"], stored_batches=self.num_units,
                     prune_factor=self.prune_factor, view=h["view"], seed=h["seed"],
                     payload_bytes=self.payload_bytes())
+
+    def _epoch_specs(self, epoch: int) -> dict[str, Spec]:
+        """(dtype, shape) of each tensor of a stored epoch's file, from the layout (as validated)."""
+        units, sizes = self._layout[epoch]
+        n, u, c = int(sizes.long().sum()), len(units), int(self.header["num_classes"])
+        specs: dict[str, Spec] = {
+            "epoch": (torch.int32, (1,)), "units": (torch.int32, (u,)), "sizes": (torch.int32, (u,)),
+            "index": (torch.int32, (n,)), "crop": (torch.int16, (n, 4)), "flip": (torch.bool, (n,)),
+            "logits": (torch.float16, (n, c))}
+        mix = self.header["view"]["mix"]
+        if mix != "none":
+            specs.update(perm=(torch.int16, (n,)), lam=(torch.float32, (u,)))
+        if mix == "cutmix":
+            specs["box"] = (torch.int16, (u, 4))
+        return specs
+
+
+def _tensors_of(epochs: Mapping[int, EpochLabels], e: int) -> Callable[[], dict[str, Tensor]]:
+    return lambda: epochs[e].tensors()
+
+
+def _selected(epochs: Mapping[int, EpochLabels], e: int, positions: list[int]) -> Callable[[], EpochLabels]:
+    return lambda: epochs[e].select(positions)
+
+
+def _small_tensors(files: TensorFiles, name: str) -> dict[str, Tensor]:
+    """An epoch file's small tensors read, the others as ``meta`` tensors (dtype and shape only)."""
+    entry = file_entry(files, name)
+    if not isinstance(entry, TensorFile):
+        return files[name]
+    out = entry.meta()
+    out.update(entry.read({k: None for k in _SMALL if k in entry.specs}))
+    return out
+
+
+def _checked_epoch(tensors: dict[str, Tensor], header: dict[str, Any], epoch: int, name: str) -> EpochLabels:
+    ep = EpochLabels.from_tensors(tensors, name)
+    if ep.epoch != epoch:
+        raise LabelStoreError(f"labels/{name}.safetensors: holds epoch {ep.epoch}")
+    ep.validate(header, name)
+    if len(ep) != int(header["stored_epochs"][str(epoch)]):
+        raise LabelStoreError(f"labels/{name}.safetensors: {len(ep)} batches, header says "
+                              f"{header['stored_epochs'][str(epoch)]}")
+    return ep
+
+
+def _file_loader(files: TensorFiles, header: dict[str, Any], epoch: int, layout: tuple[Tensor, Tensor]
+                 ) -> Callable[[], EpochLabels]:
+    def load() -> EpochLabels:
+        name = epoch_file(epoch)
+        ep = _checked_epoch(files[name], header, epoch, name)  # the file is checked again as it is read
+        if not (torch.equal(ep.units, layout[0]) and torch.equal(ep.sizes, layout[1])):
+            raise LabelStoreError(f"labels/{name}.safetensors: batches differ from when the store was opened; "
+                                  "load the set again")
+        return ep
+    return load
 
 
 def _encode_header(header: dict[str, Any]) -> Tensor:
@@ -373,9 +596,12 @@ def _decode_header(tensors: dict[str, Tensor]) -> dict[str, Any]:
     return header
 
 
-def strip_store(files: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
-    """``label_files`` without any FKD store entries."""
-    return {k: v for k, v in files.items() if k != HEADER_FILE and not _EPOCH_RE.match(k)}
+def strip_store(files: Mapping[str, dict[str, Tensor]]) -> Mapping[str, dict[str, Tensor]]:
+    """``label_files`` without any FKD store entries (nothing is read)."""
+    keep = [k for k in files if k != HEADER_FILE and not _EPOCH_RE.match(k)]
+    if isinstance(files, TensorFiles):
+        return TensorFiles({k: files.entry(k) for k in keep})
+    return {k: files[k] for k in keep}
 
 
 def attach_store(dset: Any, store: LabelStore | None) -> Any:
@@ -384,5 +610,9 @@ def attach_store(dset: Any, store: LabelStore | None) -> Any:
         store.check_for(dset)
     files = strip_store(dset.label_files)
     if store is not None:
-        files.update(store.label_files())
+        new = store.label_files()
+        if isinstance(files, TensorFiles) or isinstance(new, TensorFiles):
+            files = TensorFiles({k: file_entry(m, k) for m in (files, new) for k in m})
+        else:
+            files = {**files, **new}
     return dataclasses.replace(dset, label_files=files)

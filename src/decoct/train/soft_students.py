@@ -233,12 +233,22 @@ def train_fkd(
     progress: bool = False,
     log: Callable[[dict], None] | None = None,
     ddp: bool | None = None,
+    info: DatasetInfo | None = None,
 ) -> dict:
-    """Train ``model`` in place on normalised ``images`` from a label store or an online teacher.
+    """Train ``model`` in place on ``images`` from a label store or an online teacher.
+
+    ``images`` are either the set's uint8 pixels (N, C, H, W) with ``info`` (its mean/std): kept as
+    uint8 on ``device`` and normalised batch by batch, a quarter of the memory of a float32 copy of
+    the set; or, as before, already normalised float images (then ``info`` is not needed). Both give
+    the same student bit for bit (normalising is per element, so normalising a batch equals taking
+    the batch of the normalised set).
 
     Exactly one of ``store`` / ``teacher``. ``fill`` is the padding value of padded crops (see
     :func:`fill_value`). Returns ``{"steps", "label_source", "stored_batches_used", "ranks"}``; ``log``
-    receives ``{"epoch", "lr", "loss"}`` after every epoch.
+    receives ``{"epoch", "lr", "loss"}`` after every epoch. A store read per epoch
+    (:meth:`LabelStore.from_label_files` of a loaded set) is read as the plan goes: a training epoch
+    that replays one stored epoch reads that file, one that draws batches from a pool reads just
+    those batches' rows (:meth:`LabelStore.read_batch`).
 
     ``ddp`` (default: when a torch.distributed group with more than one rank is joined): every rank
     builds the same views of the whole batch (mix partners need the whole batch), keeps a contiguous
@@ -254,7 +264,7 @@ def train_fkd(
     dev = torch.device(device)
     if cfg.amp and dev.type != "cuda":
         raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
-    x_all = images.to(dev, torch.float32)
+    x_all, to_input = _replay_images(images, info, dev)
     n = len(x_all)
     _, c, h, w = x_all.shape
     fill_t = (torch.zeros(c) if fill is None else fill).to(dev)
@@ -308,6 +318,10 @@ def train_fkd(
         total = torch.zeros((), device=dev)
         if store is not None:
             batches = plan[epoch]
+            # a whole stored epoch in order: read that epoch's file; batches drawn from a pool: their rows only
+            e0 = batches[0][0] if batches else 0
+            whole = batches == [(e0, p) for p in range(store.epoch_len(e0))] if batches else False
+            read = store.batch_at if whole else store.read_batch
         else:
             perm = torch.randperm(n, generator=g)
             batches = [perm[s:s + bs] for s in range(0, n, bs)]
@@ -315,13 +329,13 @@ def train_fkd(
         for item in batches:
             if store is not None:
                 e, p = item
-                idx, rec, t_logits = store.batch_at(e, p)
+                idx, rec, t_logits = read(e, p)
                 used.add(item)
-                xb = apply_views(x_all[idx.to(dev)], rec, fill_t)
+                xb = apply_views(to_input(x_all[idx.to(dev)]), rec, fill_t)
                 t_logits = t_logits.to(dev)
             else:
                 rec = draw_views(len(item), h, w, view, g)
-                xb = apply_views(x_all[item.to(dev)], rec, fill_t)
+                xb = apply_views(to_input(x_all[item.to(dev)]), rec, fill_t)
                 t_logits = None  # the teacher labels only this rank's slice, below
             if world > 1:
                 part = torch.tensor_split(torch.arange(len(xb), device=dev), world)[rank]
@@ -354,6 +368,29 @@ def train_fkd(
             "stored_batches_used": len(used), "ranks": world}
 
 
+def _replay_images(images: Tensor, info: DatasetInfo | None, dev: torch.device
+                   ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """(the set on ``dev`` as it will be indexed, what turns an indexed batch into normalised float32).
+
+    uint8 pixels stay uint8 (normalised per batch with ``info``); float images are taken as already
+    normalised (converted to float32 once, as before). Anything else is refused.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (N, C, H, W) tensor, got {type(images).__name__} "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else ''}")
+    if images.dtype == torch.uint8:
+        if info is None:
+            raise ValueError("uint8 images need info= (the dataset's mean/std) to be normalised per batch; "
+                             "or pass normalised float images")
+        if tuple(images.shape[1:]) != info.image_shape:
+            raise ValueError(f"images have shape (C, H, W) = {tuple(images.shape[1:])}, dataset "
+                             f"{info.name!r} needs {info.image_shape}")
+        return images.to(dev), lambda xb: normalize(xb, info)
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 pixels (with info=) or normalised float images, got {images.dtype}")
+    return images.to(dev, torch.float32), lambda xb: xb
+
+
 def fit_soft_students(
     factory: Callable[[], nn.Module],
     images: Tensor,
@@ -368,13 +405,18 @@ def fit_soft_students(
     fill: Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    info: DatasetInfo | None = None,
 ) -> list[float]:
-    """Train one student per seed (initialisation and plan draws from the seed); final test accuracies."""
+    """Train one student per seed (initialisation and plan draws from the seed); final test accuracies.
+
+    ``images`` as :func:`train_fkd` takes them: uint8 pixels with ``info`` (normalised per batch), or
+    normalised float images.
+    """
     accs = []
     for s in seeds:
         model = seeded_model(factory, s)
         train_fkd(model, images, cfg, store=store, teacher=teacher, view=view, fill=fill, seed=s, device=device,
-                  progress=progress)
+                  progress=progress, info=info)
         accs.append(evaluate_accuracy(model, test_images, test_labels, cfg.eval_batch_size, device,
                                       amp=cfg.amp, channels_last=cfg.channels_last))
     return accs
