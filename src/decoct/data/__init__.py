@@ -243,6 +243,16 @@ def _default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def _file_rows(idx) -> list[list]:
+    """Cache-key rows of every file of an index (path, size, mtime, ctime): an image replaced in place,
+    which leaves its folder's mtime alone, still changes the key of the decoded cache."""
+    root, rows = os.fsencode(idx.root) + b"/", []
+    for rel in idx.paths.tolist():
+        st = os.stat(root + rel)
+        rows.append([idx.root.name, os.fsdecode(rel), st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return rows
+
+
 @DATASETS.register("imagenet")
 def _imagenet(root: str | None = None, download: bool = False, data_mode: str = "auto",
               classes: str | list[str] | None = None, image_size: int = 224, workers: int | None = None) -> Dataset:
@@ -287,8 +297,7 @@ def _imagenet(root: str | None = None, download: bool = False, data_mode: str = 
     if mode == "stream":
         return Dataset(info, StreamSplit(train_idx, image_size, workers=n_workers),  # type: ignore[arg-type]
                        StreamSplit(val_idx, image_size, workers=n_workers), subset_of=subset)  # type: ignore[arg-type]
-    rows = [[split.root.name, c, (split.root / c).stat().st_mtime_ns] for split in (train_idx, val_idx)
-            for c in split.classes]
+    rows = _file_rows(train_idx) + _file_rows(val_idx)
 
     def build() -> dict[str, torch.Tensor]:
         t = {"meta": meta_tensor({"classes": list(info.classes), "skipped": 0, "skipped_first": []})}

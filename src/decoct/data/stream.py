@@ -14,7 +14,8 @@ have an image suffix (:data:`decoct.data.sources.IMAGE_SUFFIXES`).
 Decoding: ``torchvision.io.decode_image`` (libjpeg-turbo; JPEG, PNG, GIF, WebP; CMYK and grey
 JPEGs converted to RGB), 1.6x PIL's rate on 500 x 375 JPEGs on the 2-core build machine
 (benchmarks/imagenet_scale.py measures both); PIL only for the formats torchvision cannot read
-(BMP, TIFF, PPM).
+(BMP, TIFF, PPM). torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they are
+still the fastest decoder that comes with torch here, so decoct keeps them and silences that warning.
 
 Index cache key: the split folder's resolved path plus every class folder's name and mtime_ns
 (adding, removing or renaming a file changes its folder's mtime), so listing 1,000 folders is
@@ -27,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +151,14 @@ def _scan(split: Path, dirs: list[os.DirEntry]) -> tuple[list[bytes], list[int]]
     return paths, labels
 
 
+def _labels_ok(labels: Tensor, k: int) -> bool:
+    """Whether cached labels are what :func:`_scan` writes: 1-D, sorted, and every class 0..k-1 present."""
+    if labels.dim() != 1 or not len(labels) or int(labels[0]) != 0 or int(labels[-1]) != k - 1:
+        return False
+    step = labels[1:] - labels[:-1]
+    return bool(((step == 0) | (step == 1)).all())
+
+
 def build_index(split: Path, use_cache: bool = True) -> FileIndex:
     """The index of one split folder, from the cache when its class folders are unchanged."""
     split = Path(split)
@@ -160,8 +170,9 @@ def build_index(split: Path, use_cache: bool = True) -> FileIndex:
             t = load_tensors(path)
             names = bytes(t["paths"].numpy()).split(b"\n")
             meta = json.loads(bytes(t["meta"].numpy()).decode())
-            if meta["classes"] == list(classes) and len(names) == len(t["labels"]):
-                return FileIndex(split, classes, np.array(names), t["labels"].long())
+            labels = t["labels"].long()
+            if meta["classes"] == list(classes) and len(names) == len(labels) and _labels_ok(labels, len(classes)):
+                return FileIndex(split, classes, np.array(names), labels)
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
     paths, labels = _scan(split, dirs)
@@ -221,13 +232,24 @@ def parse_classes(spec: str | Sequence[str] | None, classes: Sequence[str]) -> l
 
 
 def decode_file(path: Path, channels: int = 3) -> Tensor:
-    """One image file -> uint8 (C, H, W); BadImageError naming the file when it does not decode."""
+    """One image file -> uint8 (C, H, W); BadImageError naming the file when it does not decode (or
+    cannot be read: removed since the index was built, no permission)."""
     from torchvision.io import ImageReadMode, decode_image
 
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadImageError(f"{path}: cannot be read ({e.strerror or e})") from None
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        with warnings.catch_warnings():  # torchvision 0.29 points at TorchCodec (module docstring)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        if t.dim() == 4:  # an animated GIF: every frame; the first, as PIL and the in-memory path read it
+            t = t[0]
+        if t.dtype == torch.uint16:  # a 16-bit PNG: each sample to the nearest 8-bit level, as decoct.data.sources
+            t = ((t.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+        return t
     except (RuntimeError, ValueError):
         pass  # a format torchvision does not read (BMP, TIFF, PPM): PIL, below
     from PIL import Image, UnidentifiedImageError
@@ -235,8 +257,10 @@ def decode_file(path: Path, channels: int = 3) -> Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadImageError(f"{path}: cannot be decoded as an image ({e})") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not an image torchvision or Pillow can read (unknown or damaged format)") from None
+    except (OSError, ValueError) as e:
+        raise BadImageError(f"{path}: cannot be decoded, the file is damaged or cut short ({e})") from None
     t = torch.from_numpy(arr.copy())
     return t.permute(2, 0, 1).contiguous() if t.dim() == 3 else t[None]
 
@@ -287,6 +311,25 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one decode per worker process; the workers are the parallelism
 
 
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker's BadImageError arrives as the worker raised it: one line naming the
+    file, not torch's "Caught ... in DataLoader worker process N" + the worker's traceback."""
+
+    def __iter__(self) -> Iterator:
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except BadImageError as e:
+                text = str(e)
+                if "Original Traceback" in text:  # re-raised from a worker: its message is the last line
+                    text = text.rstrip().rsplit("BadImageError: ", 1)[-1]
+                raise BadImageError(text) from None
+            yield batch
+
+
 def stream_loader(index: FileIndex, view: str, size: int, *, batch_size: int, order: Tensor | None = None,
                   batches: Sequence[int] | None = None, seed: int = 0, workers: int = 0,
                   channels: int = 3) -> torch.utils.data.DataLoader:
@@ -305,8 +348,11 @@ def stream_loader(index: FileIndex, view: str, size: int, *, batch_size: int, or
     order = torch.arange(len(index)) if order is None else order
     n_batches = -(-len(order) // batch_size)
     batches = range(n_batches) if batches is None else batches
+    wrong = [b for b in batches if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < n_batches]
+    if wrong:
+        raise ValueError(f"batches: {wrong[0]!r} is not a batch number of this pass (0..{n_batches - 1})")
     ds = StreamedImages(index, view, size, seed, channels)
-    return torch.utils.data.DataLoader(
+    return _Loader(
         ds, batch_sampler=_Batches(order, batch_size, batches), num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
         prefetch_factor=4 if workers else None)
