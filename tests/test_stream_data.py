@@ -1,5 +1,5 @@
-"""The streamed ImageNet path (decoct.data.stream, decoct.data.views, the 'imagenet' dataset), on
-small generated ImageNet-shaped trees (tiny JPEGs, a few classes)."""
+"""The streamed ImageNet path (decoct.data.stream, decoct.data.views, the 'imagenet' dataset) and
+MTT's named subsets, on small generated ImageNet-shaped trees (tiny JPEGs, a few classes)."""
 
 import io
 import shutil
@@ -18,6 +18,7 @@ from decoct.data import (
     is_streamed,
     load_dataset,
 )
+from decoct.data.fake_imagenet import main as fake_main
 from decoct.data.fake_imagenet import make_tree, wnid
 from decoct.data.stream import (
     StreamSplit,
@@ -27,6 +28,7 @@ from decoct.data.stream import (
     parse_classes,
     stream_loader,
 )
+from decoct.data.subsets import IMAGENET_1K_WNIDS, MTT_INDICES, SUBSETS
 from decoct.data.views import apply_view, rrc_boxes, view_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,6 +185,8 @@ def test_missing_root_names_paths(tmp_path, tmp_cache):
 
     with pytest.raises(DataNotFoundError, match=r"data root '.*nowhere' does not exist; pass --data-root"):
         load_dataset("imagenet", root=tmp_path / "nowhere")
+    with pytest.raises(DataNotFoundError, match=r"data root '.*nowhere' does not exist"):
+        load_dataset("imagewoof", root=tmp_path / "nowhere")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +395,8 @@ def test_data_mode_auto_follows_the_memory_limit(tree, tmp_cache, monkeypatch):
     (dict(image_size=True), r"image_size must be an integer"),
     (dict(workers=-1), r"workers must be a non-negative integer, got -1"),
     (dict(workers=1.5), r"workers must be a non-negative integer, got 1.5"),
+    (dict(view="train"), r"view must be one of val, resize, got 'train'"),
+    (dict(view="resize", data_mode="stream"), r"view 'resize' .* data_mode 'memory'"),
     (dict(colour="rgb"), r"dataset 'imagenet' takes no option 'colour'"),
 ])
 def test_imagenet_refuses_bad_options(tree, tmp_cache, options, message):
@@ -455,3 +461,129 @@ def test_decode_file_animated_gif_and_16_bit_png(tmp_path):
     t = decode_file(tmp_path / "deep.png")
     want = torch.from_numpy(((deep.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
     assert t.shape == (3, 30, 40) and t.dtype == torch.uint8 and torch.equal(t[0], want)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fake tree generator
+
+
+def test_make_tree_layout_and_explicit_names(tmp_path):
+    n = make_tree(tmp_path / "a", classes=2, per_class=2, val_per_class=1, size=(20, 10))
+    assert n == 6
+    assert sorted(p.name for p in (tmp_path / "a" / "train").iterdir()) == [wnid(0), wnid(1)]
+    with Image.open(tmp_path / "a" / "val" / wnid(1) / f"{wnid(1)}_0.JPEG") as im:
+        assert im.size == (20, 10) and im.format == "JPEG"
+    names = ["n02099601", "n01440764"]
+    assert make_tree(tmp_path / "b", classes=names, per_class=1, val_per_class=1, size=(20, 10)) == 4
+    assert sorted(p.name for p in (tmp_path / "b" / "val").iterdir()) == sorted(names)
+    for bad, message in ((["a", "a"], "given twice"), (["../x"], "cannot be a class folder name"),
+                         ([".hidden"], "cannot be a class folder name"), ([], "at least 1"),
+                         ("n01440764", "got the string"), (0, "at least 1")):
+        with pytest.raises(ValueError, match=message):
+            make_tree(tmp_path / "c", classes=bad, size=(8, 8))
+    with pytest.raises(ValueError, match="size must be"):
+        make_tree(tmp_path / "c", classes=1, size=(0, 8))
+
+
+def test_make_tree_command_line(tmp_path, capsys):
+    assert fake_main([str(tmp_path / "t"), "--subset", "imagemeow", "--per-class", "1", "--val-per-class", "1",
+                      "--size", "16", "12"]) == 0
+    assert "wrote 20 JPEGs" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "t" / "train").iterdir()) == sorted(SUBSETS["imagemeow"])
+    for argv, message in ((["--subset", "imagecat"], "known subsets are imagenette"),
+                          (["--subset", "imagemeow", "--classes", "3"], "not both"),
+                          (["--classes", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as e:
+            fake_main([str(tmp_path / "u"), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# MTT's subsets
+
+
+def test_imagenet_1k_wnid_list():
+    assert len(IMAGENET_1K_WNIDS) == 1000 and len(set(IMAGENET_1K_WNIDS)) == 1000
+    assert list(IMAGENET_1K_WNIDS) == sorted(IMAGENET_1K_WNIDS)
+    assert IMAGENET_1K_WNIDS[0] == "n01440764" and IMAGENET_1K_WNIDS[-1] == "n15075141"
+    assert all(len(w) == 9 and w[0] == "n" and w[1:].isdigit() for w in IMAGENET_1K_WNIDS)
+
+
+MTT_NAMES = {  # MTT's utils.py comments, in torchvision's spelling of ImageNet-1K's class names
+    "imagenette": ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+                   "garbage truck", "gas pump", "golf ball", "parachute"],
+    "imagewoof": ["Australian terrier", "Border terrier", "Samoyed", "beagle", "Shih-Tzu", "English foxhound",
+                  "Rhodesian ridgeback", "dingo", "golden retriever", "Old English sheepdog"],
+    "imagefruit": ["pineapple", "banana", "strawberry", "orange", "lemon", "pomegranate", "fig", "bell pepper",
+                   "cucumber", "Granny Smith"],
+    "imagemeow": ["tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat", "lion", "tiger", "jaguar",
+                  "snow leopard", "lynx"],
+    "imagesquawk": ["peacock", "flamingo", "macaw", "pelican", "king penguin", "bald eagle", "toucan", "ostrich",
+                    "black swan", "sulphur-crested cockatoo"],
+    "imageyellow": ["bee", "yellow lady's slipper", "banana", "lemon", "corn", "school bus", "honeycomb", "lion",
+                    "black and gold garden spider", "goldfinch"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MTT_NAMES))
+def test_subset_wnids_are_mtts_indices(name):
+    from torchvision.models import ResNet18_Weights
+
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]  # in the code: no download
+    assert [categories[i] for i in MTT_INDICES[name]] == MTT_NAMES[name]
+    assert SUBSETS[name] == tuple(IMAGENET_1K_WNIDS[i] for i in MTT_INDICES[name])
+    assert len(set(SUBSETS[name])) == 10
+
+
+@pytest.fixture(scope="module")
+def woof_tree(tmp_path_factory):
+    """ImageWoof's 10 wnids plus two other ImageNet classes, 2 train + 1 val JPEG each."""
+    root = tmp_path_factory.mktemp("woof")
+    make_tree(root, classes=sorted([*SUBSETS["imagewoof"], "n01440764", "n15075141"]), per_class=2,
+              val_per_class=1, size=(40, 30))
+    return root
+
+
+def test_subset_loads_its_ten_classes_in_mtts_order_at_128(woof_tree, tmp_cache):
+    from torchvision.transforms import v2
+
+    data = load_dataset("imagewoof", root=woof_tree, workers=0)
+    assert not is_streamed(data)
+    assert data.info.name == "imagewoof" and data.info.classes == SUBSETS["imagewoof"]
+    assert data.info.image_shape == (3, 128, 128)
+    assert data.info.mean == IMAGENET_MEAN and data.info.std == IMAGENET_STD
+    assert data.train.images.shape == (20, 3, 128, 128) and data.test.images.shape == (10, 3, 128, 128)
+    assert data.train.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    tree_classes = sorted([*SUBSETS["imagewoof"], "n01440764", "n15075141"])
+    assert data.subset_of == tuple(tree_classes.index(w) for w in SUBSETS["imagewoof"])
+    assert data.source["registry"] == "imagewoof"
+    # MTT's view: Resize((128, 128)) (both sides: the aspect ratio is not kept), then a no-op CenterCrop(128)
+    w = SUBSETS["imagewoof"][3]  # beagle: label 3
+    img = decode_file(woof_tree / "val" / w / f"{w}_0.JPEG")
+    mtt = v2.Compose([v2.Resize((128, 128), antialias=True), v2.CenterCrop(128)])(img)
+    assert torch.equal(data.test.images[3], mtt) and int(data.test.labels[3]) == 3
+    # not the evaluation preset's shorter-side resize + centre crop (which crops the 40 x 30 image's sides)
+    assert not torch.equal(data.test.images[3], apply_view(img, "val", 128))
+
+
+def test_subset_refuses_a_tree_without_its_wnids(tmp_path, tmp_cache, woof_tree):
+    root = tmp_path / "partial"
+    shutil.copytree(woof_tree, root)
+    for split in ("train", "val"):
+        shutil.rmtree(root / split / SUBSETS["imagewoof"][4])
+        shutil.rmtree(root / split / SUBSETS["imagewoof"][7])
+    with pytest.raises(ImageFolderError, match=rf"dataset 'imagewoof' needs 10 ImageNet-1K class folders; "
+                                               rf"{root}/train lacks 2: n02086240 \(Shih-Tzu\), n02115641"):
+        load_dataset("imagewoof", root=root)
+    with pytest.raises(ImageFolderError, match=r"lacks 9: n02102040 \(English springer\)"):  # tench is there
+        load_dataset("imagenette", root=woof_tree)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(download=True), r"dataset 'imagewoof' cannot be downloaded"),
+    (dict(image_size=64), r"dataset 'imagewoof' takes no option 'image_size'"),
+    (dict(workers=-2), r"workers must be a non-negative integer"),
+])
+def test_subset_refuses_bad_options(woof_tree, tmp_cache, options, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset("imagewoof", root=woof_tree, **options)

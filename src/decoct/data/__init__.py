@@ -4,9 +4,11 @@ Names: ``digits`` (scikit-learn's bundled 8x8 digits, the offline default), ``ci
 (the shared ImageFolder archive when present, else torchvision's files, downloaded only with
 ``download=True``), ``cifar100`` (torchvision), ``tinyimagenet10`` (the shared archive),
 ``tinyimagenet`` and ``imagefolder`` (``root`` = a directory or ``.tar``/``.tar.gz`` archive
-holding ``[prefix/]train/<class>/<file>`` and ``test/<class>/<file>``), and ``imagenet`` (a
+holding ``[prefix/]train/<class>/<file>`` and ``test/<class>/<file>``), ``imagenet`` (a
 ``train/<wnid>/`` + ``val/<wnid>/`` tree, streamed from disk when it does not fit in memory:
-:mod:`decoct.data.stream`).
+:mod:`decoct.data.stream`), and MTT's ten-class subsets of that tree at 128 x 128 ``imagenette``,
+``imagewoof``, ``imagefruit``, ``imagemeow``, ``imagesquawk``, ``imageyellow``
+(:mod:`decoct.data.subsets`). docs/datasets.md describes them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import inspect
 import os
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +246,16 @@ def _default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def _imagenet_root(root: str | None) -> Path:
+    """The ImageNet tree: ``root/{imagenet,ILSVRC2012,imagenet-1k}`` over :func:`data_roots`, or ``root``."""
+    path, tried = _find(["imagenet", "ILSVRC2012", "imagenet-1k"], root)
+    if path is None and root:
+        path = Path(root).expanduser()
+    if path is None or not path.is_dir():
+        raise _not_found("imagenet", tried, "Fix: pass --data-root DIR holding train/<wnid>/ and val/<wnid>/.")
+    return path
+
+
 def _file_rows(idx) -> list[list]:
     """Cache-key rows of every file of an index (path, size, mtime, ctime): an image replaced in place,
     which leaves its folder's mtime alone, still changes the key of the decoded cache."""
@@ -253,9 +266,13 @@ def _file_rows(idx) -> list[list]:
     return rows
 
 
+MEMORY_VIEWS = ("val", "resize")
+
+
 @DATASETS.register("imagenet")
 def _imagenet(root: str | None = None, download: bool = False, data_mode: str = "auto",
-              classes: str | list[str] | None = None, image_size: int = 224, workers: int | None = None) -> Dataset:
+              classes: str | list[str] | None = None, image_size: int = 224, workers: int | None = None,
+              view: str = "val") -> Dataset:
     """ImageNet(-1K) kept as ``train/<wnid>/*.JPEG`` + ``val/<wnid>/*.JPEG`` (the layout after the
     usual validation reorganisation, and torchvision's ``datasets.ImageNet`` layout).
 
@@ -264,8 +281,12 @@ def _imagenet(root: str | None = None, download: bool = False, data_mode: str = 
     validation); ``memory`` decodes both splits once through the validation view (Resize(256) +
     CenterCrop(224) at the default size) into uint8 tensors (cached on disk); ``auto`` streams when
     the decoded splits would exceed :func:`memory_limit`. ``classes``: ``"A:B"`` (class indices of
-    the sorted wnids) or wnid names, to work on a subset. Normalisation: ImageNet's mean/std, the
-    constants torchvision's weights expect. Never downloaded (ImageNet's licence needs a login).
+    the sorted wnids) or wnid names, to work on a subset. ``view``: the view ``memory`` decodes
+    through (``val``, or ``resize``: the whole image squeezed to ``image_size`` square, as MTT's
+    ImageNet subsets are; :mod:`decoct.data.subsets`); a streamed split has no such choice (each
+    stage picks its view), so ``resize`` with a streamed split is refused. Normalisation:
+    ImageNet's mean/std, the constants torchvision's weights expect. Never downloaded (ImageNet's
+    licence needs a login).
     """
     from decoct.data.stream import StreamSplit, load_index, parse_classes
 
@@ -278,11 +299,9 @@ def _imagenet(root: str | None = None, download: bool = False, data_mode: str = 
         raise ValueError(f"image_size must be an integer in [8, 1024], got {image_size!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ValueError(f"workers must be a non-negative integer, got {workers!r}")
-    path, tried = _find(["imagenet", "ILSVRC2012", "imagenet-1k"], root)
-    if path is None and root:
-        path = Path(root).expanduser()
-    if path is None or not path.is_dir():
-        raise _not_found("imagenet", tried, "Fix: pass --data-root DIR holding train/<wnid>/ and val/<wnid>/.")
+    if view not in MEMORY_VIEWS:
+        raise ValueError(f"view must be one of {', '.join(MEMORY_VIEWS)}, got {view!r}")
+    path = _imagenet_root(root)
     train_idx, val_idx = load_index(path)
     keep = parse_classes(classes, train_idx.classes)
     if keep is not None:
@@ -290,6 +309,11 @@ def _imagenet(root: str | None = None, download: bool = False, data_mode: str = 
     info = DatasetInfo("imagenet", train_idx.classes, 3, image_size, image_size, IMAGENET_MEAN, IMAGENET_STD)
     decoded = (len(train_idx) + len(val_idx)) * 3 * image_size * image_size
     mode = data_mode if data_mode != "auto" else ("stream" if decoded > memory_limit() else "memory")
+    if view != "val" and mode == "stream":
+        why = ("data_mode is 'stream'" if data_mode == "stream" else f"data_mode 'auto' streams these splits "
+               f"({decoded / 2**30:.1f} GiB decoded, over $DECOCT_MEMORY_LIMIT {memory_limit():,} bytes)")
+        raise ValueError(f"view {view!r} is how data_mode 'memory' decodes the splits, but {why}; a streamed "
+                         "split's view is chosen by each stage: pass data_mode='memory' or leave view out")
     n_workers = _default_workers() if workers is None else workers
     note(f"imagenet {path}: {len(info.classes)} classes, {len(train_idx):,} train / {len(val_idx):,} val images, "
          f"{mode} ({decoded / 2**30:.1f} GiB decoded at {image_size} px)")
@@ -303,15 +327,57 @@ def _imagenet(root: str | None = None, download: bool = False, data_mode: str = 
         t = {"meta": meta_tensor({"classes": list(info.classes), "skipped": 0, "skipped_first": []})}
         for name, idx in (("train", train_idx), ("test", val_idx)):
             xs, ys = [], []
-            for x, y, _ in StreamSplit(idx, image_size, workers=n_workers).loader("val", batch_size=256):
+            for x, y, _ in StreamSplit(idx, image_size, workers=n_workers).loader(view, batch_size=256):
                 xs.append(x)
                 ys.append(y)
             t[f"{name}_images"], t[f"{name}_labels"] = torch.cat(xs), torch.cat(ys)
         return t
 
-    t = cached(path, "imagenet", {"image_size": image_size, "view": "val",
+    t = cached(path, "imagenet", {"image_size": image_size, "view": view,
                                           "classes": list(info.classes) if keep is not None else None}, build, rows=rows)
     return Dataset(info, _split(t, "train"), _split(t, "test"), subset_of=subset)
+
+
+def _mtt_subset(name: str) -> Callable[..., Dataset]:
+    """The factory of MTT's named subset ``name`` (:mod:`decoct.data.subsets`)."""
+    from decoct.data.subsets import SUBSET_NAMES, SUBSETS
+
+    wnids, names = SUBSETS[name], SUBSET_NAMES[name]
+
+    def factory(root: str | None = None, download: bool = False, workers: int | None = None) -> Dataset:
+        from decoct.data.stream import load_index
+
+        if download:
+            raise ValueError(f"dataset {name!r} cannot be downloaded: it is read from an ImageNet-1K tree (whose "
+                             "licence needs a login at image-net.org); put train/<wnid>/ and val/<wnid>/ under "
+                             "--data-root DIR")
+        path = _imagenet_root(root)
+        train_idx, _ = load_index(path)  # cached: the factory below reads it again for nothing
+        have = set(train_idx.classes)
+        missing = [f"{w} ({n})" for w, n in zip(wnids, names, strict=True) if w not in have]
+        if missing:
+            raise ImageFolderError(
+                f"dataset {name!r} needs 10 ImageNet-1K class folders; {train_idx.root} lacks {len(missing)}: "
+                f"{', '.join(missing)}. Fix: pass --data-root DIR of a full ImageNet-1K train/ + val/ tree")
+        data = _imagenet(root=str(path), data_mode="memory", classes=list(wnids), image_size=128,
+                         workers=workers, view="resize")
+        data.info = replace(data.info, name=name)
+        return data
+
+    factory.__doc__ = (f"MTT's {name}: ImageNet-1K classes {', '.join(names)}, in that order (labels 0-9), "
+                       "from the imagenet tree, both splits squeezed whole to 128 x 128 (MTT's Resize((128, 128)) "
+                       "+ CenterCrop(128)), in memory, ImageNet mean/std.")
+    return factory
+
+
+def _register_subsets() -> None:
+    from decoct.data.subsets import SUBSETS
+
+    for name in SUBSETS:
+        DATASETS.register(name)(_mtt_subset(name))
+
+
+_register_subsets()
 
 
 def is_streamed(data: Dataset) -> bool:
