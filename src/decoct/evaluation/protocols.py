@@ -279,7 +279,8 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     store = None
     if online_teacher is not None:
         teacher, tdesc = resolve_teacher(online_teacher, info, device)
-        check_teacher_output(teacher, normalize(dset.images[:2], info, device), info.num_classes)
+        two = dset.images[:2] if isinstance(dset, DistilledSet) else dset.batch([0, 1])  # or an ImageBank
+        check_teacher_output(teacher, normalize(two, info, device), info.num_classes)
         batch = cfg["batch_size"] or min(recipe.batch_size, len(dset))
         epochs = cfg["epochs"] or recipe.epochs
         view = recipe.view
@@ -321,7 +322,8 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
         return accs
 
     t0 = time.perf_counter()
-    accs = run_students(dset.images, "set")
+    # a loaded set's uint8 pixels, or an ImageBank (a set above max_set_bytes(), decoded per batch) as it is
+    accs = run_students(dset.images if isinstance(dset, DistilledSet) else dset, "set")
     extra: dict[str, Any] = dict(recipe=recipe.name, recipe_source=recipe.source, temperature=fcfg.temperature,
                                  batch_size=batch, image_bytes=storage["bytes_on_disk"]["images"],
                                  label_bytes=storage["bytes_on_disk"]["labels"], view=view.to_dict())

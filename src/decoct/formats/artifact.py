@@ -1197,6 +1197,23 @@ def _read_tensors(data: bytes, rel: str, expect: dict[str, tuple[tuple[str, ...]
         raise ArtifactError(f"{rel}: cannot be read as safetensors ({e})") from e
 
 
+def _open_label_files(root: Path, layout: _Layout, verified: bool) -> TensorFiles:
+    """The label files other than the soft labels, each checked (size, safetensors header) and left
+    on disk: read on access, with the manifest's SHA-256 checked again when ``verified``."""
+    out: dict[str, TensorFile] = {}
+    for rel, entry in layout.files.items():
+        parts = _safe_rel(rel).parts
+        if entry["component"] != "labels" or rel == _SOFT_FILE:
+            continue
+        try:
+            p = confined_path(root, rel, "manifest.json")
+        except FileCheckError as e:
+            raise ArtifactError(str(e)) from e
+        out[parts[1][: -len(".safetensors")]] = TensorFile.open(p, rel, entry["bytes"],
+                                                                 entry["sha256"] if verified else None)
+    return TensorFiles(out)
+
+
 def _decode(root: Path, layout: _Layout, verified: bool = False) -> DistilledSet:
     """Rebuild a DistilledSet from an artifact directory (integrity is checked by the caller).
 
@@ -1234,20 +1251,14 @@ def _decode(root: Path, layout: _Layout, verified: bool = False) -> DistilledSet
             kwargs["palette_indices"] = torch.stack(all_idx)
             kwargs["palettes"] = torch.stack(all_pal)
 
-    label_files: dict[str, TensorFile] = {}
+    label_files = _open_label_files(root, layout, verified)
     attachments: dict[str, dict[str, Tensor]] = {}
     for rel, entry in layout.files.items():
         if entry["component"] == "images":
             continue
         parts = _safe_rel(rel).parts
         if parts[0] == "labels" and rel != _SOFT_FILE:
-            try:
-                p = confined_path(root, rel, "manifest.json")
-            except FileCheckError as e:
-                raise ArtifactError(str(e)) from e
-            label_files[parts[1][: -len(".safetensors")]] = TensorFile.open(
-                p, rel, entry["bytes"], entry["sha256"] if verified else None)
-            continue
+            continue  # label_files: opened above, read on access
         data = _read_listed(root, layout, rel)
         if rel == _SOFT_FILE:
             soft = _read_tensors(data, rel, {"soft_labels": (("F16", "F32"), (num_images, info.num_classes))})
@@ -1263,7 +1274,7 @@ def _decode(root: Path, layout: _Layout, verified: bool = False) -> DistilledSet
             method=layout.method,
             config=layout.config,
             meta=layout.meta,
-            label_files=TensorFiles(label_files),
+            label_files=label_files,
             attachments=attachments,
             **kwargs,
         )

@@ -46,7 +46,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,7 @@ __all__ = [
     "dataset_fingerprint",
     "epoch_file",
     "set_fingerprint",
+    "stream_fingerprint",
     "strip_store",
 ]
 
@@ -104,15 +105,32 @@ def set_fingerprint(images: Tensor, labels: Tensor, num_classes: int) -> str:
     """
     if images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
+    return stream_fingerprint(tuple(images.shape), num_classes, [images], labels)
+
+
+def stream_fingerprint(shape: tuple[int, ...], num_classes: int, chunks: Iterable[Tensor], labels: Tensor) -> str:
+    """:func:`set_fingerprint` of a set given as consecutive uint8 chunks of its images (in order), so
+    a set too large to hold (:class:`~decoct.formats.image_bank.ImageBank`) is hashed without holding it."""
     h = hashlib.sha256()
-    h.update(json.dumps({"shape": list(images.shape), "classes": int(num_classes)}).encode())
-    h.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
+    h.update(json.dumps({"shape": [int(s) for s in shape], "classes": int(num_classes)}).encode())
+    seen = 0
+    for chunk in chunks:
+        if chunk.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8, got {chunk.dtype}")
+        h.update(np.ascontiguousarray(chunk.cpu().numpy()).tobytes())
+        seen += int(chunk.shape[0])
+    if seen != int(shape[0]):
+        raise ValueError(f"the chunks hold {seen} images, the shape says {shape[0]}")
     h.update(labels.cpu().numpy().astype("<i8").tobytes())
     return h.hexdigest()
 
 
 def dataset_fingerprint(dset: Any) -> str:
-    """:func:`set_fingerprint` of a :class:`~decoct.formats.artifact.DistilledSet`."""
+    """:func:`set_fingerprint` of a :class:`~decoct.formats.artifact.DistilledSet` (or of an
+    :class:`~decoct.formats.image_bank.ImageBank`, streamed)."""
+    streamed = getattr(dset, "fingerprint", None)
+    if callable(streamed):
+        return streamed()
     return set_fingerprint(dset.images, dset.labels, dset.info.num_classes)
 
 

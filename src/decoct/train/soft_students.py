@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from decoct.augment.recorded_views import ViewRecipe, apply_views, draw_views, seeded_generator
 from decoct.data.types import DatasetInfo, normalize
+from decoct.formats.image_bank import ImageBank
 from decoct.formats.label_pruning import GRANULARITIES, epoch_plan
 from decoct.formats.label_store import LabelStore, LabelStoreError
 from decoct.train.trainer import evaluate_accuracy, seeded_model
@@ -221,7 +222,7 @@ def _optimizer(model: nn.Module, cfg: FKDConfig) -> torch.optim.Optimizer:
 
 def train_fkd(
     model: nn.Module,
-    images: Tensor,
+    images: Tensor | ImageBank,
     cfg: FKDConfig,
     *,
     store: LabelStore | None = None,
@@ -239,9 +240,11 @@ def train_fkd(
 
     ``images`` are either the set's uint8 pixels (N, C, H, W) with ``info`` (its mean/std): kept as
     uint8 on ``device`` and normalised batch by batch, a quarter of the memory of a float32 copy of
-    the set; or, as before, already normalised float images (then ``info`` is not needed). Both give
-    the same student bit for bit (normalising is per element, so normalising a batch equals taking
-    the batch of the normalised set).
+    the set; or an :class:`~decoct.formats.image_bank.ImageBank` (a set larger than
+    :func:`~decoct.formats.image_bank.max_set_bytes`: each batch decoded from the set's files; ``info``
+    defaults to the bank's); or, as before, already normalised float images (then ``info`` is not
+    needed). All give the same student bit for bit (normalising is per element, so normalising a
+    batch equals taking the batch of the normalised set).
 
     Exactly one of ``store`` / ``teacher``. ``fill`` is the padding value of padded crops (see
     :func:`fill_value`). Returns ``{"steps", "label_source", "stored_batches_used", "ranks"}``; ``log``
@@ -264,9 +267,8 @@ def train_fkd(
     dev = torch.device(device)
     if cfg.amp and dev.type != "cuda":
         raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
-    x_all, to_input = _replay_images(images, info, dev)
-    n = len(x_all)
-    _, c, h, w = x_all.shape
+    shape, fetch = _replay_images(images, info, dev)
+    n, c, h, w = shape
     fill_t = (torch.zeros(c) if fill is None else fill).to(dev)
     g = seeded_generator(seed, "student-plan")
     if store is not None:
@@ -331,11 +333,11 @@ def train_fkd(
                 e, p = item
                 idx, rec, t_logits = read(e, p)
                 used.add(item)
-                xb = apply_views(to_input(x_all[idx.to(dev)]), rec, fill_t)
+                xb = apply_views(fetch(idx), rec, fill_t)
                 t_logits = t_logits.to(dev)
             else:
                 rec = draw_views(len(item), h, w, view, g)
-                xb = apply_views(to_input(x_all[item.to(dev)]), rec, fill_t)
+                xb = apply_views(fetch(item), rec, fill_t)
                 t_logits = None  # the teacher labels only this rank's slice, below
             if world > 1:
                 part = torch.tensor_split(torch.arange(len(xb), device=dev), world)[rank]
@@ -368,16 +370,23 @@ def train_fkd(
             "stored_batches_used": len(used), "ranks": world}
 
 
-def _replay_images(images: Tensor, info: DatasetInfo | None, dev: torch.device
-                   ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """(the set on ``dev`` as it will be indexed, what turns an indexed batch into normalised float32).
+def _replay_images(images: Tensor | ImageBank, info: DatasetInfo | None, dev: torch.device
+                   ) -> tuple[tuple[int, int, int, int], Callable[[Tensor], Tensor]]:
+    """(N, C, H, W) of the set, and what gives the normalised float32 batch of some image indices on ``dev``.
 
-    uint8 pixels stay uint8 (normalised per batch with ``info``); float images are taken as already
+    uint8 pixels stay uint8 on ``dev`` (normalised per batch with ``info``); an :class:`ImageBank`
+    decodes each batch from the set's files (normalised likewise); float images are taken as already
     normalised (converted to float32 once, as before). Anything else is refused.
     """
+    if isinstance(images, ImageBank):
+        if info is not None and info.image_shape != images.info.image_shape:
+            raise ValueError(f"the image bank holds {images.info.image_shape} images, info says {info.image_shape}")
+        binfo = info or images.info
+        return images.shape, lambda idx: normalize(images.batch(idx.cpu()).to(dev), binfo)
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a (N, C, H, W) tensor, got {type(images).__name__} "
+        raise ValueError(f"images must be a (N, C, H, W) tensor or an ImageBank, got {type(images).__name__} "
                          f"{tuple(images.shape) if isinstance(images, Tensor) else ''}")
+    shape = tuple(int(s) for s in images.shape)
     if images.dtype == torch.uint8:
         if info is None:
             raise ValueError("uint8 images need info= (the dataset's mean/std) to be normalised per batch; "
@@ -385,17 +394,19 @@ def _replay_images(images: Tensor, info: DatasetInfo | None, dev: torch.device
         if tuple(images.shape[1:]) != info.image_shape:
             raise ValueError(f"images have shape (C, H, W) = {tuple(images.shape[1:])}, dataset "
                              f"{info.name!r} needs {info.image_shape}")
-        return images.to(dev), lambda xb: normalize(xb, info)
+        x = images.to(dev)
+        return shape, lambda idx: normalize(x[idx.to(dev)], info)  # type: ignore[return-value]
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 pixels (with info=) or normalised float images, got {images.dtype}")
-    return images.to(dev, torch.float32), lambda xb: xb
+    xf = images.to(dev, torch.float32)
+    return shape, lambda idx: xf[idx.to(dev)]  # type: ignore[return-value]
 
 
 def fit_soft_students(
     factory: Callable[[], nn.Module],
-    images: Tensor,
-    test_images: Tensor,
-    test_labels: Tensor,
+    images: Tensor | ImageBank,
+    test_images: Tensor | None,
+    test_labels: Tensor | None,
     cfg: FKDConfig,
     *,
     seeds: list[int],
@@ -406,17 +417,26 @@ def fit_soft_students(
     device: torch.device | str = "cpu",
     progress: bool = False,
     info: DatasetInfo | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> list[float]:
     """Train one student per seed (initialisation and plan draws from the seed); final test accuracies.
 
-    ``images`` as :func:`train_fkd` takes them: uint8 pixels with ``info`` (normalised per batch), or
-    normalised float images.
+    The test accuracy is ``evaluate(model)`` when given (a streamed validation split:
+    :func:`decoct.train.trainer.evaluate_split`), else measured on normalised ``test_images``.
+
+    ``images`` as :func:`train_fkd` takes them: uint8 pixels with ``info`` (normalised per batch), an
+    :class:`~decoct.formats.image_bank.ImageBank`, or normalised float images.
     """
     accs = []
     for s in seeds:
         model = seeded_model(factory, s)
         train_fkd(model, images, cfg, store=store, teacher=teacher, view=view, fill=fill, seed=s, device=device,
                   progress=progress, info=info)
+        if evaluate is not None:
+            accs.append(evaluate(model))
+            continue
+        if test_images is None or test_labels is None:
+            raise ValueError("fit_soft_students needs test_images and test_labels, or evaluate=")
         accs.append(evaluate_accuracy(model, test_images, test_labels, cfg.eval_batch_size, device,
                                       amp=cfg.amp, channels_last=cfg.channels_last))
     return accs

@@ -1,0 +1,182 @@
+"""The images of a saved distilled set, decoded per batch from its files instead of held as one tensor.
+
+A distilled ImageNet-1K set at IPC 50 is 50,000 images of 3x224x224: 7.5 GB of uint8 pixels (and
+four times that as float32). Sets whose pixels exceed :func:`max_set_bytes` (``$DECOCT_MAX_SET_BYTES``,
+default 2 GiB) are meant to be trained from an :class:`ImageBank`: an index of the artifact's image
+files that decodes only the images a batch asks for. The soft-label trainer
+(:func:`decoct.train.soft_students.train_fkd`) takes a bank wherever it takes the set's uint8 pixels,
+with the same result bit for bit (the pixels are the same; docs/label-store.md, Reading a store).
+
+What is checked is what :meth:`DistilledSet.load <decoct.formats.artifact.DistilledSet.load>` checks:
+the manifest, and with ``verify`` every file's size and SHA-256 (streamed) when the bank is opened;
+then each image file when it is read: its size against the manifest, its SHA-256 again (with
+``verify``), its PNG header against the manifest before it is decoded. Every problem raises
+:class:`~decoct.formats.errors.ArtifactError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from decoct.data.types import DatasetInfo, to_uint8
+from decoct.formats.artifact import (
+    _FLOAT_FILE,
+    _FLOAT_STORAGE_DTYPES,
+    _integrity_problems,
+    _Layout,
+    _open_label_files,
+    _parse_manifest,
+    _read_listed,
+    _read_manifest,
+)
+from decoct.formats.errors import ArtifactError
+from decoct.formats.png import decode_png
+from decoct.formats.tensor_files import TensorFile, TensorFiles
+from decoct.runtime.io import sha256_bytes
+
+__all__ = ["DEFAULT_MAX_SET_BYTES", "ImageBank", "max_set_bytes", "pixel_bytes"]
+
+DEFAULT_MAX_SET_BYTES = 2 * 2**30
+
+
+def max_set_bytes() -> int:
+    """uint8 pixel bytes above which a distilled set is read per batch from its files:
+    ``$DECOCT_MAX_SET_BYTES`` (a number of bytes), or 2 GiB."""
+    raw = os.environ.get("DECOCT_MAX_SET_BYTES")
+    if raw is None:
+        return DEFAULT_MAX_SET_BYTES
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError(f"$DECOCT_MAX_SET_BYTES must be a number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"$DECOCT_MAX_SET_BYTES must be >= 0, got {raw!r}")
+    return value
+
+
+def pixel_bytes(path: str | Path) -> int:
+    """Bytes of the uint8 pixels of the artifact at ``path`` (N x C x H x W), from its checked manifest."""
+    layout = _parse_manifest(_read_manifest(Path(path)))
+    c, h, w = layout.info.image_shape
+    return layout.num_images * c * h * w
+
+
+def _raise(root: Path, problems: list[str]) -> None:
+    if len(problems) == 1:
+        one = problems[0]
+        raise ArtifactError(one if one.startswith(str(root)) else f"{root}: {one}")
+    raise ArtifactError(f"{root}: artifact failed verification ({len(problems)} problems):\n  " + "\n  ".join(problems))
+
+
+class ImageBank:
+    """A saved set's images, read per batch: ``bank.batch(idx)`` is ``DistilledSet.load(path).images[idx]``.
+
+    Also carries what the soft protocol needs besides the pixels: ``info``, ``labels`` (hard, in
+    storage order), ``method``/``config``/``meta`` (the manifest's), ``label_files`` (read on access,
+    as a loaded set's; not the soft labels nor the attachments) and :meth:`fingerprint`
+    (the label store's :func:`~decoct.formats.label_store.set_fingerprint`, computed by streaming
+    every image once). Open with :meth:`open`.
+    """
+
+    def __init__(self, root: Path, layout: _Layout, verified: bool, workers: int) -> None:
+        self.root = root
+        self.info: DatasetInfo = layout.info
+        self._layout = layout
+        self._verified = verified
+        self.workers = max(1, int(workers))
+        self.labels = torch.repeat_interleave(torch.arange(self.info.num_classes), torch.tensor(layout.counts))
+        self.shape: tuple[int, int, int, int] = (layout.num_images, *self.info.image_shape)
+        self.label_files: TensorFiles = _open_label_files(root, layout, verified)
+        self.method, self.config, self.meta = layout.method, layout.config, layout.meta
+        self._float: TensorFile | None = None
+        if layout.storage_kind in _FLOAT_STORAGE_DTYPES:
+            entry = layout.files[_FLOAT_FILE]
+            self._float = TensorFile.open(root / _FLOAT_FILE, _FLOAT_FILE, entry["bytes"],
+                                          entry["sha256"] if verified else None)
+            want = (_FLOAT_STORAGE_DTYPES[layout.storage_kind], self.shape)
+            if self._float.specs.get("images") != want:
+                raise ArtifactError(f"{_FLOAT_FILE}: tensor 'images' is {self._float.specs.get('images')}, "
+                                    f"expected {want}")
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True, workers: int | None = None) -> ImageBank:
+        """Check the artifact at ``path`` (every file hashed, streamed, with ``verify``) and index its
+        images; nothing is decoded. ``workers``: threads decoding a batch (default up to 8)."""
+        root = Path(path)
+        layout = _parse_manifest(_read_manifest(root))
+        if verify:
+            problems, _ = _integrity_problems(root, layout, _read_manifest(root))
+            if problems:
+                _raise(root, problems)
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1)
+        return cls(root, layout, verify, workers)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ImageBank({str(self.root)!r}, n={len(self)}, image_shape={self.info.image_shape})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pixels would take as one uint8 tensor."""
+        n, c, h, w = self.shape
+        return n * c * h * w
+
+    def _image(self, i: int) -> Tensor:
+        layout = self._layout
+        rel = layout.image_files[i]
+        data = _read_listed(self.root, layout, rel)  # size against the manifest first
+        if self._verified and sha256_bytes(data) != layout.files[rel]["sha256"]:
+            raise ArtifactError(f"{rel}: sha256 mismatch — the file was changed or corrupted after saving")
+        k = layout.palette_sizes[i] if layout.palette_sizes is not None else None
+        return decode_png(data, rel, self.info, layout.storage_kind == "png-palette", k)[0]
+
+    def batch(self, idx: Tensor | Sequence[int]) -> Tensor:
+        """uint8 (B, C, H, W) pixels of the images ``idx`` (positions in storage order), decoded now."""
+        pos = torch.as_tensor(idx).long().flatten().tolist()
+        n = len(self)
+        bad = [i for i in pos if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"image index {bad[0]} outside [0, {n}) of {self.root}")
+        if self._float is not None:
+            rows = [self._float.read({"images": (i, i + 1)})["images"] for i in pos]
+            x = torch.cat(rows) if rows else torch.empty(0, *self.shape[1:], dtype=self._float.specs["images"][0])
+            return to_uint8(x.float(), self.info)
+        if not pos:
+            return torch.empty(0, *self.shape[1:], dtype=torch.uint8)
+        if self.workers == 1 or len(pos) == 1:
+            return torch.stack([self._image(i) for i in pos])
+        with ThreadPoolExecutor(min(self.workers, len(pos))) as pool:  # zlib and Pillow release the GIL
+            return torch.stack(list(pool.map(self._image, pos)))
+
+    def chunks(self, size: int = 256) -> Iterator[Tensor]:
+        """Every image in storage order, ``size`` at a time."""
+        for s in range(0, len(self), size):
+            yield self.batch(range(s, min(len(self), s + size)))
+
+    def fingerprint(self) -> str:
+        """The set's :func:`~decoct.formats.label_store.set_fingerprint`, streamed (computed once)."""
+        if self._fingerprint is None:
+            from decoct.formats.label_store import stream_fingerprint
+
+            self._fingerprint = stream_fingerprint(self.shape, self.info.num_classes, self.chunks(), self.labels)
+        return self._fingerprint
+
+    def storage(self) -> dict[str, Any]:
+        """The manifest's ``storage`` section (``bytes_on_disk`` checked against the files when
+        opened with ``verify``)."""
+        return dict(_read_manifest(self.root)["storage"])
