@@ -14,9 +14,11 @@ own process (so peak RSS and wall time are the stage's alone):
 * validation over the val split (:func:`decoct.train.trainer.evaluate_split`, streamed);
 
 then, in one process each: the loader's decode+transform rate (``StreamSplit.loader``, W workers,
-the 'train' view) against W plain ``multiprocessing`` processes doing ``decode_file`` +
-``apply_view`` on the same files (alternated, best of each), torchvision.io against PIL decoding
-in one process, and a 2-process torchrun statistics pass compared with the 1-process one.
+the 'train' view, one whole pass from the workers' start) against W fresh plain
+``multiprocessing`` processes doing ``decode_file`` + ``apply_view`` on the same files, also from
+their start (alternated, best of each; both again warm, as a second figure), torchvision.io
+against PIL decoding in one process, and a 2-process torchrun statistics pass compared with a
+1-process one (both one thread per process, so they run the same kernels).
 
 Peak RSS per stage: the stage process's own high-water mark (VmHWM, sampled from /proc every
 0.1 s), the largest of its DataLoader workers' (same), the peak of the whole process tree's summed
@@ -379,7 +381,7 @@ def stage_rates(a: argparse.Namespace) -> None:
     split = StreamSplit(train, a.image_size, workers=a.workers)
     paths = [str(train.path(int(i))) for i in order]
 
-    def loader_pass() -> dict[str, float]:
+    def loader_pass() -> dict[str, Any]:
         t0 = time.perf_counter()
         first, count, after_first = None, 0, 0
         for x, _, _ in split.loader("train", batch_size=a.batch_size, order=order, seed=0):
@@ -389,44 +391,53 @@ def stage_rates(a: argparse.Namespace) -> None:
             else:
                 after_first += len(x)
         end = time.perf_counter()
-        # images after the first batch over the time since it came: None for a one-batch pass
+        # images after the first batch over the time since it came (None for a one-batch pass); it
+        # over-states the rate by up to W - 1 batches finishing with the first: read it on long passes only
         steady = after_first / (end - first) if first is not None and end > first and after_first else None
         return dict(img_s=count / (end - t0), steady_img_s=steady, first_batch_s=(first or end) - t0)
 
     chunk = max(1, n // (a.workers * 8))
     items = list(enumerate(paths))
-    loader_runs, raw_runs = [], []
-    with mp.get_context("fork").Pool(a.workers, initializer=_pool_init, initargs=(a.image_size,)) as pool:
-        pool.map(_pool_noop, range(a.workers * 4))  # every process started and warm before timing
-        for _ in range(a.reps):
+    loader_runs, raw_cold, raw_warm = [], [], []
+    for _ in range(a.reps):
+        # W fresh plain processes from their start (fork, imports) to the last image: what the loader's
+        # W workers do in one pass; then the same processes again, warm
+        t0 = time.perf_counter()
+        with mp.get_context("fork").Pool(a.workers, initializer=_pool_init, initargs=(a.image_size,)) as pool:
+            pool.map(_pool_decode_view, items, chunksize=chunk)
+            raw_cold.append(n / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             pool.map(_pool_decode_view, items, chunksize=chunk)
-            raw_runs.append(n / (time.perf_counter() - t0))
-            loader_runs.append(loader_pass())
-    raw = max(raw_runs)
-    best = max(loader_runs, key=lambda r: r["steady_img_s"] or 0.0)
-    steady = best["steady_img_s"]
+            raw_warm.append(n / (time.perf_counter() - t0))
+        loader_runs.append(loader_pass())
+    loader = max(r["img_s"] for r in loader_runs)
+    steadies = [r["steady_img_s"] for r in loader_runs if r["steady_img_s"]]
+    steady = max(steadies) if steadies else None
     # decoding alone, one process, bytes already in memory
     blobs = [Path(p).read_bytes() for p in paths[: a.decode_images]]
     tv_t = pil_t = float("inf")
-    for _ in range(a.reps):
+    for rnd in range(a.reps + 1):  # round 0 warms both decoders up (lazy imports, plugins) and is dropped
         t0 = time.perf_counter()
         for b in blobs:
             decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        tv_t = min(tv_t, time.perf_counter() - t0)
+        tv_dt = time.perf_counter() - t0
         t0 = time.perf_counter()
         for b in blobs:
             with Image.open(io.BytesIO(b)) as im:
                 arr = np.asarray(im.convert("RGB"))
             torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-        pil_t = min(pil_t, time.perf_counter() - t0)
+        pil_dt = time.perf_counter() - t0
+        if rnd:
+            tv_t, pil_t = min(tv_t, tv_dt), min(pil_t, pil_dt)
     _emit(a.result, dict(
         images=n, workers=a.workers, batch_size=a.batch_size, view="train", image_size=a.image_size, reps=a.reps,
-        loader_img_s=round(max(r["img_s"] for r in loader_runs), 2), loader_steady_img_s=None if steady is None else round(steady, 2),
-        loader_first_batch_s=round(best["first_batch_s"], 3), raw_pool_img_s=round(raw, 2),
-        ratio_loader_vs_raw=round(steady / raw, 3) if raw and steady else None,
-        ratio_loader_vs_raw_with_startup=round(max(r["img_s"] for r in loader_runs) / raw, 3) if raw else None,
-        loader_runs=loader_runs, raw_runs=[round(r, 2) for r in raw_runs],
+        loader_img_s=round(loader, 2), raw_pool_img_s=round(max(raw_cold), 2),
+        ratio_loader_vs_raw=round(loader / max(raw_cold), 3),
+        loader_steady_img_s=None if steady is None else round(steady, 2), raw_pool_warm_img_s=round(max(raw_warm), 2),
+        ratio_loader_steady_vs_raw_warm=None if steady is None else round(steady / max(raw_warm), 3),
+        loader_first_batch_s=round(min(r["first_batch_s"] for r in loader_runs), 3),
+        loader_runs=loader_runs, raw_pool_runs=[round(r, 2) for r in raw_cold],
+        raw_pool_warm_runs=[round(r, 2) for r in raw_warm],
         decode_images=len(blobs), torchvision_decode_img_s=round(len(blobs) / tv_t, 2),
         pil_decode_img_s=round(len(blobs) / pil_t, 2), ratio_torchvision_vs_pil=round(pil_t / tv_t, 3),
     ))
@@ -506,12 +517,14 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{fmt(row['tree_peak_rss_sum_mb'])} | {fmt(row['tree_peak_pss_sum_mb'])} | {row['rc']} |")
     r = res.get("rates", {}).get("result")
     if r:
-        lines += ["", "| rate (images/s) | value |", "|---|---|",
-                  f"| loader, {r['workers']} workers, 'train' view (steady) | {fmt(r['loader_steady_img_s'])} |",
-                  f"| loader incl. worker start-up | {fmt(r['loader_img_s'])} |",
-                  f"| {r['workers']} plain processes, decode + 'train' view | {fmt(r['raw_pool_img_s'])} |",
-                  f"| ratio loader / plain (steady; with start-up) | {fmt(r['ratio_loader_vs_raw'], 3)}; "
-                  f"{fmt(r['ratio_loader_vs_raw_with_startup'], 3)} |",
+        w = r["workers"]
+        lines += ["", f"| rate (images/s, {r['images']:,} images, 'train' view at {r['image_size']} px) | value |",
+                  "|---|---|",
+                  f"| loader, {w} workers, whole pass from the workers' start | {fmt(r['loader_img_s'])} |",
+                  f"| {w} plain processes, decode + view, from their start | {fmt(r['raw_pool_img_s'])} |",
+                  f"| ratio loader / plain processes | {fmt(r['ratio_loader_vs_raw'], 3)} |",
+                  f"| loader after its first batch / the plain processes warm | {fmt(r['loader_steady_img_s'])} / "
+                  f"{fmt(r['raw_pool_warm_img_s'])} = {fmt(r['ratio_loader_steady_vs_raw_warm'], 3)} |",
                   f"| torchvision.io decode, 1 process | {fmt(r['torchvision_decode_img_s'])} |",
                   f"| PIL decode, 1 process | {fmt(r['pil_decode_img_s'])} |",
                   f"| ratio torchvision / PIL | {fmt(r['ratio_torchvision_vs_pil'], 3)} |"]
@@ -519,7 +532,9 @@ def markdown(res: dict[str, Any]) -> str:
     if tr:
         c = tr.get("compare", {})
         lines += ["", f"torchrun 2 processes vs 1 (N={tr['n']}): rc {tr['rc']}, stats equal: {c.get('equal')}, "
-                      f"max abs diff {c.get('max_abs_diff')} ({c.get('worst_key')}), wall {fmt(tr['wall_s'], 2)} s"]
+                      f"max abs diff {c.get('max_abs_diff')} ({c.get('worst_key')}); validation accuracy "
+                      f"{c.get('val_accuracy_2')} vs {c.get('val_accuracy_1')}, equal: {c.get('val_accuracy_equal')}; "
+                      f"wall {fmt(tr['wall_s'], 2)} s"]
     t = res.get("targets")
     if t:
         lines += ["", "| target | value | met |", "|---|---|---|"]
@@ -552,6 +567,9 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
     tr = res.get("torchrun", {}).get("compare")
     if tr:
         out["torchrun 2 vs 1 process stats max abs diff (== 0)"] = dict(value=tr["max_abs_diff"], met=tr["equal"])
+        if "val_accuracy_equal" in tr:
+            out["torchrun 2 vs 1 process validation accuracy (equal)"] = dict(value=tr["val_accuracy_2"],
+                                                                              met=tr["val_accuracy_equal"])
     return out
 
 
@@ -666,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         row["reference"] = ref_row
         if row["rc"] == 0 and ref_row["rc"] == 0:
             row["compare"] = compare_stats(ref / "bn_stats.safetensors", out / "bn_stats.safetensors")
+            accs = [json.loads((d / "teacher.json").read_text()).get("test_accuracy") for d in (ref, out)]
+            row["compare"].update(val_accuracy_1=accs[0], val_accuracy_2=accs[1], val_accuracy_equal=accs[0] == accs[1])
             row["compare_vs_timed_teacher"] = compare_stats(teachers[small] / "bn_stats.safetensors",
                                                             out / "bn_stats.safetensors")
         res["torchrun"] = row

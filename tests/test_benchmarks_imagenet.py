@@ -130,13 +130,14 @@ def test_imagenet_scale_tiny_reports_every_stage(tmp_path):
         val = stages["validate"]["result"]
         assert val["images"] == 4 and 0 <= val["accuracy"] <= 1
     r = res["rates"]["result"]
-    for key in ("loader_img_s", "loader_steady_img_s", "raw_pool_img_s", "torchvision_decode_img_s",
-                "pil_decode_img_s", "ratio_loader_vs_raw", "ratio_loader_vs_raw_with_startup",
-                "ratio_torchvision_vs_pil"):
+    for key in ("loader_img_s", "loader_steady_img_s", "raw_pool_img_s", "raw_pool_warm_img_s",
+                "torchvision_decode_img_s", "pil_decode_img_s", "ratio_loader_vs_raw",
+                "ratio_loader_steady_vs_raw_warm", "ratio_torchvision_vs_pil"):
         assert r[key] > 0, key
     tr = res["torchrun"]
     assert tr["rc"] == 0 and tr["compare"]["equal"] is True and tr["compare"]["max_abs_diff"] == 0.0
     assert tr["compare"]["tensors"] > 100  # every BN layer's seven statistics of ResNet-18
+    assert tr["compare"]["val_accuracy_equal"] is True and 0 <= tr["compare"]["val_accuracy_2"] <= 1
     assert all(isinstance(t["met"], bool) for t in res["targets"].values())
     assert any("largest process" in k for k in res["targets"]) and any("loader" in k for k in res["targets"])
     assert _bench_files() == before  # everything went to the work dir
