@@ -253,3 +253,37 @@ def test_squeeze_streamed_refuses_training_and_records_the_pass(tree, weights, c
     assert t.meta["num_train_images"] == 30 and 0 <= t.meta["test_accuracy"] <= 1
     counts = t.stats.stats[t.stats.layers[0]]["class_count"]
     assert counts.tolist() == [5] * 6
+
+
+@pytest.mark.slow
+def test_every_decoupled_stage_runs_streamed_end_to_end(tree, weights, tmp_path, monkeypatch, capsys):
+    """squeeze --weights -> distill lpld/dwa -> relabel --prune -> evaluate --protocol soft, all streamed."""
+    from decoct.cli import main
+    from decoct.formats.artifact import DistilledSet
+
+    monkeypatch.setenv("DECOCT_CACHE", str(tmp_path / "cache"))
+    t = tmp_path / "t"
+    squeeze("imagenet", "resnet18", out=t, data_root=str(tree), device="cpu", weights=str(weights),
+            data_options={"data_mode": "stream", "workers": 0, "image_size": 32, "classes": "0:6"},
+            model_kwargs={"stem": "imagenet"}, stats_batch_size=8, show_progress=False)
+    common = ["--no-progress", "--device", "cpu", "--workers", "0"]
+    for method, extra in (("lpld", []), ("dwa", ["--dwa-steps", "1"])):
+        assert main(["distill", method, "--teacher", str(t), "--ipc", "1", "--iterations", "2", "--out",
+                     str(tmp_path / method), *extra, *common]) == 0
+    dwa = DistilledSet.load(tmp_path / "dwa" / "artifact")
+    assert dwa.images.shape == (6, 3, 32, 32) and dwa.meta.get("init", dwa.config.get("init")) == "real"
+    assert main(["relabel", str(tmp_path / "lpld"), "--teacher", str(t), "--epochs", "20", "--batch-size", "3",
+                 "--prune", "10", "--out", str(tmp_path / "p10"), "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "p10"), "--protocol", "soft", "--runs", "1", "--epochs", "2",
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "soft" in out and "6 images" in out
+    import json
+
+    saved = json.loads(next((tmp_path / "p10").glob("eval-soft-*.json")).read_text())
+    assert len(saved["accuracies"]) == 1 and 0 <= saved["accuracies"][0] <= 1
+    # the classic protocol keeps the test split in memory: refused on a streamed dataset, by name
+    assert main(["evaluate", str(tmp_path / "lpld"), "--protocol", "fast", "--runs", "1", "--epochs", "1",
+                 *common]) == 2
+    assert "--protocol soft" in capsys.readouterr().err

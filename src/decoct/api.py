@@ -59,7 +59,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                  engine: str = "auto", device: str = "auto", data_root: str | None = None,
                  resume: bool = False, force: bool = False, progress: bool = True,
                  chunk: int | None = None, teacher: str | Path | None = None, dataset: str | None = None,
-                 download: bool = False, save: bool = True) -> EvalResult:
+                 download: bool = False, save: bool = True, data_options: dict[str, Any] | None = None) -> EvalResult:
     """Evaluate a run (or artifact) and store ``eval-*.json`` in the run directory.
 
     The test data is found from the source the set recorded (registry name and data root);
@@ -69,6 +69,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     Accuracies are written after every chunk of students (``partial: true``), so ``--resume``
     continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
     ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store.
+    ``data_options`` (``data_mode``, ``classes``, ``workers``) override how the recorded data is loaded.
     Under torchrun every rank trains (DDP) but only rank 0 writes the result and the log line.
     """
     from decoct.evaluation.protocols import protocol_config
@@ -84,6 +85,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     # the test data asked for: a stored result is reused only for the same data (an override
     # with --dataset/--data-root evaluates afresh, and refuses data that does not fit the set)
     data = {"dataset": dataset, "data_root": str(Path(data_root).expanduser().absolute()) if data_root else None}
+    data.update({k: v for k, v in (data_options or {}).items() if k != "workers"})  # workers change no pixel
     if target is not None and target.exists() and not force:
         saved = json.loads(target.read_text())
         same = (saved.get("seed") == seed and saved.get("requested_runs") == runs
@@ -111,7 +113,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
         result = evaluate(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
                           download=download, device=device, engine=engine,
                           baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
-                          model=model, epochs=epochs, online_teacher=teacher)
+                          model=model, epochs=epochs, online_teacher=teacher, data_options=data_options)
         if target is not None and writer:
             atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs,
                                            data=data))

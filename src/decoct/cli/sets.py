@@ -27,12 +27,13 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from decoct.api import evaluate_run
+    from decoct.cli.common import data_options
 
     result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
                           progress=args.progress, teacher=args.teacher, dataset=args.dataset,
-                          download=args.download, save=args.save)
+                          download=args.download, save=args.save, data_options=data_options(args))
     from decoct.runtime.distributed import rank
 
     if rank() != 0:  # torchrun: one report, from rank 0
@@ -139,6 +140,7 @@ def register(cli: CommandAdder) -> None:
                         "to evaluate on data that has moved)")
     p.add_argument("--no-save", dest="save", action="store_false",
                    help="write nothing (no eval-*.json, no log line): for a read-only run")
+    cli.data_flags(p)
 
     p = cli.command("info", cmd_info, "Show a distilled set's manifest summary, storage and integrity.", run=False)
     p.add_argument("path", help="run directory or artifact directory")

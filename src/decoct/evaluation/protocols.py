@@ -35,7 +35,7 @@ import torch
 
 from decoct.augment import DSA, ZCA
 from decoct.coreset.select import random_baseline_indices
-from decoct.data import Dataset, normalize
+from decoct.data import Dataset, is_streamed, normalize
 from decoct.data.provenance import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
 from decoct.formats.artifact import DistilledSet
 from decoct.models import model_for
@@ -163,6 +163,14 @@ def _train_eval(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zc
     return accs, engine
 
 
+def real_pixels(dataset: Dataset, idx: torch.Tensor) -> torch.Tensor:
+    """Training images ``idx`` as uint8 (n, C, H, W): indexed in memory, or decoded from a streamed
+    split through its validation view (Resize + CenterCrop: a real image as a set would store it)."""
+    if is_streamed(dataset):
+        return dataset.train.load(idx, view="val")
+    return dataset.train.images[idx]
+
+
 def equal_storage_ipc(dset: DistilledSet, raw_total: int) -> int:
     """Full-colour real images per class that fit in the set's raw storage (at least 1)."""
     c, h, w = dset.info.image_shape
@@ -174,7 +182,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
              device: str = "auto", engine: str = "auto", baseline: str | None = None, progress: bool = True,
              chunk: int | None = None, state: dict[str, list[float]] | None = None,
              on_progress: Callable[[dict[str, list[float]]], None] | None = None,
-             online_teacher: Any = None, **overrides: Any) -> EvalResult:
+             online_teacher: Any = None, data_options: dict[str, Any] | None = None, **overrides: Any) -> EvalResult:
     """Train ``runs`` students on a saved distilled set and report final-epoch test accuracy.
 
     ``overrides`` may set any protocol field (epochs, lr, model, ...). ``state`` holds the
@@ -186,7 +194,10 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
 
     The test data is ``dataset`` (a loaded :class:`Dataset`), or is loaded from the source the set
     recorded (``meta.data_source``: registry name and root), which ``dataset`` (a registry name) and
-    ``data_root`` override; either way it must have the set's classes and image shape.
+    ``data_root`` override, and ``data_options`` (``data_mode``, ``classes``, ``workers``) the
+    recorded loader options; either way it must have the set's classes and image shape. A streamed
+    dataset (ImageNet) is validated per batch, sharded under torchrun; it supports the ``soft``
+    protocol only (the classic ones keep the test split in memory).
     """
     import tempfile
 
@@ -202,14 +213,14 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             return evaluate(Path(tmp) / "set", protocol, runs=runs, seed=seed, dataset=dataset,
                             data_root=data_root, download=download, device=device, engine=engine, baseline=baseline,
                             progress=progress, chunk=chunk, state=state, on_progress=on_progress,
-                            online_teacher=online_teacher, **overrides)
+                            online_teacher=online_teacher, data_options=data_options, **overrides)
     path = Path(artifact)
     dset = DistilledSet.load(path)
     storage = dset.storage(path)
     if not isinstance(dataset, Dataset):
         recorded = read_source(dset.meta.get(SOURCE_KEY), f"{path}/manifest.json meta") or legacy_source(dset.config)
         dataset = load_for(dset.info, recorded, dataset=dataset, data_root=data_root, download=download,
-                           what=f"the set {path}")
+                           what=f"the set {path}", options=data_options)
     else:
         check_same_data(dset.info, dataset.info, f"the set {path}", "the dataset passed")
     zca = ZCA.from_state_dict(dset.attachments["zca"]) if "zca" in dset.attachments else None
@@ -220,6 +231,9 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
         return _evaluate_soft(dset, storage, dataset, cfg, runs=runs, seed=seed, device=dev, baseline=baseline,
                               progress=progress, chunk=chunk, state=state, on_progress=on_progress,
                               online_teacher=online_teacher)
+    if is_streamed(dataset):
+        raise ValueError(f"the {protocol!r} protocol trains and tests in memory; this dataset is streamed from disk: "
+                         "use --protocol soft (the ImageNet protocol), or --data-mode memory if it fits")
 
     def report(key: str) -> Callable[[list[float]], None]:
         def cb(accs: list[float]) -> None:
@@ -301,8 +315,18 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     fcfg = FKDConfig.from_recipe(recipe, epochs=epochs, batch_size=batch, amp=amp, channels_last=amp,
                                  **{k: cfg[k] for k in keys})
     fill = fill_value(info, device)
-    xt = normalize(dataset.test.images, info, device)
-    yt = dataset.test.labels.to(device)
+    if is_streamed(dataset):  # ImageNet's val: read per batch, sharded under torchrun
+        from decoct.train.trainer import evaluate_split
+
+        xt = yt = None
+
+        def test_accuracy(model: torch.nn.Module) -> float:
+            return evaluate_split(model, dataset.test, info, fcfg.eval_batch_size, device, amp=fcfg.amp,
+                                  channels_last=fcfg.channels_last, show_progress=progress)
+    else:
+        xt = normalize(dataset.test.images, info, device)
+        yt = dataset.test.labels.to(device)
+        test_accuracy = None  # type: ignore[assignment]
 
     def factory() -> torch.nn.Module:
         return model_for(cfg["model"], info, **cfg["model_kwargs"])
@@ -315,7 +339,7 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
             seeds = [seed + r for r in range(len(accs), min(runs, len(accs) + step))]
             accs += fit_soft_students(factory, images, xt, yt, fcfg, seeds=seeds,
                                       store=store if key == "set" else None, teacher=teacher, view=view, fill=fill,
-                                      device=device, progress=progress, info=info)
+                                      device=device, progress=progress, info=info, evaluate=test_accuracy)
             state[key] = list(accs)
             if on_progress is not None:
                 on_progress(state)
@@ -344,7 +368,7 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     if baseline == "random":
         ipc = equal_storage_ipc(dset, result.raw_bytes)
         idx = random_baseline_indices(dataset, ipc, seed)
-        base = DistilledSet(info=info, images=dataset.train.images[idx], labels=dataset.train.labels[idx],
+        base = DistilledSet(info=info, images=real_pixels(dataset, idx), labels=dataset.train.labels[idx],
                             method="random", config={"ipc": ipc, "seed": seed})
         with tempfile.TemporaryDirectory() as tmp:
             base.save(Path(tmp) / "random")
