@@ -18,7 +18,9 @@ the 'train' view, one whole pass from the workers' start) against W fresh plain
 ``multiprocessing`` processes doing ``decode_file`` + ``apply_view`` on the same files, also from
 their start (alternated, best of each; both again warm, as a second figure), torchvision.io
 against PIL decoding in one process, and a 2-process torchrun statistics pass compared with a
-1-process one (both one thread per process, so they run the same kernels).
+1-process one (both one thread per process, so they run the same kernels). Last, the tiny
+end-to-end run (``--e2e-classes``, on the smallest tree): squeeze, ``distill lpld`` (IPC 1),
+``relabel --prune 10``, ``evaluate --protocol soft``, each its own stage.
 
 Peak RSS per stage: the stage process's own high-water mark (VmHWM, sampled from /proc every
 0.1 s), the largest of its DataLoader workers' (same), the peak of the whole process tree's summed
@@ -295,9 +297,10 @@ def run_stage(name: str, cmd: list[str], *, env: dict[str, str], log: Path, resu
         tree_peak_pss_sum_mb=round(sampler.peak_sum_pss / 1024, 1),
         samples=sampler.samples, log=str(log),
     )
+    lines = log.read_text(errors="replace").strip().splitlines()
+    row["last_line"] = lines[-1][-300:] if lines else ""
     if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        row["error"] = " | ".join(tail)[-800:]
+        row["error"] = " | ".join(lines[-5:])[-800:]
     elif result is not None:
         row["result"] = json.loads(result.read_text())
     return row
@@ -474,6 +477,37 @@ def squeeze_cmd(tree: Path, weights: Path, out: Path, a: argparse.Namespace, wor
             "--stats-batch-size", str(a.batch_size), "--device", "cpu", "--no-progress", "--force"]
 
 
+def end_to_end(work: Path, tag: str, tree: Path, weights: Path, a: argparse.Namespace,
+               workers: int) -> list[dict[str, Any]]:
+    """The issue's tiny end-to-end run, each command its own stage: squeeze (a class range), lpld
+    (IPC 1, a few iterations), relabel --prune 10, evaluate --protocol soft (streamed test split)."""
+    cli, d = decoct_cli(), work / f"e2e-{tag}"
+    common = ["--device", "cpu", "--no-progress"]
+    teacher, run = d / "teacher", d / "lpld"
+    steps = [
+        (f"e2e squeeze --classes {a.e2e_classes}", [*cli, "squeeze", "--dataset", "imagenet", "--data-root", str(tree),
+                                                    "--model", "resnet18", "--weights", str(weights), "--out",
+                                                    str(teacher), "--data-mode", "stream", "--workers", str(workers),
+                                                    "--classes", a.e2e_classes, "--force", *common]),
+        ("e2e distill lpld --ipc 1", [*cli, "distill", "lpld", "--teacher", str(teacher), "--ipc", "1", "--iterations",
+                                      "2", "--out", str(run), "--workers", str(workers), "--force", *common]),
+        ("e2e relabel --prune 10", [*cli, "relabel", str(run), "--teacher", str(teacher), "--epochs", "10",
+                                    "--prune", "10", *common]),
+        ("e2e evaluate --protocol soft", [*cli, "evaluate", str(run), "--protocol", "soft", "--runs", "1", "--epochs",
+                                          "2", "--workers", str(workers), *common]),
+    ]
+    if d.exists():
+        shutil.rmtree(d)
+    env = child_env(DECOCT_CACHE=str(work / f"cache-{tag}-e2e"))
+    rows = []
+    for i, (name, cmd) in enumerate(steps):
+        rows.append(run_stage(name, cmd, env=env, log=work / "logs" / f"{tag}-e2e-{i}.log"))
+        print(f"{name:<32} rc={rows[-1]['rc']} {rows[-1]['wall_s']:8.2f}s  {rows[-1]['last_line'][:120]}", flush=True)
+        if rows[-1]["rc"]:
+            break
+    return rows
+
+
 def compare_stats(one: Path, two: Path) -> dict[str, Any]:
     """Max absolute difference of every tensor of two ``bn_stats.safetensors`` files."""
     from safetensors.torch import load_file
@@ -535,6 +569,11 @@ def markdown(res: dict[str, Any]) -> str:
                       f"max abs diff {c.get('max_abs_diff')} ({c.get('worst_key')}); validation accuracy "
                       f"{c.get('val_accuracy_2')} vs {c.get('val_accuracy_1')}, equal: {c.get('val_accuracy_equal')}; "
                       f"wall {fmt(tr['wall_s'], 2)} s"]
+    if res.get("e2e"):
+        lines += ["", "| end to end (smallest N, class range) | wall s | main peak RSS MB | worker peak RSS MB | rc |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['stage']} | {fmt(r['wall_s'], 2)} | {fmt(r['main_peak_rss_mb'])} | "
+                  f"{fmt(r['worker_peak_rss_mb'])} | {r['rc']} |" for r in res["e2e"]]
     t = res.get("targets")
     if t:
         lines += ["", "| target | value | met |", "|---|---|---|"]
@@ -589,8 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-images", type=int, default=None, help="images of the loader-rate comparison")
     p.add_argument("--reps", type=int, default=2, help="alternating repetitions of the rate comparison (best kept)")
     p.add_argument("--gen-procs", type=int, default=None, help="processes writing the trees (default: the CPUs)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["squeeze", "validate", "rates", "torchrun"],
+    p.add_argument("--skip", nargs="*", default=[], choices=["squeeze", "validate", "rates", "torchrun", "e2e"],
                    help="stages to leave out")
+    p.add_argument("--e2e-classes", default="0:3", metavar="A:B", help="class range of the end-to-end run")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default <work>/imagenet_scale.json)")
     a = p.parse_args(argv)
     preset = dict(PRESETS["quick" if a.quick else "tiny" if a.tiny else "full"])
@@ -689,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
             row["compare_vs_timed_teacher"] = compare_stats(teachers[small] / "bn_stats.safetensors",
                                                             out / "bn_stats.safetensors")
         res["torchrun"] = row
+    if "e2e" not in a.skip:
+        res["e2e"] = end_to_end(work, tag, Path(res["per_n"][str(small)]["tree"]), weights, a, workers)
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]
     res["targets"] = targets(res)
     from decoct.runtime.io import atomic_write_json
@@ -699,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {path}")
     failed = [r["stage"] for per in res["per_n"].values() for r in per["stages"] if r["rc"]]
     failed += [k for k in ("rates", "torchrun") if k in res and res[k]["rc"]]
+    failed += [r["stage"] for r in res.get("e2e", []) if r["rc"]]
     if failed:
         print(f"stages that failed: {', '.join(failed)} (see their logs)", file=sys.stderr)
         return 1

@@ -138,6 +138,11 @@ def test_imagenet_scale_tiny_reports_every_stage(tmp_path):
     assert tr["rc"] == 0 and tr["compare"]["equal"] is True and tr["compare"]["max_abs_diff"] == 0.0
     assert tr["compare"]["tensors"] > 100  # every BN layer's seven statistics of ResNet-18
     assert tr["compare"]["val_accuracy_equal"] is True and 0 <= tr["compare"]["val_accuracy_2"] <= 1
+    e2e = res["e2e"]
+    assert [r["stage"].split()[1] for r in e2e] == ["squeeze", "distill", "relabel", "evaluate"]
+    assert all(r["rc"] == 0 and r["wall_s"] > 0 and r["main_peak_rss_mb"] > 0 for r in e2e)
+    assert "3 images" in e2e[1]["last_line"] and "pruned 10x" in e2e[2]["last_line"] and "soft" in e2e[3]["last_line"]
+    assert "| end to end" in proc.stdout
     assert all(isinstance(t["met"], bool) for t in res["targets"].values())
     assert any("largest process" in k for k in res["targets"]) and any("loader" in k for k in res["targets"])
     assert _bench_files() == before  # everything went to the work dir
