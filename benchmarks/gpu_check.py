@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                              procs=min(cpus, s["per_class"]))
     res["seconds"]["tree"] = round(time.perf_counter() - t0, 2)
     ctx = dict(s=s, dev=dev, workers=workers, tree=tree, work=work, amp=dev.type == "cuda")
+    from decoct.runtime.io import atomic_write_json
+
+    out = a.out or work / "gpu_check.json"
     for name, fn in SECTIONS.items():
         if a.only and name not in a.only:
             continue
@@ -376,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             res["errors"][name] = f"{type(e).__name__}: {e}"[:1000]
             log(f"{name} failed:\n{traceback.format_exc()}")
         res["seconds"][name] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(out, res)  # what is done so far survives a hard stop (gpu_check.sh's timeout)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     if dev.type == "cuda":
@@ -389,9 +393,6 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    from decoct.runtime.io import atomic_write_json
-
-    out = a.out or work / "gpu_check.json"
     atomic_write_json(out, res)
     print(json.dumps(res, separators=(",", ":"), default=lambda v: v if not isinstance(v, float) or math.isfinite(v)
                      else None))
