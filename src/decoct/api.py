@@ -59,7 +59,8 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                  engine: str = "auto", device: str = "auto", data_root: str | None = None,
                  resume: bool = False, force: bool = False, progress: bool = True,
                  chunk: int | None = None, teacher: str | Path | None = None, dataset: str | None = None,
-                 download: bool = False, save: bool = True, data_options: dict[str, Any] | None = None) -> EvalResult:
+                 download: bool = False, save: bool = True, data_options: dict[str, Any] | None = None,
+                 amp: bool = False) -> EvalResult:
     """Evaluate a run (or artifact) and store ``eval-*.json`` in the run directory.
 
     The test data is found from the source the set recorded (registry name and data root);
@@ -70,11 +71,14 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
     ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store.
     ``data_options`` (``data_mode``, ``classes``, ``workers``) override how the recorded data is loaded.
+    Students train in float32 unless ``amp`` (bf16 autocast, CUDA only); a stored result is reused
+    only when made with the same choice.
     Under torchrun every rank trains (DDP) but only rank 0 writes the result and the log line.
     """
-    from decoct.evaluation.protocols import protocol_config
+    from decoct.evaluation.protocols import protocol_config, student_precision
     from decoct.runtime.distributed import rank
 
+    student_precision(amp, resolve_device(device))  # --amp off CUDA: refused before anything is read
     art = resolve_artifact(path)
     cfg = protocol_config(protocol, model=model, epochs=epochs)
     run_dir = art.parent if art.name == "artifact" else None
@@ -89,10 +93,11 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     if target is not None and target.exists() and not force:
         saved = json.loads(target.read_text())
         same = (saved.get("seed") == seed and saved.get("requested_runs") == runs
-                and saved.get("data", {"dataset": None, "data_root": None}) == data)
+                and saved.get("data", {"dataset": None, "data_root": None}) == data
+                and _saved_amp(saved, protocol) == amp)
         if not saved.get("partial") and same:
             reused = _result_from_dict(saved)
-            reused.extra = {**reused.extra, "reused": str(target)}
+            reused.extra = {**reused.extra, "amp": amp, "reused": str(target)}
             return reused
         if saved.get("partial") and not resume:
             raise RuntimeError(f"{target} holds an interrupted evaluation; pass --resume to continue it "
@@ -107,19 +112,31 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
 
     def checkpoint(st: dict[str, list[float]]) -> None:
         if target is not None and writer:
-            atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, data=data, state=st))
+            atomic_write_json(target, dict(partial=True, seed=seed, requested_runs=runs, data=data, amp=amp, state=st))
 
     with lock:
         result = evaluate(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
                           download=download, device=device, engine=engine,
                           baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
-                          model=model, epochs=epochs, online_teacher=teacher, data_options=data_options)
+                          model=model, epochs=epochs, online_teacher=teacher, data_options=data_options, amp=amp)
         if target is not None and writer:
             atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs,
                                            data=data))
             Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
                              std=result.std, runs=runs, seconds=round(result.seconds, 2))
     return result
+
+
+def _saved_amp(saved: dict[str, Any], protocol: str) -> bool | None:
+    """Whether a stored ``eval-*.json`` trained its students under bf16 autocast; None when unknown.
+
+    Files written before the choice was recorded: classic/fast always trained in float32; soft
+    trained under autocast on CUDA and in float32 on CPU, which the file does not say."""
+    if "amp" in saved:
+        return bool(saved["amp"])
+    if "amp" in saved.get("extra", {}):
+        return bool(saved["extra"]["amp"])
+    return False if protocol in ("classic", "fast") else None
 
 
 def check_writable(run_dir: Path) -> None:

@@ -33,7 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
                           progress=args.progress, teacher=args.teacher, dataset=args.dataset,
-                          download=args.download, save=args.save, data_options=data_options(args))
+                          download=args.download, save=args.save, data_options=data_options(args), amp=args.amp)
     from decoct.runtime.distributed import rank
 
     if rank() != 0:  # torchrun: one report, from rank 0
@@ -135,6 +135,9 @@ def register(cli: CommandAdder) -> None:
                    help="multi-student engine")
     p.add_argument("--teacher", default=None,
                    help="soft protocol only: teacher directory labelling fresh views online (unlimited labels)")
+    p.add_argument("--amp", action="store_true",
+                   help="train the students under bf16 autocast (CUDA only; default float32, as the references; "
+                        "the result records which)")
     p.add_argument("--dataset", default=None,
                    help="registered dataset of the test data (default: the one the set records; with --data-root "
                         "to evaluate on data that has moved)")

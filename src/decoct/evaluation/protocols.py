@@ -40,7 +40,7 @@ from decoct.data.provenance import SOURCE_KEY, check_same_data, legacy_source, l
 from decoct.formats.artifact import DistilledSet
 from decoct.models import model_for
 from decoct.runtime.distributed import join_torchrun, resolve_device
-from decoct.train import TrainConfig, train_students
+from decoct.train import TrainConfig, resolve_engine, train_students
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "classic": dict(epochs=1000, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, schedule="step",
@@ -112,6 +112,21 @@ def hard_protocol_storage(dset: DistilledSet, path: Path, storage: dict[str, Any
     return storage["bytes_on_disk"]["total"] - store_bytes, raw_total
 
 
+def student_precision(amp: bool, device: torch.device | str) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) of the students on ``device``: the one place the protocols decide.
+
+    The references train their students in float32, so every protocol does unless ``amp`` (``decoct
+    evaluate --amp``) opts into bf16 autocast, which is CUDA only (on CPUs without native bf16 it is
+    about 20x slower): asking for it elsewhere is an error, not a silent fallback. channels_last is on
+    for CUDA (a memory layout; the arithmetic stays float32 without ``amp``).
+    """
+    dev = torch.device(device)
+    if amp and dev.type != "cuda":
+        raise ValueError(f"--amp (bf16 autocast of the students) is supported on CUDA only, got device {dev}; "
+                         "drop --amp: the protocols train in float32 by default")
+    return bool(amp), dev.type == "cuda"
+
+
 def protocol_config(protocol: str, **overrides: Any) -> dict[str, Any]:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
@@ -128,9 +143,12 @@ def protocol_config(protocol: str, **overrides: Any) -> dict[str, Any]:
 def _train_eval(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zca: ZCA | None,
                 cfg: dict[str, Any], runs: int, seed: int, device: torch.device, engine: str,
                 progress: bool, done: list[float] | None = None, chunk: int | None = None,
-                on_progress: Callable[[list[float]], None] | None = None) -> tuple[list[float], str]:
+                on_progress: Callable[[list[float]], None] | None = None,
+                amp: bool = False) -> tuple[list[float], str]:
     """Train students with seeds ``seed .. seed+runs-1``, ``chunk`` at a time, skipping the
-    ``done`` ones (their accuracies are kept), calling ``on_progress`` after each chunk."""
+    ``done`` ones (their accuracies are kept), calling ``on_progress`` after each chunk.
+
+    Returns the accuracies and the engine that trained them (``auto`` resolved, as recorded)."""
     info = dataset.info
     x = normalize(images, info, device)
     xt = normalize(dataset.test.images, info, device)
@@ -142,9 +160,12 @@ def _train_eval(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zc
     def factory() -> torch.nn.Module:
         return model_for(cfg["model"], info, **model_kwargs)
 
+    amp, channels_last = student_precision(amp, device)
     tcfg = TrainConfig(epochs=cfg["epochs"], lr=cfg["lr"], momentum=cfg["momentum"],
                        weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"], schedule=cfg["schedule"],
-                       channels_last=device.type == "cuda")
+                       amp=amp, channels_last=channels_last)
+    with torch.random.fork_rng(devices=[]):  # a probe student, off the seeded streams
+        engine = resolve_engine(engine, factory(), device)
     augment = None
     if cfg["augment"] == "dsa":
         dsa = DSA()
@@ -182,7 +203,8 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
              device: str = "auto", engine: str = "auto", baseline: str | None = None, progress: bool = True,
              chunk: int | None = None, state: dict[str, list[float]] | None = None,
              on_progress: Callable[[dict[str, list[float]]], None] | None = None,
-             online_teacher: Any = None, data_options: dict[str, Any] | None = None, **overrides: Any) -> EvalResult:
+             online_teacher: Any = None, data_options: dict[str, Any] | None = None, amp: bool = False,
+             **overrides: Any) -> EvalResult:
     """Train ``runs`` students on a saved distilled set and report final-epoch test accuracy.
 
     ``overrides`` may set any protocol field (epochs, lr, model, ...). ``state`` holds the
@@ -191,6 +213,8 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     ``DistilledSet`` the set is saved to a temporary directory and reloaded first, so the
     pixels evaluated are exactly what a user would load. ``online_teacher`` (a module or a teacher
     directory) is for the ``soft`` protocol only: the teacher labels fresh views at every step.
+    Students train in float32, as the references do; ``amp=True`` opts into bf16 autocast (CUDA
+    only). The result records which (``extra["amp"]``) and the engine that ran (never ``auto``).
 
     The test data is ``dataset`` (a loaded :class:`Dataset`), or is loaded from the source the set
     recorded (``meta.data_source``: registry name and root), which ``dataset`` (a registry name) and
@@ -202,6 +226,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     import tempfile
 
     dev = resolve_device(device)
+    amp = student_precision(amp, dev)[0]  # --amp off CUDA fails here, before anything loads
     cfg = protocol_config(protocol, **overrides)
     if baseline not in (None, "random"):
         raise ValueError(f"unknown baseline {baseline!r}; known: random")
@@ -213,7 +238,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             return evaluate(Path(tmp) / "set", protocol, runs=runs, seed=seed, dataset=dataset,
                             data_root=data_root, download=download, device=device, engine=engine, baseline=baseline,
                             progress=progress, chunk=chunk, state=state, on_progress=on_progress,
-                            online_teacher=online_teacher, data_options=data_options, **overrides)
+                            online_teacher=online_teacher, data_options=data_options, amp=amp, **overrides)
     path = Path(artifact)
     dset = DistilledSet.load(path)
     storage = dset.storage(path)
@@ -230,7 +255,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             raise ValueError("the soft protocol does not support ZCA-whitened sets")
         return _evaluate_soft(dset, storage, dataset, cfg, runs=runs, seed=seed, device=dev, baseline=baseline,
                               progress=progress, chunk=chunk, state=state, on_progress=on_progress,
-                              online_teacher=online_teacher)
+                              online_teacher=online_teacher, amp=amp)
     if is_streamed(dataset):
         raise ValueError(f"the {protocol!r} protocol trains and tests in memory; this dataset is streamed from disk: "
                          "use --protocol soft (the ImageNet protocol), or --data-mode memory if it fits")
@@ -246,14 +271,14 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     # (logits) and MTT's learned student step size (meta.syn_lr); the papers evaluate with both.
     base_cfg = dict(cfg)  # the random-real baseline trains with the protocol's own recipe
     targets = dset.soft_labels if dset.soft_labels is not None else dset.labels
-    extra: dict[str, Any] = {"labels": "soft" if dset.soft_labels is not None else "hard"}
+    extra: dict[str, Any] = {"labels": "soft" if dset.soft_labels is not None else "hard", "amp": bool(amp)}
     if "syn_lr" in dset.meta and overrides.get("lr") is None:
         cfg["lr"] = float(dset.meta["syn_lr"])
         extra["lr"] = f"learned syn_lr {cfg['lr']:.4g}"
     disk_bytes, raw_bytes = hard_protocol_storage(dset, path, storage)
     t0 = time.perf_counter()
     accs, used = _train_eval(dset.images, targets, dataset, zca, cfg, runs, seed, dev, engine, progress,
-                             state.get("set"), chunk, report("set"))
+                             state.get("set"), chunk, report("set"), amp=amp)
     result = EvalResult(protocol, cfg["model"], accs, disk_bytes, raw_bytes, time.perf_counter() - t0, len(dset),
                         used, cfg["epochs"], extra=extra)
     if baseline == "random":
@@ -266,17 +291,17 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             base_storage = base.storage(Path(tmp) / "random")
         t1 = time.perf_counter()
         baccs, bused = _train_eval(base.images, base.labels, dataset, zca, base_cfg, runs, seed, dev, engine, progress,
-                                   state.get("baseline"), chunk, report("baseline"))
+                                   state.get("baseline"), chunk, report("baseline"), amp=amp)
         result.baseline = EvalResult(protocol, cfg["model"], baccs, base_storage["bytes_on_disk"]["total"],
                                      base_storage["raw_bytes"]["total"], time.perf_counter() - t1, len(base),
-                                     bused, cfg["epochs"], extra={"ipc": ipc})
+                                     bused, cfg["epochs"], extra={"ipc": ipc, "amp": bool(amp)})
     return result
 
 
 def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset, cfg: dict[str, Any], *, runs: int,
                    seed: int, device: torch.device, baseline: str | None, progress: bool, chunk: int | None,
                    state: dict[str, list[float]], on_progress: Callable[[dict[str, list[float]]], None] | None,
-                   online_teacher: Any) -> EvalResult:
+                   online_teacher: Any, amp: bool = False) -> EvalResult:
     """The ``soft`` protocol: students trained by KD from the label store or an online teacher.
 
     Everything that can be wrong (no store, a store of another set, a batch size the store was
@@ -309,10 +334,10 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     if baseline == "random" and store is not None:
         raise ValueError("baseline='random' with stored labels would need the baseline relabelled by the same "
                          "teacher: select a random run, relabel it, and evaluate it; or pass an online teacher")
-    amp = device.type == "cuda"
+    amp, channels_last = student_precision(amp, device)
     keys = ("optimizer", "lr", "momentum", "weight_decay", "no_decay_1d", "schedule", "warmup_epochs",
             "temperature", "t2", "granularity")
-    fcfg = FKDConfig.from_recipe(recipe, epochs=epochs, batch_size=batch, amp=amp, channels_last=amp,
+    fcfg = FKDConfig.from_recipe(recipe, epochs=epochs, batch_size=batch, amp=amp, channels_last=channels_last,
                                  **{k: cfg[k] for k in keys})
     fill = fill_value(info, device)
     if is_streamed(dataset):  # ImageNet's val: read per batch, sharded under torchrun
@@ -350,7 +375,7 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     accs = run_students(dset.images if isinstance(dset, DistilledSet) else dset, "set")
     extra: dict[str, Any] = dict(recipe=recipe.name, recipe_source=recipe.source, temperature=fcfg.temperature,
                                  batch_size=batch, image_bytes=storage["bytes_on_disk"]["images"],
-                                 label_bytes=storage["bytes_on_disk"]["labels"], view=view.to_dict())
+                                 label_bytes=storage["bytes_on_disk"]["labels"], view=view.to_dict(), amp=amp)
     if store is not None:
         extra.update(label_source="store", unlimited_labels=False, prune_factor=store.prune_factor,
                      stored_epochs=int(store.header["epochs"]), stored_batches=store.num_units,
@@ -377,8 +402,8 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
         baccs = run_students(base.images, "baseline")
         result.baseline = EvalResult(proto, cfg["model"], baccs, bst["bytes_on_disk"]["total"],
                                      bst["raw_bytes"]["total"], time.perf_counter() - t1, len(base), "sequential",
-                                     epochs, extra={"ipc": ipc, "label_source": "online_teacher"})
+                                     epochs, extra={"ipc": ipc, "label_source": "online_teacher", "amp": amp})
     return result
 
 
-__all__ = ["EvalResult", "PROTOCOLS", "evaluate", "protocol_config"]
+__all__ = ["EvalResult", "PROTOCOLS", "evaluate", "protocol_config", "student_precision"]
