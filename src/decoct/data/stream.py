@@ -303,7 +303,14 @@ class _Batches(torch.utils.data.Sampler):
 
 
 def _collate(items: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-    return (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items], dtype=torch.long),
+    xs = [x for x, _, _ in items]
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        # in a worker: stack straight into shared memory, as torch's default_collate does, so the
+        # batch is not copied again when it is sent to the main process
+        n = len(xs) * xs[0].numel()
+        out = xs[0].new(xs[0]._typed_storage()._new_shared(n, device="cpu")).resize_(len(xs), *xs[0].shape)
+    return (torch.stack(xs, out=out), torch.tensor([y for _, y, _ in items], dtype=torch.long),
             torch.tensor([p for _, _, p in items], dtype=torch.long))
 
 
