@@ -152,20 +152,6 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
     assert torch.equal(DistilledSet.load(tmp_path / "b" / "artifact").images, full.images)
 
 
-def test_fastest_chunk_picks_a_candidate_and_leaves_the_rng_alone() -> None:
-    from decoct.matching.dm import fastest_chunk
-    from decoct.models import create_model
-
-    before = torch.get_rng_state()
-    make = lambda: create_model("convnet", 3, 3, 8, width=8)  # noqa: E731
-    c = fastest_chunk(make, (3, 8, 8), torch.device("cpu"), amp=False, channels_last=True, max_images=100,
-                      candidates=(16, 32, 64, 128), key="test")
-    assert c in (16, 32, 64)  # 128 exceeds the 100 images of an iteration
-    assert torch.equal(before, torch.get_rng_state())
-    assert fastest_chunk(make, (3, 8, 8), torch.device("cpu"), amp=False, channels_last=True, max_images=10,
-                         candidates=(16, 32)) == 10
-
-
 def test_registry_config_and_errors() -> None:
     assert isinstance(METHODS.get("dm")({"ipc": 1, "iterations": 3, "dataset": "digits"}), DistributionMatching)
     assert DMConfig(ipc=10).resolved_lr_img == 1.0

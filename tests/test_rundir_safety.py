@@ -122,7 +122,7 @@ def test_finished_run_with_other_config_is_refused_naming_keys(tmp_path):
         Run.open(tmp_path / "r", {**CFG, "dataset": "cifar10", "ipc": 50})
     # not identity: device, data root, checkpoint interval, progress, out, ...
     other = {**CFG, "device": "cuda", "data_root": "/elsewhere", "checkpoint_every": 7, "progress": False,
-             "out": "moved", "max_iterations": 3, "real_chunk": 64, "channels_last": True}
+             "out": "moved", "max_iterations": 3, "channels_last": True}
     assert Run.open(tmp_path / "r", other).done
     assert not (tmp_path / "r" / LOCK_NAME).exists()  # released when the Run went away
 

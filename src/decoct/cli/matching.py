@@ -101,7 +101,8 @@ def _register_dm(cli: Any) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on; measured faster on CPU and GPU)")
     p.add_argument("--real-chunk", type=int, default=0,
-                   help="real images per no-grad forward (0 = measure the fastest on the device)")
+                   help="real images per no-grad forward (0 = from the image size and the device's memory, never "
+                        "from timing; part of the run's identity: it changes the float rounding)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     p.add_argument("--max-iterations", type=int, default=None,
                    help="stop after this many iterations of this call (checkpointed; --resume continues)")

@@ -22,8 +22,10 @@ Speed (docs/methods/dm.md, Where decoct departs from the paper or the released c
 changing the estimator:
 
 * the real images never need gradients: they are embedded under ``torch.no_grad`` in chunks of
-  ``real_chunk`` images, the size measured fastest on the device at the first step (``0`` = auto;
-  the choice is kept in the checkpoint so a resumed run computes exactly the same chunks);
+  ``real_chunk`` images (``0`` = auto: :func:`real_chunk_for`, a rule on sizes and the device's
+  memory, never on timing, so two runs of one seed compute the same chunks; kept in the checkpoint).
+  Convolution kernels round differently per batch size, so the chunk is part of what a run is
+  (a run-identity key, like the seed): two chunk sizes give results equal up to float32 rounding;
 * the synthetic images of *all* classes go through the net in one forward (instance norm is per
   sample, so this equals the per-class forwards) and one backward;
 * class means are segment sums (a one-hot matmul), not a Python loop over classes; the real batch
@@ -39,7 +41,6 @@ augmentation family, so they cannot share one call); they are cheap element-wise
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -115,7 +116,7 @@ class DMConfig:
     ``lr_palette``, ``palette_alpha``, ...), as :func:`decoct.matching.palette.add_palette_args` defines
     them; turned into parameterisation and init options by ``decoct.matching.palette``. ``lr_img`` None
     means the paper's value (:attr:`resolved_lr_img`); ``amp`` / ``channels_last`` None mean the
-    per-device default (:func:`resolve_speed_flags`); ``real_chunk`` 0 means measured.
+    per-device default (:func:`resolve_speed_flags`); ``real_chunk`` 0 means :func:`real_chunk_for`.
     """
 
     ipc: int = 10
@@ -180,49 +181,37 @@ def resolve_speed_flags(device: torch.device, amp: bool | None, channels_last: b
         channels_last)
 
 
-_CHUNK_CACHE: dict[tuple, int] = {}
+REAL_CHUNK_BUDGET_CPU = 128 * 2**20
+"""Bytes of the largest activation map of one real chunk on a CPU: ConvNet width 128 at 32x32 in
+float32 gives 256 images, the size the earlier timing autotune settled on for CIFAR-10 on this
+project's 2-core CPU (benchmarks/logs/bench_dm.log); 512 at 8x8, 64 at 64x64."""
+REAL_CHUNK_CAP = {"cpu": 512, "cuda": 4096}
+"""Largest chunk per device type (the range the timing autotune chose from)."""
 
 
-def fastest_chunk(make_net: Any, shape: tuple[int, int, int], device: torch.device, *, amp: bool,
-                  channels_last: bool, max_images: int, candidates: tuple[int, ...] | None = None,
-                  key: Any = None) -> int:
-    """Chunk size (images per no-grad forward) with the highest throughput on ``device``.
+def real_chunk_for(shape: tuple[int, int, int], width: int, device: torch.device | str, *, amp: bool,
+                   max_images: int) -> int:
+    """Real images per no-grad forward when ``real_chunk`` is 0: a rule on sizes alone.
 
-    Candidates: 64..512 on CPU, 256..4096 on CUDA, never above ``max_images`` (the real images
-    per iteration). Each is timed on ~256 random images after a warm-up; cached per setting (``key``
-    names the net). The global RNG is left untouched (forked), so tuning never shifts a seeded run.
+    The largest power of two whose largest activation map (``max(C, width) x H x W`` values, 2 bytes
+    each under bf16 autocast, else 4) fits the budget: :data:`REAL_CHUNK_BUDGET_CPU` on a CPU, 1/32
+    of the device's total memory on CUDA (a property of the device, not of its current load),
+    capped by :data:`REAL_CHUNK_CAP` and by ``max_images`` (the real images of one iteration).
+    The chunk decides the conv kernels' batch size and so the float rounding of the result: it is
+    never chosen by timing, which made two runs of one seed write different sets.
     """
-    if candidates is None:
-        candidates = (64, 128, 256, 512) if device.type == "cpu" else (256, 512, 1024, 2048, 4096)
-    usable = [c for c in candidates if c <= max_images] or [max_images]
-    if len(usable) == 1:
-        return usable[0]
-    key = (device.type, shape, amp, channels_last, tuple(usable), key)
-    if key in _CHUNK_CACHE:
-        return _CHUNK_CACHE[key]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    best, best_rate = usable[0], 0.0
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), _autocast(device, amp):
-        net = make_net()
-        fwd = getattr(net, "embed", net)
-        x = torch.randn(max(usable), *shape, device=device).contiguous(memory_format=fmt)
-        for c in usable:
-            xc = x[:c]
-            fwd(xc)  # warm-up (also cudnn autotuning)
-            reps = max(1, 256 // c)  # ~256 timed images per candidate: tuning costs about one iteration
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fwd(xc)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rate = reps * c / (time.perf_counter() - t0)
-            if rate > best_rate:
-                best, best_rate = c, rate
-    _CHUNK_CACHE[key] = best
-    return best
+    dev = torch.device(device)
+    c, h, w = shape
+    per_image = max(int(c), int(width)) * int(h) * int(w) * (2 if amp else 4)
+    if dev.type == "cuda":
+        budget = torch.cuda.get_device_properties(dev).total_memory // 32
+    else:
+        budget = REAL_CHUNK_BUDGET_CPU
+    cap = REAL_CHUNK_CAP["cuda" if dev.type == "cuda" else "cpu"]
+    chunk = 1
+    while chunk * 2 <= cap and chunk * 2 * per_image <= budget:
+        chunk *= 2
+    return max(1, min(chunk, int(max_images)))
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -328,6 +317,9 @@ class DistributionMatching:
                              f"--norm {cfg.norm} has batch norm. Use --norm instance (the paper's) or none")
         self.feature_dim = int(getattr(probe, "feature_dim", 0)) or int(
             probe.embed(torch.zeros(1, *info.image_shape)).shape[1])
+        if self.real_chunk is None:  # from sizes alone: the real images of one iteration, the net, the device
+            self.real_chunk = real_chunk_for(info.image_shape, cfg.width, dev, amp=self.amp,
+                                             max_images=int(sizes.clamp(max=cfg.batch_real).sum()))
 
     def _new_net(self) -> nn.Module:
         """A fresh frozen embedding net, initialised from the global CPU RNG (device independent)."""
@@ -424,11 +416,6 @@ class DistributionMatching:
         net = self._new_net()
         seeds = torch.randint(0, 2**31 - 1, (self.num_classes,)).tolist()
         idx, labels = self.sample_real()
-        if self.real_chunk is None:
-            cfg = self.cfg
-            self.real_chunk = fastest_chunk(self._new_net, self.info.image_shape, self.device, amp=self.amp,
-                                            channels_last=self.channels_last, max_images=len(idx),
-                                            key=(cfg.model, cfg.width, cfg.norm, self.num_classes))
         real = self.real_means(net, idx, labels, seeds)
         for opt in self.opts.values():
             opt.zero_grad(set_to_none=True)
@@ -552,4 +539,4 @@ def distill_dm(dataset: str | Dataset, out: str | Path, *, config: DMConfig | di
 
 
 __all__ = ["DMConfig", "DistributionMatching", "INITS", "PRESET_ITERATIONS", "class_means", "distill_dm", "dm_loss",
-           "dm_loss_reference", "fastest_chunk", "resolve_speed_flags"]
+           "dm_loss_reference", "real_chunk_for", "resolve_speed_flags"]

@@ -69,14 +69,15 @@ MARKER_FORMAT = "decoct-run"
 MARKER_VERSION = 1
 
 #: Config keys that do not make a run what it is, so ``--resume`` and a re-run of a finished run
-#: accept a different value: where and how fast it runs (device, memory layout, chunking, data
-#: loader workers), where its data is read from, how often it checkpoints or logs, where this call
+#: accept a different value: where and how fast it runs (device, memory layout, data loader
+#: workers), where its data is read from, how often it checkpoints or logs, where this call
 #: stops, and the command line's own bookkeeping. Every other key (method, dataset, budget,
-#: hyper-parameters, seed, teacher or experts, amp: it changes the arithmetic) is identity.
+#: hyper-parameters, seed, teacher or experts, amp: it changes the arithmetic; DM's real_chunk:
+#: the conv kernels' batch size, so the rounding of every step) is identity.
 NON_IDENTITY_KEYS = frozenset({
     "device", "data_root", "download", "progress", "no_progress", "resume", "force", "config", "set", "command",
     "func", "out", "checkpoint_every", "max_iterations", "max_epochs", "log_every", "log_interval", "workers",
-    "num_workers", "channels_last", "real_chunk",
+    "num_workers", "channels_last",
 })
 
 # what a run made before markers existed may hold (anything else makes a directory foreign)
