@@ -139,6 +139,71 @@ def _saved_amp(saved: dict[str, Any], protocol: str) -> bool | None:
     return False if protocol in ("classic", "fast") else None
 
 
+SCORE_SYSTEMS = ("ddranking",)
+
+
+def score_run(path: str | Path, *, scores: str = "ddranking", protocol: str = "classic", runs: int = 5,
+              seed: int = 0, model: str | None = None, epochs: int | None = None, engine: str = "auto",
+              device: str = "auto", data_root: str | None = None, dataset: str | None = None,
+              download: bool = False, teacher: Any = None, force: bool = False, progress: bool = True,
+              save: bool = True, data_options: dict[str, Any] | None = None, amp: bool = False) -> dict[str, Any]:
+    """DD-Ranking's scores of a run (HLR, IOR, LRS, ARS; docs/scores.md), from students trained
+    with decoct's ``classic``/``fast`` protocol, stored as ``eval-<protocol>-<model>-e<epochs>-ddranking.json``
+    in the run directory: the set's own result (as ``eval-*.json``) plus ``ddranking`` (the scores,
+    every accuracy they come from, the cache of the full-data accuracy).
+
+    A finished result for the same seed, runs, data, precision and teacher is reused unless
+    ``force``; the full-data accuracy is cached across sets (:func:`decoct.evaluation.scores.full_data_accuracy`).
+    ``teacher`` (a teacher directory or module) labels the random real images of a set that
+    carries soft labels.
+    """
+    from decoct.evaluation.protocols import protocol_config, student_precision
+    from decoct.evaluation.scores import ddranking_scores
+    from decoct.runtime.distributed import rank
+
+    if scores not in SCORE_SYSTEMS:
+        raise ValueError(f"unknown scores {scores!r}; known: {', '.join(SCORE_SYSTEMS)}")
+    student_precision(amp, resolve_device(device))
+    art = resolve_artifact(path)
+    cfg = protocol_config(protocol, model=model, epochs=epochs)
+    run_dir = art.parent if art.name == "artifact" else None
+    name = eval_filename(protocol, cfg["model"], cfg["epochs"], None).removesuffix(".json") + f"-{scores}.json"
+    target = run_dir / name if run_dir else None
+    data = {"dataset": dataset, "data_root": str(Path(data_root).expanduser().absolute()) if data_root else None}
+    data.update({k: v for k, v in (data_options or {}).items() if k != "workers"})
+    tdesc: Any = None
+    if isinstance(teacher, (str, Path)):
+        tdesc = str(Path(teacher).expanduser().absolute())
+    elif teacher is not None:  # a module: known by its weights
+        from decoct.decoupled.relabel import teacher_fingerprint
+
+        tdesc = {"module": type(teacher).__name__, "fingerprint": teacher_fingerprint(teacher)}
+    params = dict(seed=seed, requested_runs=runs, data=data, amp=amp, teacher=tdesc)
+    if target is not None and target.exists() and not force:
+        saved = json.loads(target.read_text())
+        if scores in saved and not saved.get("partial") and all(saved.get(k) == v for k, v in params.items()):
+            the_set = {k: v for k, v in saved.items() if k not in (scores, "partial", *params)}
+            return {"set": the_set, **saved[scores], "reused": str(target)}
+    writer = rank() == 0 and save
+    lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if target is not None and writer:
+        check_writable(run_dir)
+        if run_kind(run_dir) in ("run", "legacy"):
+            lock = lock_run(run_dir)
+    with lock:
+        res = ddranking_scores(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
+                               download=download, device=device, engine=engine, progress=progress, teacher=teacher,
+                               data_options=data_options, amp=amp, model=model, epochs=epochs)
+        if target is not None and writer:
+            atomic_write_json(target, dict(res["set"], partial=False, **params,
+                                           **{scores: {k: v for k, v in res.items() if k != "set"}}))
+            s = res["scores"]
+            Run(run_dir).log(event="scored", scores=scores, protocol=protocol, model=res["model"],
+                             hlr=s["hlr"]["mean"], ior=s["ior"]["mean"], lrs=s["lrs"]["mean"],
+                             ars=s["ars"]["mean"] if "ars" in s else None, runs=runs, seconds=res["seconds"])
+    return res
+
+
 def check_writable(run_dir: Path) -> None:
     """Raise :class:`RunError` unless results can be written to ``run_dir`` (an eval-*.json is
     created there and log.jsonl appended to), so a read-only run fails before hours of training.

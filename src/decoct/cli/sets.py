@@ -1,8 +1,9 @@
 """Commands on sets and runs: ``quickstart``, ``select`` (the coreset family), ``evaluate``, ``info``,
 ``export``, ``report``.
 
-Thin: argument parsing only; the work is :mod:`decoct.api` (select, evaluate_run, quickstart, info),
-:meth:`decoct.formats.artifact.DistilledSet.export_imagefolder` and :func:`decoct.report.write_report`.
+Thin: argument parsing only; the work is :mod:`decoct.api` (select, evaluate_run, score_run, quickstart,
+info), :meth:`decoct.formats.artifact.DistilledSet.export_imagefolder`,
+:func:`decoct.formats.ddranking.export_ddranking` and :func:`decoct.report.write_report`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from decoct.api import evaluate_run
     from decoct.cli.common import data_options
 
+    if args.scores is not None:
+        return _cmd_scores(args)
     result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
@@ -43,6 +46,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(result.baseline.summary(f"random ipc{result.baseline.extra['ipc']}"))
     if result.extra.get("reused"):
         print(f"(already evaluated: read from {result.extra['reused']}; --force evaluates again)")
+    return 0
+
+
+def _cmd_scores(args: argparse.Namespace) -> int:
+    """``decoct evaluate RUN --scores ddranking``: DD-Ranking's scores (docs/scores.md)."""
+    from decoct.api import score_run
+    from decoct.cli.common import data_options
+    from decoct.evaluation.scores import format_scores
+    from decoct.runtime.distributed import rank
+
+    if args.baseline is not None:
+        raise ValueError("--scores trains its own random-real baseline (the set's IPC, the set's labels, a fresh "
+                         "subset per round); drop --baseline")
+    if args.resume:
+        raise ValueError("--resume does not apply to --scores (nothing is checkpointed; the full-data accuracy is "
+                         "cached, so a rerun trains only the set's and the random students again); drop --resume")
+    res = score_run(args.path, scores=args.scores, protocol=args.protocol, runs=args.runs, seed=args.seed,
+                    model=args.model, epochs=args.epochs, engine=args.engine, device=args.device,
+                    data_root=args.data_root, dataset=args.dataset, download=args.download, teacher=args.teacher,
+                    force=args.force, progress=args.progress, save=args.save, data_options=data_options(args),
+                    amp=args.amp)
+    if rank() != 0:
+        return 0
+    for line in format_scores(res):
+        print(line)
+    if res.get("reused"):
+        print(f"(already scored: read from {res['reused']}; --force scores again)")
     return 0
 
 
@@ -73,7 +103,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     from decoct.formats.artifact import EXPORT_MARKER, DistilledSet
     from decoct.runtime.runs import resolve_artifact
 
+    if (args.imagefolder is None) == (args.ddranking is None):
+        raise ValueError("give one output: --imagefolder DIR (an ImageFolder tree) or --ddranking DIR "
+                         "(DD-Ranking's tensor form)")
     dset = DistilledSet.load(resolve_artifact(args.path))
+    if args.ddranking is not None:
+        from pathlib import Path
+
+        from decoct.formats.ddranking import DDRANKING_JSON, DDRANKING_TENSORS, export_ddranking
+
+        export_ddranking(dset, args.ddranking, overwrite=args.force)
+        desc = json.loads((Path(args.ddranking) / DDRANKING_JSON).read_text())
+        print(f"wrote {len(dset)} images ({desc['ipc']} per class, class-major, normalised) as DD-Ranking's "
+              f"interchange form: {Path(args.ddranking) / DDRANKING_TENSORS} ({', '.join(desc['tensors'])}) and "
+              f"{DDRANKING_JSON}")
+        for line in desc["usage"] + desc["notes"]:
+            print(f"  {line}")
+        return 0
     dset.export_imagefolder(args.imagefolder, overwrite=args.force)
     print(f"wrote {len(dset)} images as an ImageFolder tree to {args.imagefolder}, with {EXPORT_MARKER}")
     print("to train on it as decoct evaluates it:")
@@ -134,13 +180,18 @@ def register(cli: CommandAdder) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "sequential", "vmap", "grouped"],
                    help="multi-student engine")
     p.add_argument("--teacher", default=None,
-                   help="soft protocol only: teacher directory labelling fresh views online (unlimited labels)")
+                   help="soft protocol only: teacher directory labelling fresh views online (unlimited labels); "
+                        "with --scores: labels the random real images of a set that carries soft labels")
     p.add_argument("--amp", action="store_true",
                    help="train the students under bf16 autocast (CUDA only; default float32, as the references; "
                         "the result records which)")
     p.add_argument("--dataset", default=None,
                    help="registered dataset of the test data (default: the one the set records; with --data-root "
                         "to evaluate on data that has moved)")
+    p.add_argument("--scores", default=None, choices=["ddranking"],
+                   help="also train what DD-Ranking's scores need and report HLR, IOR, LRS, ARS (classic/fast "
+                        "protocol; the full-data accuracy is cached in $DECOCT_CACHE; docs/scores.md); with "
+                        "--teacher for a set with soft labels")
     p.add_argument("--no-save", dest="save", action="store_false",
                    help="write nothing (no eval-*.json, no log line): for a read-only run")
     cli.data_flags(p)
@@ -153,11 +204,17 @@ def register(cli: CommandAdder) -> None:
             "applies to it beside the tree: decoct-export.json (class order, file of every row, hard labels, "
             "normalisation mean/std, learned lr, what to apply), labels.safetensors (soft-label sets: "
             "'soft_labels' logits, row i = files[i]) and zca.safetensors (ZCA sets: 'mean', 'W'; "
-            "x' = (x.flatten() - mean) @ W after normalising). Prints what a consumer must apply.",
+            "x' = (x.flatten() - mean) @ W after normalising). Prints what a consumer must apply. "
+            "Or, with --ddranking DIR, the tensor form DD-Ranking's compute_metrics takes.",
             run=False)
     p.add_argument("path", help="run directory or artifact directory")
-    p.add_argument("--imagefolder", required=True,
+    p.add_argument("--imagefolder", default=None,
                    help="output directory: new, empty, or an earlier decoct export (with --force)")
+    p.add_argument("--ddranking", default=None, metavar="DIR",
+                   help="instead of --imagefolder: DD-Ranking's interchange form in DIR, ddranking.safetensors "
+                        "('images' class-major float32 normalised with the dataset's mean/std, 'hard_labels', "
+                        "'soft_labels' logits when the set has them) + ddranking.json (what compute_metrics needs; "
+                        "docs/scores.md)")
     p.add_argument("--force", "--overwrite", dest="force", action="store_true",
                    help="replace an earlier decoct export in --imagefolder (never a directory decoct did not "
                         "export)")
