@@ -308,7 +308,12 @@ def load_zca(p: Path, manifest: dict[str, Any]) -> ZCA:
     except FileCheckError as e:
         raise ExpertFileError(str(e)) from e
     dim = math.prod(manifest["settings"]["image_shape"])
-    want = {"mean": (dim,), "shape": (3,)}
+    channels = int(manifest["settings"]["image_shape"][0])
+    want: dict[str, tuple[int, ...]] = {"shape": (3,)}
+    if "pixel_mean" in header:  # fitted on [0, 1] pixels (the references' recipe)
+        want.update(pixel_mean=(dim,), input_mean=(channels,), input_std=(channels,))
+    else:  # fitted on the normalised images (expert sets written before the pixel fit)
+        want.update(mean=(dim,))
     want.update({"evecs": (dim, dim), "evals": (dim,)} if "evecs" in header else {"W": (dim, dim), "W_inv": (dim, dim)})
     wrong = [k for k, shape in want.items() if k not in header or header[k]["shape"] != shape]
     if wrong:

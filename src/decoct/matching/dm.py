@@ -255,7 +255,7 @@ class DistributionMatching:
         self.zca: ZCA | None = None
         if cfg.zca:
             x_all = normalize(train.images, info, dev)
-            self.zca = ZCA().fit(x_all)
+            self.zca = ZCA().fit(x_all, input_mean=info.mean, input_std=info.std)  # on [0, 1] pixels, as the references
             self.real_float: Tensor | None = self.zca.transform(x_all)
             self.real_u8: Tensor | None = None
             del x_all

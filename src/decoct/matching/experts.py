@@ -9,12 +9,11 @@ Recipe (MTT ``buffer.py``; docs/methods/tm.md, Experts): the protocol ConvNet fo
 (depth from the size, width 128, instance norm), plain SGD with lr 0.01 (the *teacher lr*), momentum
 0, weight decay 0, batch 256, no lr decay, DSA augmentation on every minibatch
 (``color_crop_cutout_flip_scale_rotate``, one family per call, per-sample draws), 50 epochs, 100
-experts; ZCA whitening where the papers use it (CIFAR-10/100). Two deliberate differences, both
+experts; ZCA whitening where the papers use it (CIFAR-10/100), fitted as MTT fits kornia's
+``ZCAWhitening(eps=0.1)``: on the [0, 1] training images, not the normalised ones (:mod:`decoct.augment.zca`;
+the expert, the distillation and the evaluation share that one transform). One deliberate difference,
 recorded in the manifest:
 
-* ZCA is fitted on mean/std-normalised images (this project's convention, the same transform the
-  evaluation applies from the artifact's attachment), whereas MTT fits kornia's ZCA on [0, 1]
-  images. Either way the expert, the distillation and the evaluation share one transform.
 * MTT's ``buffer.py`` draws its randomness from the wall clock; here expert ``k`` is seeded with
   ``seed + k`` (initialisation, minibatch order, augmentation), so experts are reproducible.
 
@@ -183,7 +182,7 @@ def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, 
         manifest = dict(format=FORMAT, version=FORMAT_VERSION, dataset=info.to_dict(), settings=settings,
                         num_params=net.num_params, param_layout=net.layout(),
                         zca_file="zca.safetensors" if use_zca else None,
-                        notes=("ZCA (eps 0.1) fitted on mean/std-normalised training images; expert k is seeded "
+                        notes=("ZCA (kornia's recipe, eps 0.1) fitted on the [0, 1] training pixels; expert k is seeded "
                                "with seed + k; trajectory row e = parameters after e epochs (row 0 = init)"),
                         experts=[])
     x = normalize(data.train.images, info, dev)
@@ -195,7 +194,7 @@ def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, 
         if zpath.exists():
             zca_obj = load_zca(root, manifest)
         else:
-            zca_obj = ZCA().fit(x)
+            zca_obj = ZCA().fit(x, input_mean=info.mean, input_std=info.std)  # on [0, 1] pixels, as MTT
             atomic_save_tensors(zpath, zca_obj.state_dict())
         manifest["zca_sha256"] = sha256_file(zpath)  # load_experts checks it
         zca_obj.to(dev)
