@@ -10,6 +10,16 @@ transformation, and gradients must reach the synthetic pixels through it. Here:
   the whole batch, so two batches of different sizes augmented with the same seed receive
   an identical transform (the "siamese" property), without touching the global RNG;
 * ``seed=None`` draws per-sample parameters, as used when training evaluation students.
+
+Scale and rotate resample bilinearly through ``affine_grid``/``grid_sample``. DSA's own code
+(VICO-UoE/DatasetCondensation ``utils.py``, used by DC/DSA/DM) calls both with the default
+``align_corners=False`` (-1 and 1 are the outer edges of the border pixels, pixel ``i`` sits at
+``(2i + 1) / W - 1``); MTT's copy of the same functions, which DATM and AutoPalette inherit, passes
+``align_corners=True`` (-1 and 1 are the centres of the border pixels). In pixel units both
+scale about the image centre identically; rotation couples the axes by ``W / H`` (False) or
+``(W - 1) / (H - 1)`` (True), so on square images the two agree to float rounding and on non-square
+ones they differ. :class:`DSAParams` defaults to DSA's ``False``; the trajectory-matching code paths
+(experts, TM) use :data:`MTT_PARAMS` (``True``) as their references do.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DSA", "DSAParams", "dsa", "FAMILIES", "DEFAULT_STRATEGY", "parse_strategy"]
+__all__ = ["DSA", "DSAParams", "dsa", "FAMILIES", "DEFAULT_STRATEGY", "MTT_PARAMS", "parse_strategy"]
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 MODES = ("S", "M")
@@ -40,6 +50,7 @@ class DSAParams:
     brightness: float = 1.0
     saturation: float = 2.0
     contrast: float = 0.5
+    align_corners: bool = False  # scale/rotate resampling: DSA's code False, MTT/DATM/AutoPalette's True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob_flip <= 1.0:
@@ -50,6 +61,11 @@ class DSAParams:
             raise ValueError(f"ratio_crop_pad must be in [0, 1], got {self.ratio_crop_pad}")
         if not 0.0 <= self.ratio_cutout <= 1.0:
             raise ValueError(f"ratio_cutout must be in [0, 1], got {self.ratio_cutout}")
+
+
+MTT_PARAMS = DSAParams(align_corners=True)
+"""DSA as MTT's ``utils.py`` implements it (and DATM and AutoPalette, which copy it): the same
+strengths, scale and rotate resampled with ``align_corners=True``. Experts and TM use it."""
 
 
 # --------------------------------------------------------------------------------------
@@ -172,29 +188,29 @@ def _flip(x: Tensor, do_flip: Tensor) -> Tensor:
     return torch.where(do_flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def _affine(x: Tensor, theta: Tensor) -> Tensor:
+def _affine(x: Tensor, theta: Tensor, align_corners: bool = False) -> Tensor:
     """Resample ``x`` through the (N, 2, 3) affine ``theta`` (bilinear, zero padding)."""
     theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=align_corners)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
 
 
-def _scale(x: Tensor, sx: Tensor, sy: Tensor) -> Tensor:
+def _scale(x: Tensor, sx: Tensor, sy: Tensor, align_corners: bool = False) -> Tensor:
     """Scale the sampling grid independently along x (width) and y (height)."""
     zero = torch.zeros_like(sx)
     theta = torch.stack(
         [torch.stack([sx, zero, zero], dim=1), torch.stack([zero, sy, zero], dim=1)], dim=1
     )
-    return _affine(x, theta)
+    return _affine(x, theta, align_corners)
 
 
-def _rotate(x: Tensor, angle: Tensor) -> Tensor:
+def _rotate(x: Tensor, angle: Tensor, align_corners: bool = False) -> Tensor:
     """Rotate by ``angle`` radians (per sample) about the image centre."""
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
     theta = torch.stack(
         [torch.stack([cos, sin, zero], dim=1), torch.stack([-sin, cos, zero], dim=1)], dim=1
     )
-    return _affine(x, theta)
+    return _affine(x, theta, align_corners)
 
 
 # --------------------------------------------------------------------------------------
@@ -235,12 +251,12 @@ def _aug_scale(x: Tensor, p: DSAParams, s: _Sampler) -> Tensor:
     lo, hi = 1.0 / p.ratio_scale, p.ratio_scale
     sx = s.rand() * (hi - lo) + lo
     sy = s.rand() * (hi - lo) + lo
-    return _scale(x, sx, sy)
+    return _scale(x, sx, sy, p.align_corners)
 
 
 def _aug_rotate(x: Tensor, p: DSAParams, s: _Sampler) -> Tensor:
     angle = (s.rand() - 0.5) * 2.0 * math.radians(p.ratio_rotate)
-    return _rotate(x, angle)
+    return _rotate(x, angle, p.align_corners)
 
 
 FAMILIES: dict[str, Callable[[Tensor, DSAParams, _Sampler], Tensor]] = {

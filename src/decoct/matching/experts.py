@@ -8,7 +8,8 @@ steps, to where the expert was at epoch ``t + M``.
 Recipe (MTT ``buffer.py``; docs/methods/tm.md, Experts): the protocol ConvNet for the image size
 (depth from the size, width 128, instance norm), plain SGD with lr 0.01 (the *teacher lr*), momentum
 0, weight decay 0, batch 256, no lr decay, DSA augmentation on every minibatch
-(``color_crop_cutout_flip_scale_rotate``, one family per call, per-sample draws), 50 epochs, 100
+(``color_crop_cutout_flip_scale_rotate``, one family per call, per-sample draws; scale and rotate
+resampled with ``align_corners=True`` as MTT's ``utils.py``), 50 epochs, 100
 experts; ZCA whitening where the papers use it (CIFAR-10/100), fitted as MTT fits kornia's
 ``ZCAWhitening(eps=0.1)``: on the [0, 1] training images, not the normalised ones (:mod:`decoct.augment.zca`;
 the expert, the distillation and the evaluation share that one transform). One deliberate difference,
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decoct.augment import DSA, ZCA
-from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
+from decoct.augment.dsa import DEFAULT_STRATEGY, MTT_PARAMS, parse_strategy
 from decoct.data import Dataset, load_dataset, normalize
 from decoct.formats.expert_set import (
     FORMAT,
@@ -201,7 +202,7 @@ def train_experts(dataset: str | Dataset, out: str | Path, *, num_experts: int, 
         x, xt = zca_obj.transform(x), zca_obj.transform(xt)
     atomic_write_json(root / "manifest.json", manifest)
 
-    dsa = DSA(augment) if parse_strategy(augment) else None
+    dsa = DSA(augment, MTT_PARAMS) if parse_strategy(augment) else None  # align_corners=True, as MTT's buffer.py
     aug_fn = (lambda xb, gen: dsa(xb, generator=gen)) if dsa is not None else None  # noqa: E731
     done = {int(e["index"]) for e in manifest["experts"]}
     todo = [k for k in range(num_experts) if k not in done]

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from decoct.augment import DSA
-from decoct.augment.dsa import DEFAULT_STRATEGY, parse_strategy
+from decoct.augment.dsa import DEFAULT_STRATEGY, MTT_PARAMS, parse_strategy
 from decoct.data import Dataset, normalize
 from decoct.formats.artifact import DistilledSet
 from decoct.formats.expert_set import ExpertSet, experts_command, load_experts
@@ -136,10 +136,11 @@ def make_plan(num_images: int, syn_steps: int, batch_syn: int, generator: torch.
 
 
 def dsa_augment(strategy: str = DEFAULT_STRATEGY) -> Augment | None:
-    """A replayable DSA: per-sample draws from a CPU generator seeded with the step's seed."""
+    """A replayable DSA: per-sample draws from a CPU generator seeded with the step's seed; scale and
+    rotate resample with ``align_corners=True`` as MTT's (and DATM's, AutoPalette's) code does."""
     if not parse_strategy(strategy):
         return None
-    dsa = DSA(strategy)
+    dsa = DSA(strategy, MTT_PARAMS)
 
     def aug(x: Tensor, seed: int) -> Tensor:
         g = torch.Generator(device="cpu")
