@@ -147,3 +147,21 @@ def test_colour_guided_indices_validation(small):
         colour_guided_indices(small, 16, 4)
     with pytest.raises(ValueError, match="colors"):
         colour_guided_indices(small, 1, 1)
+
+
+def test_palette_quantizer_flag_reaches_the_init(small):
+    """--palette-quantizer sets the colour-guided init's quantiser too (it used to stop at L_a): the
+    parsed flag goes through init_options into init_indices, and another quantiser picks other images."""
+    import argparse
+
+    from decoct.matching.palette import add_palette_args, init_options
+
+    p = argparse.ArgumentParser()
+    add_palette_args(p)
+    picks = {}
+    for q in ("mediancut", "kmeans"):
+        opts = init_options(p.parse_args(["--palette", "2", "--palette-quantizer", q, "--palette-init-epochs", "0"]))
+        assert opts["quantizer"] == q and opts["method"] == "graphcut"
+        picks[q] = init_indices(small, 3, 2, seed=0, **opts)
+    assert torch.equal(picks["mediancut"], colour_guided_indices(small, 3, 2, seed=0, epochs=0))
+    assert not torch.equal(picks["mediancut"], picks["kmeans"])

@@ -53,6 +53,7 @@ _INIT_KEYS = {
     "palette_init_lr": "lr",
     "palette_init_similarity": "similarity",
     "palette_init_greedy": "greedy",
+    "palette_quantizer": "quantizer",  # one flag, both uses: L_a's target and the init's quantised images
 }
 
 
