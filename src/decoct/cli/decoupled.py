@@ -1,9 +1,9 @@
-"""Commands of the decoupled family: ``squeeze``, ``distill sre2l|dwa|lpld``.
+"""Commands of the decoupled family: ``squeeze``, ``distill sre2l|dwa|lpld|rded``.
 
-Thin wrappers: the work is :func:`decoct.decoupled.squeeze.squeeze` and :func:`decoct.decoupled.recover.recover`.
-Options left unset on the command line (``None``) take the preset of the method for the dataset's
-image size (:data:`decoct.decoupled.recover.PRESETS`); ``configs/decoupled/*.yaml`` hold the papers'
-settings per table cell.
+Thin wrappers: the work is :func:`decoct.decoupled.squeeze.squeeze`, :func:`decoct.decoupled.recover.recover`
+and :func:`decoct.decoupled.rded.rded`. Options left unset on the command line (``None``) take the preset
+of the method for the dataset's image size (:data:`decoct.decoupled.recover.PRESETS`,
+:data:`decoct.decoupled.rded.PRESETS`); ``configs/decoupled/*.yaml`` hold the papers' settings per table cell.
 """
 
 from __future__ import annotations
@@ -93,6 +93,28 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rded(args: argparse.Namespace) -> int:
+    from decoct.cli.common import data_options, resolved_config
+    from decoct.decoupled.rded import rded
+
+    dset = rded(args.teacher, args.ipc, args.out, dataset=args.dataset, data_root=args.data_root,
+                download=args.download, data_options=data_options(args) or None, seed=args.seed, device=args.device,
+                resume=args.resume, force=args.force, show_progress=args.progress,
+                checkpoint_every=args.checkpoint_every, stop_after=args.max_iterations, config=resolved_config(args),
+                candidates=args.candidates, crops=args.crops, factor=args.factor,
+                crop_scale_min=args.crop_scale_min, batch_size=args.batch_size, amp=args.amp)
+    if not dset.meta.get("complete", True):
+        print(f"rded: stopped early; continue with --resume (run directory {args.out})")
+        return 0
+    st = dset.storage()
+    loss = dset.meta.get("teacher_loss", {})
+    print(f"rded: {len(dset)} images ({dset.meta.get('ipc')} per class, factor {dset.meta.get('factor')}) -> "
+          f"{args.out}  {st['bytes_on_disk']['total']:,} B on disk, {st['raw_bytes']['total']:,} B raw  "
+          f"teacher CE kept {loss.get('kept')} vs all crops {loss.get('all_crops')}  "
+          f"[{dset.meta.get('seconds', 0):.1f}s]")
+    return 0
+
+
 def register(cli: Any) -> None:
     """Add this family's commands to the ``decoct`` parser (see :class:`decoct.cli.common.CommandAdder`)."""
     from decoct.decoupled.squeeze import AUGMENTS, PRETRAINED
@@ -171,3 +193,25 @@ def register(cli: Any) -> None:
         p.add_argument("--max-iterations", type=int, default=None,
                        help="stop after this many iterations of this call (checkpointed; continue with --resume)")
         cli.data_flags(p)
+
+    p = cli.distill("rded", cmd_rded,
+                    "RDED: keep the random crops of real images the teacher is most confident on (lowest "
+                    "cross-entropy), stitched factor x factor per image; no optimisation, no stored labels.")
+    p.add_argument("--teacher", required=True, help="teacher directory made by `decoct squeeze`")
+    p.add_argument("--ipc", type=int, required=True, help="images per class")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--dataset", default=None, help="dataset (default: the teacher's)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="real images scored per class (preset: 300; all of a smaller class)")
+    p.add_argument("--crops", type=int, default=None, help="random crops scored per candidate image (preset: 5)")
+    p.add_argument("--factor", type=int, default=None,
+                   help="patches per side of each image (preset: 1 up to 64 px, 2 above)")
+    p.add_argument("--crop-scale-min", type=float, default=0.08, help="smallest crop area fraction")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="candidate images per teacher pass (x crops forwards)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the candidates and crops of every class")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the teacher (CUDA only)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="classes between checkpoints")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="stop after this many classes of this call (checkpointed; continue with --resume)")
+    cli.data_flags(p)

@@ -7,6 +7,9 @@
 3. :mod:`~decoct.decoupled.relabel` -- replay recorded views through the teacher and write the FKD
    label store into the artifact (:mod:`decoct.formats.label_store`), optionally pruned (LPLD)
 
+:mod:`~decoct.decoupled.rded` (RDED) replaces stage 2 by selection: the teacher's most confident
+random crops of real images, stitched; no optimisation, no BN statistics needed.
+
 Students then train on the store, or on a live teacher, in the ``soft`` protocol
 (:mod:`decoct.evaluation.protocols`, :mod:`decoct.train.soft_students`).
 """
