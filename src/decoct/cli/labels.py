@@ -72,16 +72,23 @@ def _make_store(args: argparse.Namespace, src: Path, out_art: Path | None) -> Pa
 
 
 def _finish(args: argparse.Namespace, src: Path, dst: Path, out_run: Any) -> int:
+    from decoct.decoupled.relabel import open_set
     from decoct.formats.artifact import DistilledSet
-    from decoct.formats.label_store import LabelStore
+    from decoct.formats.label_store import LabelStore, LabelStoreError
     from decoct.runtime.distributed import rank
     from decoct.runtime.runs import Run
 
     if rank() != 0:
         return 0  # rank 0 wrote the artifact and reports it
-    dset = DistilledSet.load(dst)
-    store = LabelStore.from_set(dset)
-    st = dset.storage(dst)
+    dset = open_set(dst)  # a set above $DECOCT_MAX_SET_BYTES is checked file by file, not decoded whole
+    if isinstance(dset, DistilledSet):
+        store = LabelStore.from_set(dset)
+        st = dset.storage(dst)
+    else:  # its store was checked against the streamed fingerprint before it was written
+        found = LabelStore.from_label_files(dset.label_files)
+        if found is None:
+            raise LabelStoreError(f"{dst}: the relabelled set holds no label store")
+        store, st = found, dset.storage()
     h = store.header
     info = dict(event="relabelled", source=str(src), epochs=h["epochs"], batch=h["batch"],
                 prune=store.prune_factor, stored_batches=store.num_units,
@@ -107,7 +114,8 @@ def register(cli: Any) -> None:
         "relabel", cmd_relabel,
         "FKD-style label store for a distilled set: recorded crops/flips/mixes and the teacher's fp16 logits of "
         "each view, per stored epoch and batch; --prune keeps an LPLD label pool. Without --teacher, --prune "
-        "prunes the set's existing full store. Interrupted runs continue from their finished epochs.")
+        "prunes the set's existing full store. Interrupted runs continue from their finished epochs. A set whose "
+        "pixels exceed $DECOCT_MAX_SET_BYTES (bytes, default 2 GiB) is read per batch from its PNG files.")
     p.add_argument("path", help="run directory or artifact directory to relabel")
     p.add_argument("--teacher", default=None, help="teacher directory (decoct squeeze)")
     p.add_argument("--epochs", type=int, default=None, help="stored epochs (LPLD: 300 ImageNet, 100 Tiny)")

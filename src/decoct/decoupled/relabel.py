@@ -20,6 +20,12 @@ too, but never draws it from a pruned pool), except a 1-image tail, which is dro
 batch-norm student cannot train on it. Pruned stores hold full batches only (LPLD drop-last).
 The teacher runs in eval mode, one forward per stored batch (so replay reproduces the logits bit
 for bit on the same device), bf16 autocast and channels_last on CUDA only.
+
+Memory: the set's uint8 pixels are normalised per batch on the device (no float32 copy of the set),
+a set above :func:`~decoct.formats.image_bank.max_set_bytes` is read per batch from its PNG files
+(:class:`~decoct.formats.image_bank.ImageBank`), and :func:`relabel` keeps every finished epoch in its
+work-directory file, which saving copies: a relabel holds about one epoch of logits, whatever the
+number of epochs (docs/label-store.md, Reading a store).
 """
 
 from __future__ import annotations
@@ -36,20 +42,28 @@ from torch import Tensor, nn
 
 from decoct.augment.recorded_views import ViewRecipe, apply_views, draw_views, seeded_generator
 from decoct.formats.artifact import DistilledSet
+from decoct.formats.errors import ArtifactError
+from decoct.formats.image_bank import ImageBank, max_set_bytes, pixel_bytes
 from decoct.formats.label_pruning import _prune_header, kept_units, pool_total, prune_ratio
 from decoct.formats.label_store import (
     FORMAT,
+    HEADER_FILE,
     VERSION,
     EpochLabels,
     LabelStore,
     LabelStoreError,
+    _encode_header,
     attach_store,
     dataset_fingerprint,
+    epoch_file,
+    strip_store,
 )
+from decoct.formats.tensor_files import TensorFile, TensorFiles, file_entry
 from decoct.runtime.distributed import join_torchrun
-from decoct.runtime.io import atomic_save_tensors, atomic_write_json, load_tensors
+from decoct.runtime.io import atomic_save_tensors, atomic_write_json
 
-__all__ = ["RelabelPlan", "check_teacher_output", "prune_labels", "relabel", "relabel_set", "replay_logits", "resolve_teacher", "teacher_fingerprint"]
+__all__ = ["RelabelPlan", "check_teacher_output", "open_set", "prune_labels", "relabel", "relabel_set", "replay_logits",
+           "resolve_teacher", "teacher_fingerprint"]
 
 
 # ---------------------------------------------------------------------- distributed helpers
@@ -162,19 +176,20 @@ def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
     return torch.randperm(n, generator=seeded_generator(seed, "order", epoch))
 
 
-def _generate_epoch(teacher: nn.Module, x: Tensor, plan: RelabelPlan, epoch: int, units: list[int],
-                    view: ViewRecipe, seed: int, fill: Tensor, amp: bool, channels_last: bool,
-                    on_batch: Callable[[int], None] | None = None) -> EpochLabels:
+def _generate_epoch(teacher: nn.Module, pixels: Callable[[Tensor], Tensor], shape: tuple[int, ...],
+                    plan: RelabelPlan, epoch: int, units: list[int], view: ViewRecipe, seed: int, fill: Tensor,
+                    amp: bool, channels_last: bool, on_batch: Callable[[int], None] | None = None) -> EpochLabels:
+    """One stored epoch; ``pixels(idx)`` gives the normalised float32 images ``idx`` on the device
+    (normalising is per element, so a batch normalised alone equals the same rows of the whole set)."""
     from decoct.train.soft_students import teacher_logits
 
     order = _epoch_order(seed, epoch, plan.num_images)
-    _, _, h, w = x.shape
+    h, w = int(shape[-2]), int(shape[-1])
     idxs, recs, logits = [], [], []
     for u in units:
         idx = order[u * plan.batch: u * plan.batch + plan.size(u)]
         rec = draw_views(len(idx), h, w, view, seeded_generator(seed, "view", epoch, u))
-        out = teacher_logits(teacher, apply_views(x[idx.to(x.device)], rec, fill), amp=amp,
-                             channels_last=channels_last)
+        out = teacher_logits(teacher, apply_views(pixels(idx), rec, fill), amp=amp, channels_last=channels_last)
         if not torch.isfinite(out).all() or out.abs().max() > 65504:
             raise LabelStoreError(f"teacher logits of epoch {epoch} batch {u} are not finite or exceed the "
                                   "float16 range; check the teacher")
@@ -190,13 +205,12 @@ def _generate_epoch(teacher: nn.Module, x: Tensor, plan: RelabelPlan, epoch: int
 class _Job:
     """Everything a relabel needs, validated before any teacher forward of the real work."""
 
-    def __init__(self, dset: DistilledSet, teacher: nn.Module | str | Path, epochs: int, batch_size: int | None,
-                 seed: int, device: str | torch.device, prune: int | None, view: ViewRecipe | None,
-                 amp: bool | None, channels_last: bool | None) -> None:
-        from decoct.data.types import normalize
-        from decoct.train.soft_students import fill_value, soft_recipe_for
+    def __init__(self, dset: DistilledSet | ImageBank, teacher: nn.Module | str | Path, epochs: int,
+                 batch_size: int | None, seed: int, device: str | torch.device, prune: int | None,
+                 view: ViewRecipe | None, amp: bool | None, channels_last: bool | None) -> None:
+        from decoct.train.soft_students import _replay_images, fill_value, soft_recipe_for
 
-        if not dset.is_canonical:
+        if isinstance(dset, DistilledSet) and not dset.is_canonical:  # a bank is read in storage order
             raise ValueError("relabel needs a set in canonical (class-sorted) order; use set.canonical()")
         dev = join_torchrun(device)
         recipe = soft_recipe_for(dset.info)
@@ -208,8 +222,10 @@ class _Job:
         self.channels_last = cuda if channels_last is None else bool(channels_last)
         if self.amp and not cuda:
             raise ValueError(f"amp (bf16 autocast) is supported on CUDA only, got device {dev}")
-        self.x = normalize(dset.images, dset.info, dev)
-        check_teacher_output(self.model, self.x, dset.info.num_classes)
+        # uint8 pixels (on the device) or a bank's files, normalised per batch: never a float32 copy of the set
+        self.shape, self.pixels = _replay_images(dset.images if isinstance(dset, DistilledSet) else dset,
+                                                 dset.info, dev)
+        check_teacher_output(self.model, self.pixels(torch.arange(2)), dset.info.num_classes)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.seed = int(seed)
@@ -220,7 +236,14 @@ class _Job:
         self.units = self.plan.units()
         self.header["stored_epochs"] = {str(e): len(self.units[e]) for e in sorted(self.units)}
 
-    def run(self, work: Path | None, progress: bool) -> LabelStore:
+    def run(self, work: Path | None, progress: bool, hold: bool = False) -> LabelStore:
+        """Generate this rank's epochs (reusing finished ones in ``work``) and return the whole store.
+
+        Without ``work`` the epochs are held in memory. With ``work`` each finished epoch stays in its
+        file there, checked and read on use, so a store of any size costs about one epoch of memory
+        while it is made and saved (its files are copied); ``hold`` reads them all into memory at the end
+        (:func:`relabel_set`, whose store must outlive the work directory's files).
+        """
         from decoct.runtime.runs import progress as bar_of
 
         rank, world = _dist()
@@ -235,7 +258,8 @@ class _Job:
             atomic_write_json(job, {"key": key, "header": self.header})
         _barrier()
         mine = [e for i, e in enumerate(sorted(self.units)) if i % world == rank]
-        out: dict[int, EpochLabels] = {}
+        held: dict[int, EpochLabels] = {}
+        files: dict[int, TensorFile] = {}
         # one bar over every image view of every epoch (progress inside an epoch of a large set)
         views = sum(self.plan.size(u) for e in mine for u in self.units[e])
         bar = bar_of(total=views, desc="relabel", enabled=progress and rank == 0, unit="img",
@@ -244,35 +268,56 @@ class _Job:
             bar.set_postfix(epoch=f"{e + 1}/{self.plan.epochs}", refresh=False)
             path = work / f"e{e:05d}.safetensors" if work is not None else None
             if path is not None and path.exists():
-                ep = self._load(path)
-                if ep is not None and ep.units.tolist() == self.units[e]:
-                    out[e] = ep
+                done = self._file(path, e)
+                if done is not None:
+                    files[e] = done
                     bar.update(sum(self.plan.size(u) for u in self.units[e]))
                     continue
-            ep = _generate_epoch(self.model, self.x, self.plan, e, self.units[e], self.view, self.seed, self.fill,
-                                 self.amp, self.channels_last, on_batch=bar.update)
-            if path is not None:
-                atomic_save_tensors(path, ep.tensors())
-            out[e] = ep
+            ep = _generate_epoch(self.model, self.pixels, self.shape, self.plan, e, self.units[e], self.view,
+                                 self.seed, self.fill, self.amp, self.channels_last, on_batch=bar.update)
+            if path is None:
+                held[e] = ep
+                continue
+            atomic_save_tensors(path, ep.tensors())
+            del ep  # from now on the epoch is its file
+            done = self._file(path, e)
+            if done is None:
+                raise LabelStoreError(f"epoch {e} written to {path} cannot be read back; check the disk")
+            files[e] = done
         bar.close()
         _barrier()
         for e in self.units:
-            if e not in out:  # another rank's epochs
+            if e not in files and e not in held:  # another rank's epochs: checked, left on disk
                 assert work is not None
-                ep = self._load(work / f"e{e:05d}.safetensors")
-                if ep is None:
+                done = self._file(work / f"e{e:05d}.safetensors", e)
+                if done is None:
                     raise LabelStoreError(f"epoch {e} of the sharded relabel is missing or damaged in {work}")
-                out[e] = ep
-        _barrier()  # every rank has read the shared epochs before rank 0 may remove them
-        return LabelStore(dict(self.header), out)
+                files[e] = done
+        if work is None:
+            return LabelStore(dict(self.header), held)
+        entries: dict[str, Any] = {HEADER_FILE: {"header": _encode_header(self.header)}}
+        entries.update({epoch_file(e): files[e] for e in sorted(files)})
+        store = LabelStore.from_label_files(TensorFiles(entries))
+        assert store is not None
+        if hold:
+            store = LabelStore(store.header, {e: store.epochs[e] for e in store.epochs})
+        _barrier()  # every rank has checked the shared epochs before rank 0 may remove them
+        return store
 
-    def _load(self, path: Path) -> EpochLabels | None:
+    def _file(self, path: Path, epoch: int) -> TensorFile | None:
+        """The work file of ``epoch``, checked as a loaded store checks an epoch file (header; dtypes
+        and shapes of every tensor; batch sizes, numbers and image indices) without reading its
+        logits; None when it is damaged or from other settings (then it is made again)."""
+        name = epoch_file(epoch)
         try:
-            ep = EpochLabels.from_tensors(load_tensors(path), path.name)
-            ep.validate(self.header, path.name)
-            return ep
-        except (LabelStoreError, OSError, ValueError):
+            tf = TensorFile.open(path, f"{path.parent.name}/{path.name}", path.stat().st_size, None)
+            tensors = tf.meta()
+            tensors.update(tf.read({k: None for k in ("epoch", "units", "sizes", "index") if k in tf.specs}))
+            ep = EpochLabels.from_tensors(tensors, name)
+            ep.validate(self.header, name)
+        except (LabelStoreError, ArtifactError, OSError, ValueError):
             return None  # a damaged leftover: regenerate it
+        return tf if ep.epoch == epoch and ep.units.tolist() == self.units[epoch] else None
 
 
 def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -293,7 +338,31 @@ def relabel_set(dset: DistilledSet, teacher: nn.Module | str | Path, epochs: int
     same settings (resume); under torchrun the ranks split the epochs and must share ``work_dir``.
     """
     job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last)
-    return job.run(Path(work_dir) if work_dir is not None else None, progress)
+    return job.run(Path(work_dir) if work_dir is not None else None, progress, hold=True)
+
+
+def open_set(path: str | Path) -> DistilledSet | ImageBank:
+    """The artifact at ``path`` as relabel and the soft protocol read it: loaded (:meth:`DistilledSet.load`),
+    or, when its uint8 pixels exceed :func:`~decoct.formats.image_bank.max_set_bytes`, an
+    :class:`~decoct.formats.image_bank.ImageBank` that decodes them per batch (checked the same way)."""
+    limit = max_set_bytes()  # a bad $DECOCT_MAX_SET_BYTES fails here, naming the variable
+    try:
+        big = pixel_bytes(path) > limit
+    except ArtifactError:
+        big = False  # a damaged manifest: DistilledSet.load reports it (and repairs nothing silently)
+    return ImageBank.open(path) if big else DistilledSet.load(path)
+
+
+def _save_with_store(dset: DistilledSet | ImageBank, store: LabelStore, dst: Path) -> None:
+    """Write ``dset`` to ``dst`` with ``store`` as its label store (replacing any previous one); a
+    bank's image files are copied, not decoded."""
+    if isinstance(dset, DistilledSet):
+        attach_store(dset, store).save(dst, overwrite=True)
+        return
+    store.check_for(dset)
+    kept, new = strip_store(dset.label_files), store.label_files()
+    dset.save_with_label_files(dst, TensorFiles({k: file_entry(m, k) for m in (kept, new) for k in m}),
+                               overwrite=True)
 
 
 def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: int, batch_size: int | None = None,
@@ -312,7 +381,7 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
 
     src = resolve_artifact(artifact_dir)
     dst = Path(out) if out is not None else src
-    dset = DistilledSet.load(src)
+    dset = open_set(src)
     if out is not None and dst.exists() and any(dst.iterdir()) and not force:
         raise ValueError(f"{dst} exists; pass force=True to replace it")
     job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last)
@@ -331,7 +400,7 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
     store = job.run(work, progress)
     rank, _ = _dist()
     if rank == 0:
-        attach_store(dset, store).save(dst, overwrite=True)
+        _save_with_store(dset, store, dst)  # the work files are copied into the artifact
         shutil.rmtree(work, ignore_errors=True)
     _barrier()
     return dst
@@ -359,7 +428,7 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     from decoct.runtime.runs import resolve_artifact
 
     src = resolve_artifact(artifact_dir)
-    dset = DistilledSet.load(src)
+    dset = open_set(src)
     store = LabelStore.from_set(dset)
     pruned = prune_store(store, int(factor))
     dst = Path(out) if out is not None else src
@@ -368,5 +437,5 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
                          "to replace it, or write the pruned set elsewhere with --out DIR (out=DIR)")
     if out is not None and dst.exists() and any(dst.iterdir()) and not force:
         raise ValueError(f"{dst} exists; pass force=True to replace it")
-    attach_store(dset, pruned).save(dst, overwrite=True)
+    _save_with_store(dset, pruned, dst)
     return dst

@@ -38,6 +38,7 @@ from decoct.coreset.select import random_baseline_indices
 from decoct.data import Dataset, is_streamed, normalize
 from decoct.data.provenance import SOURCE_KEY, check_same_data, legacy_source, load_for, read_source
 from decoct.formats.artifact import DistilledSet
+from decoct.formats.tensor_files import payload_bytes
 from decoct.models import model_for
 from decoct.runtime.distributed import join_torchrun, resolve_device
 from decoct.train import TrainConfig, resolve_engine, train_students
@@ -106,7 +107,7 @@ def hard_protocol_storage(dset: DistilledSet, path: Path, storage: dict[str, Any
     files = _json.loads((path / "manifest.json").read_text()).get("files", {})
     store_bytes = sum(int(e["bytes"]) for rel, e in files.items()
                       if rel.startswith("labels/") and rel != "labels/soft.safetensors")
-    store_bits = sum(t.numel() * t.element_size() * 8 for ts in dset.label_files.values() for t in ts.values())
+    store_bits = payload_bytes(dset.label_files) * 8  # from the files' headers: no label file is read
     raw = storage["raw_bytes"]
     raw_total = math.ceil((raw["images"] + raw["palettes"]) + max(0, raw["labels"] - store_bits / 8))
     return storage["bytes_on_disk"]["total"] - store_bytes, raw_total
@@ -240,18 +241,24 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
                             progress=progress, chunk=chunk, state=state, on_progress=on_progress,
                             online_teacher=online_teacher, data_options=data_options, amp=amp, **overrides)
     path = Path(artifact)
-    dset = DistilledSet.load(path)
-    storage = dset.storage(path)
+    if protocol == "soft":  # a set above $DECOCT_MAX_SET_BYTES is trained from its files, decoded per batch
+        from decoct.decoupled.relabel import open_set
+
+        dset = open_set(path)
+    else:
+        dset = DistilledSet.load(path)
+    storage = dset.storage(path) if isinstance(dset, DistilledSet) else dset.storage()
     if not isinstance(dataset, Dataset):
         recorded = read_source(dset.meta.get(SOURCE_KEY), f"{path}/manifest.json meta") or legacy_source(dset.config)
         dataset = load_for(dset.info, recorded, dataset=dataset, data_root=data_root, download=download,
                            what=f"the set {path}", options=data_options)
     else:
         check_same_data(dset.info, dataset.info, f"the set {path}", "the dataset passed")
-    zca = ZCA.from_state_dict(dset.attachments["zca"]) if "zca" in dset.attachments else None
+    zca_named = "zca" in (dset.attachments if isinstance(dset, DistilledSet) else dset.attachment_names)
+    zca = ZCA.from_state_dict(dset.attachments["zca"]) if zca_named and isinstance(dset, DistilledSet) else None
     state = {k: list(v) for k, v in (state or {}).items()}
     if protocol == "soft":
-        if zca is not None:
+        if zca_named:
             raise ValueError("the soft protocol does not support ZCA-whitened sets")
         return _evaluate_soft(dset, storage, dataset, cfg, runs=runs, seed=seed, device=dev, baseline=baseline,
                               progress=progress, chunk=chunk, state=state, on_progress=on_progress,
@@ -376,6 +383,7 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     extra: dict[str, Any] = dict(recipe=recipe.name, recipe_source=recipe.source, temperature=fcfg.temperature,
                                  batch_size=batch, image_bytes=storage["bytes_on_disk"]["images"],
                                  label_bytes=storage["bytes_on_disk"]["labels"], view=view.to_dict(), amp=amp)
+    extra["images_source"] = "memory" if isinstance(dset, DistilledSet) else "bank"  # a bank: decoded per batch
     if store is not None:
         extra.update(label_source="store", unlimited_labels=False, prune_factor=store.prune_factor,
                      stored_epochs=int(store.header["epochs"]), stored_batches=store.num_units,

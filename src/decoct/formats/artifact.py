@@ -547,51 +547,14 @@ class DistilledSet:
 
     # ------------------------------------------------------------------ storage accounting
     def _raw_bits(self) -> dict[str, int]:
-        info = self.info
-        n, c, h, w = self.images.shape
-        if self.float_images is not None:
-            images = self.float_images.numel() * self.float_images.element_size() * 8
-            palettes = 0
-        elif self.palette_sizes is not None:
-            images = sum(h * w * bits_for(k) for k in self.palette_sizes)
-            palettes = sum(k * c * 8 for k in self.palette_sizes)
-        else:
-            images, palettes = n * c * h * w * 8, 0
-        labels = n * (info.num_classes - 1).bit_length()
-        if self.soft_labels is not None:
-            labels += self.soft_labels.numel() * 16
-        labels += payload_bytes(self.label_files) * 8  # from the headers: no label file is read
-        extra = sum(
-            t.numel() * t.element_size() * 8
-            for ts in self.attachments.values()
-            for t in ts.values()
-        )
-        return {"images": images, "palettes": palettes, "labels": labels, "extra": extra}
+        soft = self.soft_labels.numel() if self.soft_labels is not None else 0
+        extra = sum(t.numel() * t.element_size() for ts in self.attachments.values() for t in ts.values())
+        # label files measured from their headers: no label file is read
+        return _raw_bits_of(self.info, len(self), self.image_storage, self.palette_sizes, soft,
+                            payload_bytes(self.label_files), extra)
 
     def _storage_from_sizes(self, disk: dict[str, int]) -> dict[str, Any]:
-        bits = self._raw_bits()
-        total_bits = bits["images"] + bits["palettes"] + bits["labels"]
-        pixels = len(self) * self.info.height * self.info.width
-        return {
-            "image_storage": self.image_storage,
-            "bytes_on_disk": {
-                "images": disk["images"],
-                "labels": disk["labels"],
-                "extra": disk["extra"],
-                "total": disk["images"] + disk["labels"],
-            },
-            "raw_bytes": {
-                "images": math.ceil(bits["images"] / 8),
-                "palettes": math.ceil(bits["palettes"] / 8),
-                "labels": math.ceil(bits["labels"] / 8),
-                "extra": math.ceil(bits["extra"] / 8),
-                "total": math.ceil(total_bits / 8),
-            },
-            "bits_per_pixel": {
-                "raw": (bits["images"] + bits["palettes"]) / pixels,
-                "on_disk": disk["images"] * 8 / pixels,
-            },
-        }
+        return _storage_of(self.info, len(self), self.image_storage, self._raw_bits(), disk)
 
     def storage(self, path: str | Path | None = None) -> dict[str, Any]:
         """What this distilled set costs, in bytes on disk and in raw information.
@@ -1080,6 +1043,81 @@ def _parse_manifest(m: dict[str, Any]) -> _Layout:
         raise ArtifactError("manifest.json: 'storage' must be an object")
     return _Layout(info, counts, num_images, storage_kind, palette_sizes, files, image_files, method,
                    config, meta)
+
+
+def _raw_bits_of(info: DatasetInfo, num_images: int, image_storage: str, palette_sizes: list[int] | None,
+                 soft_numel: int, label_payload: int, extra_payload: int) -> dict[str, int]:
+    """Raw information bits per component (see :meth:`DistilledSet.storage`), from what a set holds
+    or what its manifest and file headers say (:func:`_layout_storage`): nothing is decoded."""
+    c, h, w = info.image_shape
+    n = num_images
+    if image_storage in _FLOAT_STORAGE_DTYPES:
+        images = n * c * h * w * torch.empty(0, dtype=_FLOAT_STORAGE_DTYPES[image_storage]).element_size() * 8
+        palettes = 0
+    elif palette_sizes is not None:
+        images = sum(h * w * bits_for(k) for k in palette_sizes)
+        palettes = sum(k * c * 8 for k in palette_sizes)
+    else:
+        images, palettes = n * c * h * w * 8, 0
+    labels = n * (info.num_classes - 1).bit_length() + soft_numel * 16 + label_payload * 8
+    return {"images": images, "palettes": palettes, "labels": labels, "extra": extra_payload * 8}
+
+
+def _storage_of(info: DatasetInfo, num_images: int, image_storage: str, bits: dict[str, int],
+                disk: dict[str, int]) -> dict[str, Any]:
+    """The ``storage`` section of a manifest from raw bits and measured bytes per component."""
+    total_bits = bits["images"] + bits["palettes"] + bits["labels"]
+    pixels = num_images * info.height * info.width
+    return {
+        "image_storage": image_storage,
+        "bytes_on_disk": {
+            "images": disk["images"],
+            "labels": disk["labels"],
+            "extra": disk["extra"],
+            "total": disk["images"] + disk["labels"],
+        },
+        "raw_bytes": {
+            "images": math.ceil(bits["images"] / 8),
+            "palettes": math.ceil(bits["palettes"] / 8),
+            "labels": math.ceil(bits["labels"] / 8),
+            "extra": math.ceil(bits["extra"] / 8),
+            "total": math.ceil(total_bits / 8),
+        },
+        "bits_per_pixel": {
+            "raw": (bits["images"] + bits["palettes"]) / pixels,
+            "on_disk": disk["images"] * 8 / pixels,
+        },
+    }
+
+
+def _layout_raw_bits(root: Path, layout: _Layout, label_files: Mapping[str, dict[str, Tensor]] | None = None
+                     ) -> dict[str, int]:
+    """:func:`_raw_bits_of` of the artifact at ``root`` from its manifest and the safetensors headers of
+    its label and extra files (``label_files`` instead of its own label files when given): nothing
+    is decoded and no tensor is read."""
+    def opened(component: str) -> TensorFiles:
+        out: dict[str, TensorFile] = {}
+        for rel, entry in layout.files.items():
+            if entry["component"] == component and rel != _SOFT_FILE:
+                try:
+                    p = confined_path(root, rel, "manifest.json")
+                except FileCheckError as e:
+                    raise ArtifactError(str(e)) from e
+                out[rel] = TensorFile.open(p, rel, entry["bytes"], None)
+        return TensorFiles(out)
+
+    labels = label_files if label_files is not None else opened("labels")
+    soft = layout.num_images * layout.info.num_classes if _SOFT_FILE in layout.files else 0
+    return _raw_bits_of(layout.info, layout.num_images, layout.storage_kind, layout.palette_sizes, soft,
+                        payload_bytes(labels), payload_bytes(opened("extra")))
+
+
+def _layout_storage(root: Path, layout: _Layout, sizes: dict[str, int],
+                    label_files: Mapping[str, dict[str, Tensor]] | None = None) -> dict[str, Any]:
+    """What :meth:`DistilledSet.storage` gives for the artifact at ``root``, without decoding it
+    (:func:`_layout_raw_bits`); bytes from ``sizes``, the measured size of every listed file."""
+    return _storage_of(layout.info, layout.num_images, layout.storage_kind,
+                       _layout_raw_bits(root, layout, label_files), _measured_components(layout, sizes))
 
 
 def _measured_components(layout: _Layout, sizes: dict[str, int]) -> dict[str, int]:

@@ -17,7 +17,9 @@ then each image file when it is read: its size against the manifest, its SHA-256
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,17 +31,26 @@ from decoct.data.types import DatasetInfo, to_uint8
 from decoct.formats.artifact import (
     _FLOAT_FILE,
     _FLOAT_STORAGE_DTYPES,
+    _SOFT_FILE,
+    MANIFEST,
+    _check_target,
+    _component_sizes,
     _integrity_problems,
     _Layout,
+    _layout_raw_bits,
+    _layout_storage,
     _open_label_files,
     _parse_manifest,
     _read_listed,
     _read_manifest,
+    _safe_rel,
+    _storage_claim_problems,
+    _storage_of,
 )
 from decoct.formats.errors import ArtifactError
 from decoct.formats.png import decode_png
-from decoct.formats.tensor_files import TensorFile, TensorFiles
-from decoct.runtime.io import sha256_bytes
+from decoct.formats.tensor_files import TensorFile, TensorFiles, as_tensor_files
+from decoct.runtime.io import atomic_write_json, fsync_paths, replace_dir, sha256_bytes
 
 __all__ = ["DEFAULT_MAX_SET_BYTES", "ImageBank", "max_set_bytes", "pixel_bytes"]
 
@@ -80,12 +91,14 @@ class ImageBank:
 
     Also carries what the soft protocol needs besides the pixels: ``info``, ``labels`` (hard, in
     storage order), ``method``/``config``/``meta`` (the manifest's), ``label_files`` (read on access,
-    as a loaded set's; not the soft labels nor the attachments) and :meth:`fingerprint`
-    (the label store's :func:`~decoct.formats.label_store.set_fingerprint`, computed by streaming
-    every image once). Open with :meth:`open`.
+    as a loaded set's; not the soft labels nor the attachments, whose names are ``attachment_names``),
+    :meth:`storage` and :meth:`fingerprint` (the label store's
+    :func:`~decoct.formats.label_store.set_fingerprint`, computed by streaming every image once).
+    Open with :meth:`open`; :meth:`save_with_label_files` writes the set with other label files.
     """
 
-    def __init__(self, root: Path, layout: _Layout, verified: bool, workers: int) -> None:
+    def __init__(self, root: Path, layout: _Layout, verified: bool, workers: int,
+                 sizes: dict[str, int] | None = None) -> None:
         self.root = root
         self.info: DatasetInfo = layout.info
         self._layout = layout
@@ -95,6 +108,9 @@ class ImageBank:
         self.shape: tuple[int, int, int, int] = (layout.num_images, *self.info.image_shape)
         self.label_files: TensorFiles = _open_label_files(root, layout, verified)
         self.method, self.config, self.meta = layout.method, layout.config, layout.meta
+        self.attachment_names: tuple[str, ...] = tuple(
+            _safe_rel(rel).parts[1][: -len(".safetensors")] for rel, e in layout.files.items()
+            if e["component"] == "extra")
         self._float: TensorFile | None = None
         if layout.storage_kind in _FLOAT_STORAGE_DTYPES:
             entry = layout.files[_FLOAT_FILE]
@@ -105,20 +121,32 @@ class ImageBank:
                 raise ArtifactError(f"{_FLOAT_FILE}: tensor 'images' is {self._float.specs.get('images')}, "
                                     f"expected {want}")
         self._fingerprint: str | None = None
+        if sizes is None:
+            sizes = {rel: int(e["bytes"]) for rel, e in layout.files.items()}
+        self._storage = _layout_storage(root, layout, sizes, self.label_files)
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True, workers: int | None = None) -> ImageBank:
-        """Check the artifact at ``path`` (every file hashed, streamed, with ``verify``) and index its
-        images; nothing is decoded. ``workers``: threads decoding a batch (default up to 8)."""
+        """Check the artifact at ``path`` and index its images; nothing is decoded. With ``verify``, what
+        :meth:`DistilledSet.load <decoct.formats.artifact.DistilledSet.load>` checks before decoding: every
+        file hashed (streamed), and every ``storage`` claim of the manifest against the measured files
+        and the file headers. ``workers``: threads decoding a batch (default up to 8)."""
         root = Path(path)
-        layout = _parse_manifest(_read_manifest(root))
+        manifest = _read_manifest(root)
+        layout = _parse_manifest(manifest)
+        sizes = None
         if verify:
-            problems, _ = _integrity_problems(root, layout, _read_manifest(root))
+            problems, sizes = _integrity_problems(root, layout, manifest)
             if problems:
                 _raise(root, problems)
         if workers is None:
             workers = min(8, os.cpu_count() or 1)
-        return cls(root, layout, verify, workers)
+        bank = cls(root, layout, verify, workers, sizes)
+        if verify:
+            problems = _storage_claim_problems(manifest["storage"], bank._storage, tuple(bank._storage))
+            if problems:
+                _raise(root, problems)
+        return bank
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -177,6 +205,63 @@ class ImageBank:
         return self._fingerprint
 
     def storage(self) -> dict[str, Any]:
-        """The manifest's ``storage`` section (``bytes_on_disk`` checked against the files when
-        opened with ``verify``)."""
-        return dict(_read_manifest(self.root)["storage"])
+        """What :meth:`DistilledSet.storage <decoct.formats.artifact.DistilledSet.storage>` gives for this
+        artifact, computed from the files measured when the bank was opened and their headers (equal to
+        the manifest's claims, which :meth:`open` checks with ``verify``)."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self._storage.items()}
+
+    def save_with_label_files(self, path: str | Path, label_files: Mapping[str, dict[str, Tensor]], *,
+                              overwrite: bool = False) -> Path:
+        """Write this set to ``path`` with ``label_files`` in place of its own (the FKD store of a
+        relabel or a pruning), every other file copied byte for byte, nothing decoded: the artifact
+        ``dataclasses.replace(DistilledSet.load(root), label_files=label_files).save(path)`` writes,
+        for a set too large to load. Atomic as :meth:`DistilledSet.save
+        <decoct.formats.artifact.DistilledSet.save>`; each copied file is checked (size, and SHA-256
+        when the bank was opened with ``verify``) as it is read. ``path`` may be the bank's own root."""
+        final = Path(path)
+        _check_target(final, overwrite)
+        layout = self._layout
+        labels = as_tensor_files(label_files)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            files: dict[str, dict[str, Any]] = {}
+            dirs: set[Path] = set()
+
+            def put(rel: str, data: bytes, component: str) -> None:
+                p = tmp / rel
+                if p.parent not in dirs:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    dirs.add(p.parent)
+                p.write_bytes(data)
+                files[rel] = {"sha256": sha256_bytes(data), "bytes": len(data), "component": component}
+
+            def copy(rel: str) -> None:
+                data = _read_listed(self.root, layout, rel)
+                entry = layout.files[rel]
+                put(rel, data, entry["component"])
+                if self._verified and files[rel]["sha256"] != entry["sha256"]:
+                    raise ArtifactError(f"{rel}: sha256 mismatch — the file was changed or corrupted after saving")
+
+            # the order DistilledSet.save writes: images, soft labels, label files, attachments
+            for rel in layout.image_files:
+                copy(rel)
+            if _SOFT_FILE in layout.files:
+                copy(_SOFT_FILE)
+            for name in labels:  # one file at a time; a file entry's own bytes are copied
+                put(f"labels/{name}.safetensors", labels.file_bytes(name), "labels")
+            for rel, entry in layout.files.items():
+                if entry["component"] == "extra":
+                    copy(rel)
+            fsync_paths([tmp / rel for rel in files])
+            fsync_paths(sorted(dirs, key=lambda p: len(p.parts), reverse=True))
+            storage = _storage_of(self.info, len(self), layout.storage_kind,
+                                  _layout_raw_bits(self.root, layout, labels), _component_sizes(files))
+            manifest = _read_manifest(self.root)
+            manifest["storage"], manifest["files"] = storage, files
+            atomic_write_json(tmp / MANIFEST, manifest)
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
