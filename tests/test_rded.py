@@ -356,9 +356,9 @@ def test_presets_and_config_files():
 
 @pytest.mark.parametrize("options,message", [
     (dict(ipc=4, candidates=10, factor=2), r"ipc 4 x factor 2\^2 = 16 patches per class need at least 16 candidates"),
-    (dict(ipc=1, crops=0), r"crops must be an integer >= 1, got 0"),
-    (dict(ipc=1, factor=13), r"factor 13 is larger than the 12-pixel images"),
-    (dict(ipc=1, crop_scale_min=0.0), r"crop_scale_min must be in \(0, 1\]"),
+    (dict(ipc=1, crops=0), r"--crops must be an integer >= 1, got 0"),
+    (dict(ipc=1, factor=13), r"--factor 13 is larger than the 12-pixel images"),
+    (dict(ipc=1, crop_scale_min=0.0), r"--crop-scale-min must be in \(0, 1\]"),
 ])
 def test_bad_settings_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
@@ -391,8 +391,8 @@ def test_cli_bad_input_is_one_line_exit_2(teacher, tmp_path, capsys):
     cases = [
         (["--ipc", "400"], "need at least 400 candidates, got --candidates 300"),
         (["--ipc", "200"], "training images; ipc 200 x factor 1^2 needs 200"),
-        (["--ipc", "1", "--crops", "0"], "crops must be an integer >= 1"),
-        (["--ipc", "1", "--factor", "9"], "factor 9 is larger than the 8-pixel images"),
+        (["--ipc", "1", "--crops", "0"], "--crops must be an integer >= 1"),
+        (["--ipc", "1", "--factor", "9"], "--factor 9 is larger than the 8-pixel images"),
         (["--ipc", "1", "--amp", "--device", "cpu"], "CUDA only"),
     ]
     for extra, text in cases:

@@ -112,12 +112,12 @@ class RDEDConfig:
         for name in ("ipc", "candidates", "crops", "factor", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         size = min(info.height, info.width)
         if self.factor > size:
-            raise ValueError(f"factor {self.factor} is larger than the {size}-pixel images; use --factor 1 or 2")
+            raise ValueError(f"--factor {self.factor} is larger than the {size}-pixel images; use --factor 1 or 2")
         if not 0 < self.crop_scale_min <= 1:
-            raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+            raise ValueError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
         keep = self.ipc * self.factor ** 2
         if keep > self.candidates:
             raise ValueError(f"ipc {self.ipc} x factor {self.factor}^2 = {keep} patches per class need at least "
