@@ -182,7 +182,7 @@ def _preset_command(path: Path) -> list[str]:
         return ["distill", "tm", "--dataset", "digits"]
     if kind == "decoupled" and name.startswith("squeeze-"):
         return ["squeeze", "--dataset", "digits"]
-    if kind == "decoupled" and name.split("-")[0] in ("sre2l", "dwa", "lpld"):
+    if kind == "decoupled" and name.split("-")[0] in ("sre2l", "dwa", "lpld", "rded"):
         return ["distill", name.split("-")[0], "--teacher", "T", "--ipc", "1"]
     raise AssertionError(f"{path}: no command known for this preset; add it to _preset_command")
 

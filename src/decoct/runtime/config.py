@@ -220,7 +220,7 @@ RANGES: dict[str, Range] = {
     "batch_real": _POSITIVE, "stats_batch_size": _POSITIVE, "embed_epochs": _POSITIVE, "width": _POSITIVE,
     "syn_steps": _POSITIVE, "expert_epochs": _POSITIVE, "max_start_epoch": _POSITIVE,
     "max_iterations": _POSITIVE, "max_epochs": _POSITIVE, "palette_aux_images": _POSITIVE,
-    "palette_warmup_batch": _POSITIVE,
+    "palette_warmup_batch": _POSITIVE, "candidates": _POSITIVE, "crops": _POSITIVE, "factor": _POSITIVE,
     # counts where 0 means off / all / automatic
     "seed": Range(0, 2**32 - 1), "real_chunk": _NONNEG, "batch_syn": _NONNEG, "snapshot_every": _NONNEG,
     "min_start_epoch": _NONNEG, "current_max_start_epoch": _NONNEG, "expansion_end_epoch": _NONNEG,
