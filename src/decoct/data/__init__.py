@@ -37,6 +37,7 @@ from decoct.data.sources import (
     summary_line,
 )
 from decoct.data.types import Dataset, DatasetInfo, ImageSplit, denormalize, normalize, to_uint8
+from decoct.runtime.config import env_bytes
 from decoct.runtime.registry import Registry
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
@@ -230,16 +231,7 @@ DEFAULT_MEMORY_LIMIT = 4 * 2**30
 
 def memory_limit() -> int:
     """Decoded bytes above which ``data_mode='auto'`` streams: ``$DECOCT_MEMORY_LIMIT`` or 4 GiB."""
-    raw = os.environ.get("DECOCT_MEMORY_LIMIT")
-    if raw is None:
-        return DEFAULT_MEMORY_LIMIT
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise ValueError(f"$DECOCT_MEMORY_LIMIT must be a number of bytes, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"$DECOCT_MEMORY_LIMIT must be >= 0, got {raw!r}")
-    return value
+    return env_bytes("DECOCT_MEMORY_LIMIT", DEFAULT_MEMORY_LIMIT)
 
 
 def _default_workers() -> int:

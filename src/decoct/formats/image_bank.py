@@ -50,6 +50,7 @@ from decoct.formats.artifact import (
 from decoct.formats.errors import ArtifactError
 from decoct.formats.png import decode_png
 from decoct.formats.tensor_files import TensorFile, TensorFiles, as_tensor_files
+from decoct.runtime.config import env_bytes
 from decoct.runtime.io import atomic_write_json, fsync_paths, replace_dir, sha256_bytes
 
 __all__ = ["DEFAULT_MAX_SET_BYTES", "ImageBank", "max_set_bytes", "pixel_bytes"]
@@ -60,16 +61,7 @@ DEFAULT_MAX_SET_BYTES = 2 * 2**30
 def max_set_bytes() -> int:
     """uint8 pixel bytes above which a distilled set is read per batch from its files:
     ``$DECOCT_MAX_SET_BYTES`` (a number of bytes), or 2 GiB."""
-    raw = os.environ.get("DECOCT_MAX_SET_BYTES")
-    if raw is None:
-        return DEFAULT_MAX_SET_BYTES
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise ValueError(f"$DECOCT_MAX_SET_BYTES must be a number of bytes, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"$DECOCT_MAX_SET_BYTES must be >= 0, got {raw!r}")
-    return value
+    return env_bytes("DECOCT_MAX_SET_BYTES", DEFAULT_MAX_SET_BYTES)
 
 
 def pixel_bytes(path: str | Path) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -421,3 +422,18 @@ def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any], where: str,
             raise _unknown(key, defaults.keys(), where)
         out[key] = check_value(specs[key], value, f"config key {key!r} in {where}", raw=raw)
     return out
+
+
+def env_bytes(name: str, default: int) -> int:
+    """A byte count from the environment variable ``name`` (``4e9`` or ``4000000000``), ``default``
+    when unset. Raises ValueError naming the variable for a non-number or a negative value."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(float(raw))
+    except (ValueError, OverflowError):
+        raise ValueError(f"${name} must be a number of bytes, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"${name} must be >= 0, got {raw!r}")
+    return value
