@@ -44,6 +44,7 @@ from torch import Tensor
 
 from decoct.data import Dataset, DatasetInfo, is_streamed
 from decoct.data.sources import BadImageError
+from decoct.decoupled.recover import family_for
 from decoct.formats.artifact import DistilledSet
 from decoct.formats.teacher import Teacher, check_teacher_dataset, load_teacher_full
 from decoct.methods.base import METHODS
@@ -76,11 +77,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(candidates=300, crops=5, factor=1),
     "imagenet": dict(candidates=300, crops=5, factor=2),
 }
-
-
-def family_for(info: DatasetInfo) -> str:
-    """Preset family from the image size: ``small`` (<= 32 px), ``tiny`` (<= 64 px), ``imagenet``."""
-    return "small" if info.height <= 32 else "tiny" if info.height <= 64 else "imagenet"
 
 
 @dataclass
