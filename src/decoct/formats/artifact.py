@@ -484,16 +484,8 @@ class DistilledSet:
 
     def _write_payload(self, root: Path) -> dict[str, dict[str, Any]]:
         """Write every data file under ``root``; returns the manifest's ``files`` table."""
-        files: dict[str, dict[str, Any]] = {}
-        dirs: set[Path] = set()
-
-        def put(rel: str, data: bytes, component: str) -> None:
-            p = root / rel
-            if p.parent not in dirs:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                dirs.add(p.parent)
-            p.write_bytes(data)
-            files[rel] = {"sha256": sha256_bytes(data), "bytes": len(data), "component": component}
+        writer = _PayloadWriter(root)
+        put = writer.put
 
         if self.float_images is not None:
             put(_FLOAT_FILE, tensors_to_bytes({"images": self.float_images}), "images")
@@ -512,10 +504,8 @@ class DistilledSet:
             put(f"labels/{name}.safetensors", data, "labels")
         for name, tensors in self.attachments.items():
             put(f"extra/{name}.safetensors", tensors_to_bytes(tensors), "extra")
-        # Durable before the directory is renamed into place: files first, then their dirs.
-        fsync_paths([root / rel for rel in files])
-        fsync_paths(sorted(dirs, key=lambda p: len(p.parts), reverse=True))
-        return files
+        writer.sync()
+        return writer.files
 
     def _image_paths(self) -> list[tuple[str, int]]:
         """(relative PNG path, image index) for every image, in storage order."""
@@ -825,6 +815,29 @@ def _check_target(final: Path, overwrite: bool) -> None:
             f"{final} is a non-empty directory that is not a decoct artifact (no decoct "
             "manifest.json); refusing to overwrite it"
         )
+
+
+class _PayloadWriter:
+    """Writes an artifact's data files under ``root`` and builds the manifest's ``files`` table
+    (sha256, bytes, component of each); :meth:`sync` makes them durable (files, then their dirs)
+    before the directory is renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, dict[str, Any]] = {}
+        self.dirs: set[Path] = set()
+
+    def put(self, rel: str, data: bytes, component: str) -> None:
+        p = self.root / rel
+        if p.parent not in self.dirs:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self.dirs.add(p.parent)
+        p.write_bytes(data)
+        self.files[rel] = {"sha256": sha256_bytes(data), "bytes": len(data), "component": component}
+
+    def sync(self) -> None:
+        fsync_paths([self.root / rel for rel in self.files])
+        fsync_paths(sorted(self.dirs, key=lambda p: len(p.parts), reverse=True))
 
 
 def _check_export_target(out: Path, overwrite: bool) -> None:

@@ -41,6 +41,7 @@ from decoct.formats.artifact import (
     _layout_storage,
     _open_label_files,
     _parse_manifest,
+    _PayloadWriter,
     _read_listed,
     _read_manifest,
     _safe_rel,
@@ -51,7 +52,7 @@ from decoct.formats.errors import ArtifactError
 from decoct.formats.png import decode_png
 from decoct.formats.tensor_files import TensorFile, TensorFiles, as_tensor_files
 from decoct.runtime.config import env_bytes
-from decoct.runtime.io import atomic_write_json, fsync_paths, replace_dir, sha256_bytes
+from decoct.runtime.io import atomic_write_json, replace_dir, sha256_bytes
 
 __all__ = ["DEFAULT_MAX_SET_BYTES", "ImageBank", "max_set_bytes", "pixel_bytes"]
 
@@ -217,16 +218,8 @@ class ImageBank:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            files: dict[str, dict[str, Any]] = {}
-            dirs: set[Path] = set()
-
-            def put(rel: str, data: bytes, component: str) -> None:
-                p = tmp / rel
-                if p.parent not in dirs:
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    dirs.add(p.parent)
-                p.write_bytes(data)
-                files[rel] = {"sha256": sha256_bytes(data), "bytes": len(data), "component": component}
+            writer = _PayloadWriter(tmp)
+            put, files = writer.put, writer.files
 
             def copy(rel: str) -> None:
                 data = _read_listed(self.root, layout, rel)
@@ -245,8 +238,7 @@ class ImageBank:
             for rel, entry in layout.files.items():
                 if entry["component"] == "extra":
                     copy(rel)
-            fsync_paths([tmp / rel for rel in files])
-            fsync_paths(sorted(dirs, key=lambda p: len(p.parts), reverse=True))
+            writer.sync()
             storage = _storage_of(self.info, len(self), layout.storage_kind,
                                   _layout_raw_bits(self.root, layout, labels), _component_sizes(files))
             manifest = _read_manifest(self.root)
