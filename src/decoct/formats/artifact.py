@@ -840,6 +840,17 @@ class _PayloadWriter:
         fsync_paths(sorted(self.dirs, key=lambda p: len(p.parts), reverse=True))
 
 
+def export_marker(out: Path, name: str, fmt: str) -> dict[str, Any] | None:
+    """The JSON object ``out/name`` when it is a plain file marking an export of format ``fmt``
+    (what a decoct export writes beside its files), else None: unreadable or foreign is None."""
+    marker = out / name
+    try:
+        m = read_json_object(marker, str(marker)) if marker.is_file() and not marker.is_symlink() else None
+    except FileCheckError:
+        return None
+    return m if m is not None and m.get("format") == fmt else None
+
+
 def _check_export_target(out: Path, overwrite: bool) -> None:
     """An export goes to a new or empty directory, or replaces an earlier decoct export (with
     ``overwrite``) that holds nothing but what that export wrote; anything else is refused."""
@@ -853,12 +864,8 @@ def _check_export_target(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} is not writable (read-only?); choose a directory you can write to")
     if not any(out.iterdir()):
         return
-    marker = out / EXPORT_MARKER
-    try:
-        m = read_json_object(marker, str(marker)) if marker.is_file() and not marker.is_symlink() else None
-    except FileCheckError:
-        m = None
-    if m is None or m.get("format") != EXPORT_FORMAT:
+    m = export_marker(out, EXPORT_MARKER, EXPORT_FORMAT)
+    if m is None:
         raise ExportError(f"{out} is not empty and is not a decoct export (no {EXPORT_MARKER}); refusing to "
                           "replace it: choose a new or empty directory")
     if not overwrite:

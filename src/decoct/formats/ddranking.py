@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from decoct.data.types import normalize
+from decoct.formats.artifact import export_marker
 from decoct.formats.errors import ArtifactError
-from decoct.runtime.filecheck import FileCheckError, read_json_object
 from decoct.runtime.io import fsync_paths, replace_dir, tensors_to_bytes
 
 DDRANKING_FORMAT = "decoct-ddranking-export"
@@ -62,12 +62,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return
-    marker = out / DDRANKING_JSON
-    try:
-        m = read_json_object(marker, str(marker)) if marker.is_file() and not marker.is_symlink() else None
-    except FileCheckError:
-        m = None
-    if m is None or m.get("format") != DDRANKING_FORMAT:
+    if export_marker(out, DDRANKING_JSON, DDRANKING_FORMAT) is None:
         raise DDRankingExportError(f"{out} is not empty and is not a decoct DD-Ranking export (no {DDRANKING_JSON}); "
                                    "refusing to replace it: choose a new or empty directory")
     if not overwrite:
