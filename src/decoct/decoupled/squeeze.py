@@ -241,8 +241,10 @@ class _StatsCollector:
                                "(use a BN model, e.g. convnet_bn or resnet18)")
         self.k, self.m = num_classes, momentum
         self.labels: Tensor | None = None
-        self.batch = 0
         self.after, self.updates = after, updates
+        self.device = device
+        self._batch = 0
+        self._ema_weight = torch.zeros(num_classes, device=device, dtype=torch.float64)  # set with each batch
         self.acc: dict[str, dict[str, Tensor]] = {}
         for name, mod in self.layers:
             c = mod.num_features
@@ -250,6 +252,17 @@ class _StatsCollector:
             self.acc[name] = dict(n=z(num_classes), mean=z(num_classes, c), m2=z(num_classes, c),
                                   ema_mean=z(num_classes, c), ema_var=z(num_classes, c), rows=z(num_classes))
         self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in self.layers]
+
+    @property
+    def batch(self) -> int:
+        """The number in the pass of the batch being forwarded."""
+        return self._batch
+
+    @batch.setter
+    def batch(self, b: int) -> None:
+        # the batch's EMA weight per class, m (1 - m)^after (ema_plan): once per batch, not per BN layer
+        self._batch = b
+        self._ema_weight = self.m * (1 - self.m) ** self.after[b].to(self.device, torch.float64)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
@@ -261,7 +274,7 @@ class _StatsCollector:
             a["n"], a["mean"], a["m2"] = _chan(a["n"], a["mean"], a["m2"], n_b, mean_b, m2_b)
             a["rows"] += torch.bincount(y, minlength=self.k).to(torch.float64)
             present = (n_b > 0).to(torch.float64)
-            w = (present * self.m * (1 - self.m) ** self.after[self.batch].to(x.device, torch.float64))[:, None]
+            w = (present * self._ema_weight)[:, None]
             a["ema_mean"] += w * mean_b
             a["ema_var"] += w * (m2_b / n_b.clamp(min=1)[:, None])
         return hook
