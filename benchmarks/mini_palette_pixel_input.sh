@@ -2,9 +2,10 @@
 # Issue 3 re-measurement after the palette network moved to pixel-space input under ZCA (c935a66):
 # AutoPalette-TM IPC 1, same settings as mini_tm.sh (reuses its experts), fast evaluation, 3 runs.
 # (The AutoPalette-DM half moved to mini_apdm_pixel.sh: without a warm-up it collapses, see RESULTS.md.)
-# Usage: bash benchmarks/mini_palette_pixel_input.sh   (outputs in runs/bench/, logs in benchmarks/logs/)
+# Usage: [B=outdir] [L=logdir] bash benchmarks/mini_palette_pixel_input.sh   (outputs in $B, default runs/bench/;
+# log in $L, default benchmarks/logs/)
 set -euo pipefail
-B=runs/bench; L=benchmarks/logs; mkdir -p $L
+B=${B:-runs/bench}; L=${L:-benchmarks/logs}; mkdir -p $L
 export OMP_NUM_THREADS=1
 T() { /usr/bin/time -f "  [%e s wall] $*" "$@"; }
 aptm() {
