@@ -51,7 +51,9 @@ def select(method: str, *, dataset: str, ipc: int, out: str | Path, seed: int = 
 
 
 def eval_filename(protocol: str, model: str, epochs: int | None, baseline: str | None) -> str:
-    return f"eval-{protocol}-{model}-e{epochs if epochs is not None else 'auto'}{'-random' if baseline else ''}.json"
+    """``eval-<protocol>-<model>-e<epochs>[-<baseline>].json``: one file per protocol, model, epochs and baseline
+    (``-random``, ``-mediancut``), so a set's evaluations with different baselines sit side by side."""
+    return f"eval-{protocol}-{model}-e{epochs if epochs is not None else 'auto'}{'-' + baseline if baseline else ''}.json"
 
 
 def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, seed: int = 0,
@@ -104,6 +106,9 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                                "or --force to start over")
         if saved.get("partial") and same:
             state = saved.get("state", {})
+    reused_set = _set_accuracies_without_baseline(run_dir, tag, cfg, baseline, seed, runs, data, amp, protocol)
+    if reused_set is not None and not force and not state.get("set"):
+        state = {**state, "set": reused_set[1]}  # the set's own students are not trained again
     lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if target is not None and writer:
         check_writable(run_dir)
@@ -119,12 +124,36 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                           download=download, device=device, engine=engine,
                           baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
                           model=model, epochs=epochs, online_teacher=teacher, data_options=data_options, amp=amp)
+        if reused_set is not None and not force and result.accuracies == reused_set[1]:
+            result.extra["set_accuracies_from"] = reused_set[0]
         if target is not None and writer:
             atomic_write_json(target, dict(result.to_dict(), partial=False, seed=seed, requested_runs=runs,
                                            data=data))
             Run(run_dir).log(event="evaluated", protocol=protocol, model=result.model, mean=result.mean,
                              std=result.std, runs=runs, seconds=round(result.seconds, 2))
     return result
+
+
+def _set_accuracies_without_baseline(run_dir: Path | None, tag: str, cfg: dict[str, Any], baseline: str | None,
+                                     seed: int, runs: int, data: dict[str, Any], amp: bool,
+                                     protocol: str) -> tuple[str, list[float]] | None:
+    """(file name, accuracies) of the set's own students from a finished evaluation of the same protocol,
+    model, epochs, seed, runs, test data and precision made without a baseline, so that ``--baseline``
+    trains only the baseline's students. Each student is a function of its seed (every engine reproduces
+    the sequential result), so training them again would give the same numbers. None when there is none."""
+    if baseline is None or run_dir is None:
+        return None
+    plain = run_dir / eval_filename(tag, cfg["model"], cfg["epochs"], None)
+    if not plain.exists():
+        return None
+    try:
+        saved = json.loads(plain.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (not saved.get("partial") and saved.get("seed") == seed and saved.get("requested_runs") == runs
+            and saved.get("data", {"dataset": None, "data_root": None}) == data and _saved_amp(saved, protocol) == amp
+            and isinstance(saved.get("accuracies"), list) and len(saved["accuracies"]) == runs)
+    return (plain.name, [float(a) for a in saved["accuracies"]]) if same else None
 
 
 def _saved_amp(saved: dict[str, Any], protocol: str) -> bool | None:

@@ -70,7 +70,15 @@ def collect(paths: list[str | Path]) -> list[dict]:
                        bytes=r["bytes_on_disk"], raw_bytes=r["raw_bytes"], seconds=r.get("seconds"))
             b = r.get("baseline")
             if b:
-                row.update(baseline_mean=b["mean"], baseline_std=b["std"], baseline_bytes=b["bytes_on_disk"])
+                bx = b.get("extra") or {}
+                kind = bx.get("kind", "random")  # files written before the kind was recorded: random real
+                label = (f"random real x{bx.get('ipc')}/class median-cut to {bx.get('colors')} colours"
+                         if kind == "mediancut" else f"random real IPC {bx.get('ipc')}, equal storage")
+                row.update(baseline_mean=b["mean"], baseline_std=b["std"], baseline_bytes=b["bytes_on_disk"],
+                           baseline_raw_bytes=b.get("raw_bytes"), baseline_kind=kind, baseline_label=label)
+            recipe = (r.get("extra") or {}).get("autopalette_dm")
+            if recipe:
+                row["method"] = f"{row['method']} (AutoPalette, {recipe})"
             rows.append(row)
     return rows
 
@@ -88,9 +96,15 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
     if not rows:
         raise ValueError("no evaluated runs found (run `decoct evaluate RUN` first)")
     lines = ["| run | method | dataset | IPC | protocol | model | accuracy (%) | bytes on disk | raw bytes | "
-             "random real, equal storage (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "baseline (same protocol and seeds) | baseline accuracy (%) | baseline bytes on disk | "
+             "baseline raw bytes |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = f"{100 * r['baseline_mean']:.2f} ± {100 * r['baseline_std']:.2f}" if "baseline_mean" in r else "–"
+        if "baseline_mean" in r:
+            raw = r.get("baseline_raw_bytes")
+            base = (f"{r['baseline_label']} | {100 * r['baseline_mean']:.2f} ± {100 * r['baseline_std']:.2f} | "
+                    f"{r['baseline_bytes']:,} | {f'{raw:,}' if isinstance(raw, int) else '–'}")
+        else:
+            base = "– | – | – | –"
         lines.append(f"| {r['run']} | {r['method']} | {r['dataset']} | {r['ipc']:g} | {r['protocol']} "
                      f"({r['epochs']} ep, {r['runs']} runs) | {r['model']} | {100 * r['mean']:.2f} ± "
                      f"{100 * r['std']:.2f} | {r['bytes']:,} | {r['raw_bytes']:,} | {base} |")

@@ -72,7 +72,7 @@ def register(cli: Any) -> None:
 
 def _register_dm(cli: Any) -> None:
     from decoct.augment.dsa import DEFAULT_STRATEGY
-    from decoct.matching.dm import INITS, PRESET_ITERATIONS
+    from decoct.matching.dm import INITS, PALETTE_RECIPES, PRESET_ITERATIONS
     from decoct.matching.palette import add_palette_args
     from decoct.matching.palette.quantize import QUANTIZERS
 
@@ -115,6 +115,15 @@ def _register_dm(cli: Any) -> None:
                             "(with --palette, --palette-init chooses between real and graph cut; noise "
                             "applies to both)")
     p.set_defaults(_palette_keys=sorted(after - before - {"init"}))
+    p.add_argument("--palette-recipe", default="paper", choices=list(PALETTE_RECIPES),
+                   help="AutoPalette-DM variant (with --palette K). paper: as the paper's text: hard labels, siamese "
+                        "DSA, the K-colour images are stored and evaluated. authors-code: as the authors' dm_quant.py: "
+                        "fixed soft labels = logits of expert 0 (final epoch, from --experts) on the initial images, "
+                        "DSA drawn independently for real and synthetic, and the un-quantised images are stored "
+                        "(8-bit RGB, counted at their full-colour bytes) and evaluated; the manifest records which")
+    p.add_argument("--experts", default=None,
+                   help="expert directory (decoct experts) whose expert 0 labels the set: --palette-recipe "
+                        "authors-code only")
 
     p = cli.command("quantize", cmd_quantize,
                     "Colour-quantise a distilled set (SRC: a run or artifact) or random real images "

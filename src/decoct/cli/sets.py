@@ -43,7 +43,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(result.summary("set"))
     if result.baseline is not None:
-        print(result.baseline.summary(f"random ipc{result.baseline.extra['ipc']}"))
+        b = result.baseline.extra
+        label = (f"mediancut{b['colors']} ipc{b['ipc']}" if b.get("kind") == "mediancut" else f"random ipc{b['ipc']}")
+        print(result.baseline.summary(label))
     if result.extra.get("reused"):
         print(f"(already evaluated: read from {result.extra['reused']}; --force evaluates again)")
     return 0
@@ -175,8 +177,12 @@ def register(cli: CommandAdder) -> None:
     p.add_argument("--runs", type=int, default=5, help="students (independent initialisations and augmentations)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the first student (the others follow)")
-    p.add_argument("--baseline", default=None, choices=["random"],
-                   help="also evaluate random real images of equal storage")
+    p.add_argument("--baseline", default=None, choices=["random", "mediancut"],
+                   help="also evaluate, with the same protocol and seeds: random = random real full-colour images of "
+                        "equal raw storage; mediancut (palette sets, classic/fast) = random real images, as many per "
+                        "class as the set has, median-cut to the set's K colours (AutoPalette's equal-bytes "
+                        "baseline: x4 images at K=64). Stored in eval-...-<baseline>.json; decoct report shows it "
+                        "beside the set with both byte counts")
     p.add_argument("--engine", default="auto", choices=["auto", "sequential", "vmap", "grouped"],
                    help="multi-student engine")
     p.add_argument("--teacher", default=None,

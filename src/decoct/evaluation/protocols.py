@@ -19,6 +19,15 @@ The set evaluated is always what was saved (uint8 or palette pixels decoded from
 never float tensors from memory. ``baseline='random'`` evaluates, under the same protocol and
 seeds, a random real subset of equal storage: as many real full-colour images per class as
 fit in the set's raw information size (images + palettes + labels), at least one per class.
+``baseline='mediancut'`` (classic/fast; sets distilled with a palette, e.g. AutoPalette) evaluates
+the strongest simple baseline at equal bytes (issue 13): random real images, as many per class as
+the set has, quantised by median cut to the set's K colours, hard labels (the x4 images at K = 64
+that the paper's budget rule allows, at the same raw bytes as a K-colour set of that count).
+
+AutoPalette-DM sets record their recipe (``meta.autopalette_dm``, :data:`decoct.matching.dm.PALETTE_RECIPES`);
+evaluation trains on what the artifact stores (the K-colour images for ``paper``; the un-quantised
+images and the expert's soft labels for ``authors-code``), checks that the two agree, and records the
+recipe in the result's ``extra``.
 """
 
 from __future__ import annotations
@@ -97,6 +106,72 @@ class EvalResult:
 
 
 _CONVNETS = ("convnet", "convnetd3", "convnetd4", "convnetd5")
+BASELINES = ("random", "mediancut")
+"""``evaluate(baseline=...)``: random real at equal raw bytes; random real median-cut to the set's K colours
+with the set's image count (palette sets)."""
+
+
+def palette_colors(dset: DistilledSet) -> int | None:
+    """K of a set distilled or quantised with a palette: ``meta.palette.colors`` (AutoPalette, also when the
+    authors-code recipe stores un-quantised images), else the stored palettes' size; None for other sets."""
+    pal = dset.meta.get("palette")
+    k = pal.get("colors") if isinstance(pal, dict) else None
+    if isinstance(k, int) and not isinstance(k, bool) and 2 <= k <= 256:
+        return k
+    return int(dset.palettes.shape[1]) if dset.palettes is not None else None
+
+
+def mediancut_baseline(dset: DistilledSet, dataset: Dataset, seed: int) -> DistilledSet:
+    """Random real images, as many per class as ``dset`` has, median-cut to ``dset``'s K colours (hard labels).
+
+    The equal-bytes baseline of a palette set (issue 13, point 4): AutoPalette's x2^(8 - ceil(log2 K))
+    images per class are what the paper's budget buys; the same count of real images quantised by the
+    paper's own reference quantiser (PIL median cut, as its L_a target) costs the same index and
+    palette bits, so the difference is what the palette network and the distillation add. The real
+    images are :func:`decoct.coreset.select.random_baseline_indices` with ``seed`` (as ``random``).
+    Raises ValueError for a set without a palette or with unequal class counts.
+    """
+    from decoct.matching.palette.quantize import quantize_set
+
+    k = palette_colors(dset)
+    if k is None:
+        raise ValueError("--baseline mediancut is the equal-bytes baseline of a palette set (--palette K, "
+                         "decoct quantize); this set has no palette: use --baseline random")
+    counts = [c for c in dset.ipc if c > 0]
+    if len(set(counts)) != 1 or len(counts) != dset.info.num_classes:
+        raise ValueError(f"--baseline mediancut needs the same number of images in every class, the set has "
+                         f"{dset.ipc}; use --baseline random")
+    ipc = counts[0]
+    idx = random_baseline_indices(dataset, ipc, seed)
+    real = DistilledSet(info=dataset.info, images=real_pixels(dataset, idx), labels=dataset.train.labels[idx],
+                        method="random", config={"ipc": ipc, "seed": seed},
+                        meta=dict(ipc=ipc, seed=seed, source_indices=idx.tolist()))
+    return quantize_set(real, k, "mediancut", seed=seed)
+
+
+def recipe_of(dset: DistilledSet) -> dict[str, Any] | None:
+    """The AutoPalette-DM recipe the set records (``meta.autopalette_dm``), checked against what it stores:
+    ``paper`` sets hold K-colour palette images and hard labels, ``authors-code`` sets un-quantised
+    images and soft labels. None for other sets; ValueError when the record and the files disagree."""
+    rec = dset.meta.get("autopalette_dm")
+    if rec is None:
+        return None
+    recipe = rec.get("recipe") if isinstance(rec, dict) else None
+    if recipe in ("paper", "authors-code") and isinstance(dset.meta.get("quantizer"), dict):
+        return dict(rec, requantized=f"{dset.meta['quantizer'].get('method')}{dset.meta['quantizer'].get('colors')} "
+                                     "(decoct quantize after distillation)")
+    if recipe == "paper":
+        ok = dset.is_palette and dset.soft_labels is None
+    elif recipe == "authors-code":
+        ok = not dset.is_palette and dset.soft_labels is not None
+    else:
+        raise ValueError(f"meta.autopalette_dm.recipe {recipe!r} is not a known AutoPalette-DM recipe "
+                         "(paper, authors-code)")
+    if not ok:
+        raise ValueError(f"the set records the AutoPalette-DM recipe {recipe!r} but stores "
+                         f"{'palette' if dset.is_palette else 'full-colour'} images with "
+                         f"{'soft' if dset.soft_labels is not None else 'hard'} labels; re-run the distillation")
+    return dict(rec)
 
 
 def hard_protocol_storage(dset: DistilledSet, path: Path, storage: dict[str, Any]) -> tuple[int, int]:
@@ -229,8 +304,11 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     dev = resolve_device(device)
     amp = student_precision(amp, dev)[0]  # --amp off CUDA fails here, before anything loads
     cfg = protocol_config(protocol, **overrides)
-    if baseline not in (None, "random"):
-        raise ValueError(f"unknown baseline {baseline!r}; known: random")
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; known: {', '.join(BASELINES)}")
+    if baseline == "mediancut" and protocol == "soft":
+        raise ValueError("--baseline mediancut trains the quantised real images with hard labels (classic/fast "
+                         "protocols); with --protocol soft use --baseline random")
     if online_teacher is not None and protocol != "soft":
         raise ValueError(f"an online teacher applies to the soft protocol only, not {protocol!r}")
     if isinstance(artifact, DistilledSet):
@@ -279,6 +357,12 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     base_cfg = dict(cfg)  # the random-real baseline trains with the protocol's own recipe
     targets = dset.soft_labels if dset.soft_labels is not None else dset.labels
     extra: dict[str, Any] = {"labels": "soft" if dset.soft_labels is not None else "hard", "amp": bool(amp)}
+    recipe = recipe_of(dset)
+    if recipe is not None:  # trained on what it stores: the K-colour images, or the un-quantised ones
+        extra["autopalette_dm"] = recipe["recipe"]
+        extra["images"] = "palette (quantised)" if dset.is_palette else "un-quantised full colour"
+    if baseline == "mediancut":
+        base_set = mediancut_baseline(dset, dataset, seed)  # refuses a set without a palette, before training
     if "syn_lr" in dset.meta and overrides.get("lr") is None:
         cfg["lr"] = float(dset.meta["syn_lr"])
         extra["lr"] = f"learned syn_lr {cfg['lr']:.4g}"
@@ -301,7 +385,21 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
                                    state.get("baseline"), chunk, report("baseline"), amp=amp)
         result.baseline = EvalResult(protocol, cfg["model"], baccs, base_storage["bytes_on_disk"]["total"],
                                      base_storage["raw_bytes"]["total"], time.perf_counter() - t1, len(base),
-                                     bused, cfg["epochs"], extra={"ipc": ipc, "amp": bool(amp)})
+                                     bused, cfg["epochs"], extra={"ipc": ipc, "kind": "random", "amp": bool(amp)})
+    elif baseline == "mediancut":
+        with tempfile.TemporaryDirectory() as tmp:
+            base_set.save(Path(tmp) / "mediancut")  # bytes of the palette PNGs, as a quantised set stores them
+            base_storage = base_set.storage(Path(tmp) / "mediancut")
+        k, ipc = int(base_set.palettes.shape[1]), base_set.ipc[0]
+        t1 = time.perf_counter()
+        baccs, bused = _train_eval(base_set.images, base_set.labels, dataset, zca, base_cfg, runs, seed, dev, engine,
+                                   progress, state.get("baseline"), chunk, report("baseline"), amp=amp)
+        result.baseline = EvalResult(protocol, cfg["model"], baccs, base_storage["bytes_on_disk"]["total"],
+                                     base_storage["raw_bytes"]["total"], time.perf_counter() - t1, len(base_set),
+                                     bused, cfg["epochs"],
+                                     extra={"ipc": ipc, "kind": "mediancut", "colors": k, "labels": "hard",
+                                            "amp": bool(amp),
+                                            "what": f"random real x{ipc}/class median-cut to {k} colours"})
     return result
 
 
@@ -414,4 +512,5 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     return result
 
 
-__all__ = ["EvalResult", "PROTOCOLS", "evaluate", "protocol_config", "student_precision"]
+__all__ = ["BASELINES", "EvalResult", "PROTOCOLS", "evaluate", "mediancut_baseline", "palette_colors",
+           "protocol_config", "recipe_of", "student_precision"]

@@ -58,6 +58,15 @@ from decoct.models import model_for
 from decoct.runtime.health import check_saturation, check_tensors, rerun_hint
 
 INITS = ("real", "noise", "graphcut")
+PALETTE_RECIPES = ("paper", "authors-code")
+"""AutoPalette-DM variants (``--palette-recipe``; docs/methods/autopalette.md, AutoPalette-DM: paper or code).
+
+``paper``: what the paper's text describes: hard labels, DM's siamese DSA, the stored and evaluated
+images are the hard-quantised K-colour images. ``authors-code``: what the authors' ``dm_quant.py``
+does: fixed soft labels = the logits of one trajectory expert (expert 0 at its final epoch, the
+first trajectory of TM's expert buffer) on the initial, un-quantised images; DSA drawn
+independently for the real and the synthetic images; the images evaluated (and so stored here)
+are the un-quantised optimised pixels, not the palette images."""
 PRESET_ITERATIONS = 20000
 """DM's iteration count in the paper (``main_DM.py``: ``Iteration=20000``) for every setting."""
 
@@ -135,6 +144,8 @@ class DMConfig:
     real_chunk: int = 0
     palette: int = 0
     palette_flags: dict[str, Any] = field(default_factory=dict)
+    palette_recipe: str = "paper"
+    experts: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -152,6 +163,24 @@ class DMConfig:
             raise ValueError(f"unknown init {self.init!r}; known: {', '.join(INITS)}")
         if self.dsa not in ("", "none"):
             parse_strategy(self.dsa)
+        if self.palette_recipe not in PALETTE_RECIPES:
+            raise ValueError(f"--palette-recipe must be one of {', '.join(PALETTE_RECIPES)}, "
+                             f"got {self.palette_recipe!r}")
+        if self.palette_recipe == "authors-code":
+            if not self.palette:
+                raise ValueError("--palette-recipe authors-code is AutoPalette's DM script and needs --palette K "
+                                 "(K > 0); drop it for plain DM")
+            if not self.experts:
+                raise ValueError("--palette-recipe authors-code labels the images with a trajectory expert's "
+                                 "logits and needs --experts DIR (made by: decoct experts --dataset NAME --out DIR)")
+        elif self.experts:
+            raise ValueError("--experts is used only by --palette-recipe authors-code (the expert's logits become "
+                             "the soft labels); drop --experts or add --palette-recipe authors-code")
+
+    @property
+    def authors_code(self) -> bool:
+        """True for the ``authors-code`` AutoPalette-DM recipe (see :data:`PALETTE_RECIPES`)."""
+        return self.palette_recipe == "authors-code"
 
     @property
     def resolved_lr_img(self) -> float:
@@ -222,6 +251,40 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
 
 # ------------------------------------------------------------------------------------------
 # the method
+def expert_logits(experts: Any, dataset: Dataset, x: Tensor, *, zca: bool, device: torch.device | str = "cpu",
+                  chunk: int = 512) -> tuple[Tensor, str]:
+    """Logits (N, classes) float32 on the CPU of expert 0 at its final epoch on normalised pixel-space
+    images ``x`` (N, C, H, W), whitened first with the experts' own ZCA when they were trained with one.
+
+    AutoPalette's ``dm_quant.py`` (its DM script; autopalette.md §6) loads a TM expert buffer and takes
+    the logits of its first trajectory's final parameters on the initial synthetic images as the set's
+    labels, fixed during DM and used as soft labels at evaluation; TM's ``--soft-labels`` starts from the
+    same expert (:class:`decoct.matching.tm.TrajectoryMatching`). ``experts``: a directory or an
+    :class:`~decoct.formats.expert_set.ExpertSet`; it must fit ``dataset`` and ``zca`` (else
+    :class:`~decoct.formats.expert_set.ExpertMismatchError`, a ValueError). Returns the logits and the
+    experts' path (recorded in the set's meta).
+    """
+    from decoct.formats.expert_set import ExpertMismatchError, ExpertSet, load_experts
+    from decoct.models.flat_params import FlatParams
+
+    es = experts if isinstance(experts, ExpertSet) else load_experts(experts)
+    try:
+        es.check(dataset.info, zca=zca)
+    except ExpertMismatchError as e:  # one line for the CLI: what differs, and the command that fits
+        raise ExpertMismatchError(" ".join(line.strip() for line in str(e).splitlines())) from None
+    dev = torch.device(device)
+    net = FlatParams(es.build_model().to(dev))
+    net.model.train()  # as TM's soft-label init (instance norm: train and eval agree)
+    final = es.params(0, [es.epochs])[0].to(dev)
+    ezca = es.zca.to(dev) if es.zca is not None else None
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), chunk):
+            xb = x[s:s + chunk].to(dev).float()
+            out.append(net(final, ezca.transform(xb) if ezca is not None else xb).float().cpu())
+    return torch.cat(out), str(es.path)
+
+
 # ------------------------------------------------------------------------------------------
 class DistributionMatching:
     """DM as a :mod:`decoct.methods.base` method over an ``ImageParam`` (pixels or palette)."""
@@ -296,6 +359,12 @@ class DistributionMatching:
         popts = palette_options(flags, info=info) if cfg.palette else {}
         self.param = make_param(x0, labels, self.zca, cfg.palette, **popts).to(dev)
         self.palette_flags, self.num_train = flags, len(train)
+        self.soft_labels: Tensor | None = None
+        self.experts_path: str | None = None
+        if cfg.authors_code:  # fixed soft labels: an expert's logits on the initial, un-quantised images
+            x_px = (normalize(train.images[idx], info, dev) if self.init_source is not None
+                    else (self.zca.inverse(x0) if self.zca is not None else x0))
+            self.soft_labels, self.experts_path = expert_logits(cfg.experts, dataset, x_px, zca=cfg.zca, device=dev)
         self.warmup_metrics: dict[str, float] = {}
         self.opts = self.param.optimizers(lr_img=self.lr_img, momentum=cfg.momentum,
                                           lr_palette=popts.get("lr_palette"))
@@ -415,11 +484,13 @@ class DistributionMatching:
     def step(self, it: int) -> dict[str, float]:
         net = self._new_net()
         seeds = torch.randint(0, 2**31 - 1, (self.num_classes,)).tolist()
+        # authors-code: dm_quant.py draws the synthetic images' DSA independently of the real ones'
+        syn_seeds = torch.randint(0, 2**31 - 1, (self.num_classes,)).tolist() if self.cfg.authors_code else seeds
         idx, labels = self.sample_real()
         real = self.real_means(net, idx, labels, seeds)
         for opt in self.opts.values():
             opt.zero_grad(set_to_none=True)
-        syn = self.syn_means(net, self.param(), seeds)
+        syn = self.syn_means(net, self.param(), syn_seeds)
         loss = dm_loss(real, syn)
         if self.cfg.palette:
             # AutoPalette's DM divides by the number of classes and its image/palette learning rates
@@ -472,6 +543,7 @@ class DistributionMatching:
             "gen": self.gen.get_state(),
             "real_chunk": int(self.real_chunk or 0),
             "warmup_metrics": dict(self.warmup_metrics),
+            "soft_labels": None if self.soft_labels is None else self.soft_labels.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -481,21 +553,72 @@ class DistributionMatching:
         self.gen.set_state(state["gen"])
         self.real_chunk = int(state.get("real_chunk", 0)) or self.real_chunk
         self.warmup_metrics = dict(state.get("warmup_metrics", {}))
+        if state.get("soft_labels") is not None:  # the labels the run started with (fixed), not recomputed
+            self.soft_labels = state["soft_labels"].clone()
 
     # --- output -----------------------------------------------------------------------------
     def result(self) -> DistilledSet:
         cfg = self.cfg
         config = dict(asdict(cfg), lr_img=self.lr_img)
+        siamese = ("DSA, one draw per class shared by real and synthetic (siamese, original DM; "
+                   "AutoPalette's code draws independently)")
         meta = dict(ipc=cfg.ipc, images_per_class=self.ipc_eff, lr_img=self.lr_img, amp=self.amp,
                     channels_last=self.channels_last, real_chunk=int(self.real_chunk or 0),
                     loss=("mean" if cfg.palette else "sum") + " over classes of ||mean f(real_c) - mean f(syn_c)||^2 "
                          "(sum: original DM; mean: AutoPalette's DM, whose learning rates assume it)",
-                    augmentation="DSA, one draw per class shared by real and synthetic (siamese, original DM; "
-                                 "AutoPalette's code draws independently)",
+                    augmentation=siamese if not cfg.authors_code else
+                    "DSA, independent draws per class for real and synthetic (AutoPalette's dm_quant.py)",
                     embed_net=dict(model=cfg.model, width=cfg.width, norm=cfg.norm, fresh_each_iteration=True),
-                    labels="hard", zca=self.zca is not None, init=self.init_method,
+                    labels="hard" if self.soft_labels is None else "soft",
+                    zca=self.zca is not None, init=self.init_method,
                     init_indices=self.init_source, palette_warmup_end=self.warmup_metrics or None)
-        return self.param.to_set(self.info, method="dm", config=config, meta=meta)
+        if not cfg.palette:
+            return self.param.to_set(self.info, method="dm", config=config, meta=meta)
+        meta["autopalette_dm"] = autopalette_dm_record(cfg.palette_recipe, cfg.palette, self.experts_path)
+        if not cfg.authors_code:
+            return self.param.to_set(self.info, method="dm", config=config, meta=meta)
+        return self._unquantized_set(config, meta)
+
+    def _unquantized_set(self, config: dict[str, Any], meta: dict[str, Any]) -> DistilledSet:
+        """The authors-code artifact: the un-quantised optimised pixels (ZCA undone) as 8-bit RGB PNGs,
+        the expert's logits as soft labels (float16, ``labels/soft.safetensors``), the ZCA attached.
+
+        What ``decoct evaluate`` trains on is what is stored and counted: full-colour images (the palette
+        network is not applied), so the bytes are those of IPC x 2^(8 - ceil(log2 K)) full-colour images
+        per class plus the soft labels, not the paper's K-colour budget. ``meta.palette`` still records
+        K and the budget rule the run was distilled under.
+        """
+        from decoct.matching.palette.palette_param import index_bits, palette_budget
+
+        param, info = self.param, self.info
+        bits = index_bits(self.cfg.palette)
+        c, h, w = info.image_shape
+        meta["palette"] = {"colors": self.cfg.palette, "index_bits_per_image": h * w * bits,
+                           "palette_bits_per_image": self.cfg.palette * c * 8, "paper_factor": 2 ** (8 - bits),
+                           "zca_palette_space": "pixel" if self.zca is not None else None,
+                           "budget": palette_budget(self.cfg.ipc, self.cfg.palette, info.image_shape),
+                           "stored": "un-quantised pixels (authors-code recipe): the palette network is not applied"}
+        x = param.images.detach()
+        x = (self.zca.inverse(x) if self.zca is not None else x).cpu()
+        attachments = {"zca": self.zca.state_dict()} if self.zca is not None else {}
+        return DistilledSet.from_float(info, x, param.labels.cpu(), soft_labels=self.soft_labels, method="dm",
+                                       config=config, meta=meta, attachments=attachments)
+
+
+def autopalette_dm_record(recipe: str, colors: int, experts: str | None = None) -> dict[str, Any]:
+    """What an AutoPalette-DM artifact records in ``meta.autopalette_dm``: which recipe made it and what
+    that means for its labels, augmentation and stored images (``decoct evaluate`` reads it back)."""
+    if recipe not in PALETTE_RECIPES:
+        raise ValueError(f"unknown AutoPalette-DM recipe {recipe!r}; known: {', '.join(PALETTE_RECIPES)}")
+    if recipe == "paper":
+        return dict(recipe="paper", labels="hard", augmentation="siamese DSA (one draw per class for real and "
+                    "synthetic, original DM)", images=f"hard-quantised {colors}-colour palette images (paper text)")
+    return dict(recipe="authors-code", experts=experts,
+                labels="soft: logits of expert 0 at its final epoch on the initial un-quantised images, fixed "
+                       "(AutoPalette's dm_quant.py)",
+                augmentation="DSA drawn independently for real and synthetic (dm_quant.py)",
+                images="un-quantised optimised pixels as 8-bit RGB (dm_quant.py evaluates image_syn, not the "
+                       f"{colors}-colour images); bytes counted are those of the stored full-colour images")
 
 
 @METHODS.register("dm")
@@ -538,5 +661,6 @@ def distill_dm(dataset: str | Dataset, out: str | Path, *, config: DMConfig | di
                       show_progress=progress, stop_after=stop_after, images_per_step=per_step)
 
 
-__all__ = ["DMConfig", "DistributionMatching", "INITS", "PRESET_ITERATIONS", "class_means", "distill_dm", "dm_loss",
+__all__ = ["DMConfig", "DistributionMatching", "INITS", "PALETTE_RECIPES", "PRESET_ITERATIONS", "autopalette_dm_record",
+           "expert_logits", "class_means", "distill_dm", "dm_loss",
            "dm_loss_reference", "real_chunk_for", "resolve_speed_flags"]
