@@ -4,7 +4,9 @@ For every stored epoch the set is shuffled, cut into batches of ``batch_size`` i
 batch a view record is drawn (crop, flip, mix; see :mod:`decoct.augment.recorded_views`), applied,
 and the teacher's logits of exactly that view are stored in fp16 next to the record and the batch
 composition (docs/label-store.md, What a view is). With ``prune`` only the first
-``floor((1-r) E B)`` full batches are generated (docs/label-store.md, LPLD label pruning).
+``floor((1-r) E B)`` full batches are generated (docs/label-store.md, LPLD label pruning). With an
+``encoding`` the fp16 logits are kept as top-k classes and/or per-row quantised codes instead
+(:mod:`decoct.formats.label_codec`; :func:`encode_labels` does the same to an existing store).
 
 Determinism: epoch e's order comes from a generator keyed (seed, "order", e) and batch (e, b)'s
 views from one keyed (seed, "view", e, b). Hence a pruned store equals the prefix of the full one
@@ -44,6 +46,7 @@ from decoct.augment.recorded_views import ViewRecipe, apply_views, draw_views, s
 from decoct.formats.artifact import DistilledSet
 from decoct.formats.errors import ArtifactError
 from decoct.formats.image_bank import ImageBank, max_set_bytes, pixel_bytes
+from decoct.formats.label_codec import PLAIN, LabelEncoding
 from decoct.formats.label_pruning import _prune_header, kept_units, pool_total, prune_ratio
 from decoct.formats.label_store import (
     FORMAT,
@@ -55,6 +58,8 @@ from decoct.formats.label_store import (
     _encode_header,
     attach_store,
     dataset_fingerprint,
+    encode_store,
+    encoded_header,
     epoch_file,
     strip_store,
 )
@@ -62,8 +67,8 @@ from decoct.formats.tensor_files import TensorFile, TensorFiles, file_entry
 from decoct.runtime.distributed import join_torchrun
 from decoct.runtime.io import atomic_save_tensors, atomic_write_json
 
-__all__ = ["RelabelPlan", "check_teacher_output", "open_set", "prune_labels", "relabel", "relabel_set", "replay_logits",
-           "resolve_teacher", "teacher_fingerprint"]
+__all__ = ["RelabelPlan", "check_teacher_output", "encode_labels", "label_encoding", "open_set", "prune_labels", "relabel",
+           "relabel_set", "replay_logits", "resolve_teacher", "teacher_fingerprint"]
 
 
 # ---------------------------------------------------------------------- distributed helpers
@@ -159,7 +164,7 @@ class RelabelPlan:
 
 
 def _header(plan: RelabelPlan, fingerprint: str, num_classes: int, image_shape: tuple, view: ViewRecipe,
-            seed: int, teacher: dict) -> dict[str, Any]:
+            seed: int, teacher: dict, encoding: LabelEncoding = PLAIN) -> dict[str, Any]:
     h: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "num_images": plan.num_images,
         "num_classes": num_classes, "image_shape": list(image_shape), "epochs": plan.epochs,
@@ -169,7 +174,7 @@ def _header(plan: RelabelPlan, fingerprint: str, num_classes: int, image_shape: 
     }
     if plan.prune:
         h["prune"] = _prune_header(plan.prune, int(plan.kept), pool_total(plan.epochs, plan.full))
-    return h
+    return encoded_header(h, encoding)
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
@@ -178,7 +183,8 @@ def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 
 def _generate_epoch(teacher: nn.Module, pixels: Callable[[Tensor], Tensor], shape: tuple[int, ...],
                     plan: RelabelPlan, epoch: int, units: list[int], view: ViewRecipe, seed: int, fill: Tensor,
-                    amp: bool, channels_last: bool, on_batch: Callable[[int], None] | None = None) -> EpochLabels:
+                    amp: bool, channels_last: bool, on_batch: Callable[[int], None] | None = None,
+                    encoding: LabelEncoding = PLAIN) -> EpochLabels:
     """One stored epoch; ``pixels(idx)`` gives the normalised float32 images ``idx`` on the device
     (normalising is per element, so a batch normalised alone equals the same rows of the whole set)."""
     from decoct.train.soft_students import teacher_logits
@@ -198,7 +204,7 @@ def _generate_epoch(teacher: nn.Module, pixels: Callable[[Tensor], Tensor], shap
         logits.append(out.half().cpu())
         if on_batch is not None:
             on_batch(len(idx))
-    return EpochLabels.build(epoch, units, idxs, recs, logits)
+    return EpochLabels.build(epoch, units, idxs, recs, logits, encoding)
 
 
 # ---------------------------------------------------------------------- API
@@ -207,7 +213,8 @@ class _Job:
 
     def __init__(self, dset: DistilledSet | ImageBank, teacher: nn.Module | str | Path, epochs: int,
                  batch_size: int | None, seed: int, device: str | torch.device, prune: int | None,
-                 view: ViewRecipe | None, amp: bool | None, channels_last: bool | None) -> None:
+                 view: ViewRecipe | None, amp: bool | None, channels_last: bool | None,
+                 encoding: LabelEncoding | None = None) -> None:
         from decoct.train.soft_students import _replay_images, fill_value, soft_recipe_for
 
         if isinstance(dset, DistilledSet) and not dset.is_canonical:  # a bank is read in storage order
@@ -216,6 +223,8 @@ class _Job:
         recipe = soft_recipe_for(dset.info)
         self.view = view or recipe.view
         self.plan = RelabelPlan(len(dset), int(epochs), int(batch_size or recipe.batch_size), prune)
+        self.encoding = encoding or PLAIN
+        self.encoding.check_classes(dset.info.num_classes)  # before the teacher is loaded
         self.model, tdesc = resolve_teacher(teacher, dset.info, dev)
         cuda = dev.type == "cuda"
         self.amp = cuda if amp is None else bool(amp)
@@ -230,7 +239,7 @@ class _Job:
             self.model.to(memory_format=torch.channels_last)
         self.seed = int(seed)
         self.header = _header(self.plan, dataset_fingerprint(dset), dset.info.num_classes, dset.info.image_shape,
-                              self.view, self.seed, tdesc)
+                              self.view, self.seed, tdesc, self.encoding)
         self.header["precision"] = "bf16-autocast" if self.amp else "float32"
         self.fill = fill_value(dset.info, dev)
         self.units = self.plan.units()
@@ -274,7 +283,8 @@ class _Job:
                     bar.update(sum(self.plan.size(u) for u in self.units[e]))
                     continue
             ep = _generate_epoch(self.model, self.pixels, self.shape, self.plan, e, self.units[e], self.view,
-                                 self.seed, self.fill, self.amp, self.channels_last, on_batch=bar.update)
+                                 self.seed, self.fill, self.amp, self.channels_last, on_batch=bar.update,
+                                 encoding=self.encoding)
             if path is None:
                 held[e] = ep
                 continue
@@ -313,7 +323,7 @@ class _Job:
             tf = TensorFile.open(path, f"{path.parent.name}/{path.name}", path.stat().st_size, None)
             tensors = tf.meta()
             tensors.update(tf.read({k: None for k in ("epoch", "units", "sizes", "index") if k in tf.specs}))
-            ep = EpochLabels.from_tensors(tensors, name)
+            ep = EpochLabels.from_tensors(tensors, name, self.encoding, int(self.header["num_classes"]))
             ep.validate(self.header, name)
         except (LabelStoreError, ArtifactError, OSError, ValueError):
             return None  # a damaged leftover: regenerate it
@@ -331,13 +341,14 @@ def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def relabel_set(dset: DistilledSet, teacher: nn.Module | str | Path, epochs: int, batch_size: int | None = None,
                 seed: int = 0, device: str | torch.device = "auto", prune: int | None = None, *,
                 view: ViewRecipe | None = None, amp: bool | None = None, channels_last: bool | None = None,
-                work_dir: str | Path | None = None, progress: bool = False) -> LabelStore:
+                work_dir: str | Path | None = None, progress: bool = False,
+                encoding: LabelEncoding | None = None) -> LabelStore:
     """Build the label store of an in-memory set (canonical order); see :func:`relabel`.
 
     With ``work_dir`` every finished epoch is written there and reused on the next call with the
     same settings (resume); under torchrun the ranks split the epochs and must share ``work_dir``.
     """
-    job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last)
+    job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last, encoding)
     return job.run(Path(work_dir) if work_dir is not None else None, progress, hold=True)
 
 
@@ -368,11 +379,14 @@ def _save_with_store(dset: DistilledSet | ImageBank, store: LabelStore, dst: Pat
 def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: int, batch_size: int | None = None,
             seed: int = 0, device: str | torch.device = "auto", prune: int | None = None, *,
             out: str | Path | None = None, view: ViewRecipe | None = None, amp: bool | None = None,
-            channels_last: bool | None = None, force: bool = False, progress: bool = False) -> Path:
+            channels_last: bool | None = None, force: bool = False, progress: bool = False,
+            encoding: LabelEncoding | None = None) -> Path:
     """Relabel the artifact at ``artifact_dir`` and write it back (or to ``out``) with its label store.
 
     ``batch_size`` defaults to the dataset's soft recipe (it is also the student's batch size);
-    ``prune`` is an LPLD factor (10, 20, 30, 40, 50, 100) and generates only the kept batches.
+    ``prune`` is an LPLD factor (10, 20, 30, 40, 50, 100) and generates only the kept batches;
+    ``encoding`` keeps the labels as top-k classes and/or per-row quantised codes instead of all C fp16
+    logits (:func:`label_encoding`, :mod:`decoct.formats.label_codec`).
     Resumable per epoch (finished epochs wait in ``.<artifact>.relabel/`` next to the artifact).
     An artifact already holding a store made with the same settings is left as is; one made with
     other settings is replaced only with ``force``. Returns the artifact directory written.
@@ -384,7 +398,7 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
     dset = open_set(src)
     if out is not None and dst.exists() and any(dst.iterdir()) and not force:
         raise ValueError(f"{dst} exists; pass force=True to replace it")
-    job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last)
+    job = _Job(dset, teacher, epochs, batch_size, seed, device, prune, view, amp, channels_last, encoding)
     existing = LabelStore.from_label_files(dset.label_files) if out is None else None
     work = dst.parent / f".{dst.name}.relabel"
     if existing is not None and not force:
@@ -394,7 +408,8 @@ def relabel(artifact_dir: str | Path, teacher: nn.Module | str | Path, epochs: i
             return dst
         raise LabelStoreError(
             f"{src} already holds a label store made with other settings (epochs {existing.header['epochs']}, "
-            f"batch {existing.header['batch']}, prune {existing.prune_factor}x, seed {existing.header['seed']}); "
+            f"batch {existing.header['batch']}, prune {existing.prune_factor}x, labels {existing.encoding.name}, "
+            f"seed {existing.header['seed']}); "
             "pass --force (force=True) to replace it, or write the relabelled set elsewhere with --out DIR "
             "(out=DIR)")
     store = job.run(work, progress)
@@ -438,4 +453,56 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     if out is not None and dst.exists() and any(dst.iterdir()) and not force:
         raise ValueError(f"{dst} exists; pass force=True to replace it")
     _save_with_store(dset, pruned, dst)
+    return dst
+
+
+def label_encoding(info: Any, topk: int | None = None, fill: str | None = None, bits: int | None = None
+                   ) -> LabelEncoding:
+    """The label encoding ``decoct relabel --label-topk K --label-fill F --label-bits B`` asks for, for a
+    dataset ``info``, checked against its classes (plain fp16 when nothing is asked).
+
+    A ``spread`` fill takes its probabilities at the dataset's soft-protocol temperature
+    (``soft_recipe_for(info).temperature``: 30 CIFAR-size, 20 Tiny and ImageNet-size), as FKD takes them
+    at its student's temperature (docs/label-store.md, Label encodings). ``fill`` defaults to ``zero``
+    with ``topk``. Raises ValueError naming the option: ``bits`` not 8 or 4, ``topk`` not below
+    the number of classes, a ``fill`` without ``topk``.
+    """
+    from decoct.train.soft_students import soft_recipe_for
+
+    if bits is not None and (isinstance(bits, bool) or bits not in (8, 4)):
+        raise ValueError(f"--label-bits must be 8 or 4 (leave it out for fp16 values), got {bits!r}")
+    temperature = soft_recipe_for(info).temperature if fill == "spread" and topk is not None else None
+    enc = LabelEncoding(topk=topk, fill=fill, bits=16 if bits is None else bits, temperature=temperature)
+    enc.check_classes(int(info.num_classes))
+    return enc
+
+
+def encode_labels(artifact_dir: str | Path, encoding: LabelEncoding, *, prune: int | None = None,
+                  out: str | Path | None = None, force: bool = False) -> Path:
+    """Keep the artifact's fp16 label store in ``encoding`` (top-k, quantised), pruned ``prune``x first when
+    asked, in place (``force``) or into ``out``, without running the teacher again.
+
+    The result equals relabelling with ``encoding=`` and ``prune=`` file for file: every encoding rule is
+    per stored view and starts from the same fp16 logits, and pruning keeps whole stored batches. The
+    store must be the plain fp16 one (unpruned, for ``prune``).
+    """
+    from decoct.formats.label_pruning import prune_store
+    from decoct.runtime.runs import resolve_artifact
+
+    src = resolve_artifact(artifact_dir)
+    dst = Path(out) if out is not None else src
+    if out is None and not force:
+        raise ValueError(f"encoding the labels in place replaces the fp16 label store of {src}; pass --force "
+                         "(force=True) to replace it, or write the encoded set elsewhere with --out DIR (out=DIR)")
+    if out is not None and dst.exists() and any(dst.iterdir()) and not force:
+        raise ValueError(f"{dst} exists; pass force=True to replace it")
+    dset = open_set(src)
+    encoding.check_classes(int(dset.info.num_classes))
+    if LabelStore.from_label_files(dset.label_files) is None:
+        raise LabelStoreError(f"{src} has hard labels only (no label store to encode): make one with the teacher, "
+                              f"`decoct relabel RUN --teacher DIR --epochs E --label-topk K` (or --label-bits B)")
+    store = LabelStore.from_set(dset)
+    if prune not in (None, 1):
+        store = prune_store(store, int(prune))
+    _save_with_store(dset, encode_store(store, encoding), dst)
     return dst

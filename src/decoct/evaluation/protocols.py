@@ -484,6 +484,7 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     extra["images_source"] = "memory" if isinstance(dset, DistilledSet) else "bank"  # a bank: decoded per batch
     if store is not None:
         extra.update(label_source="store", unlimited_labels=False, prune_factor=store.prune_factor,
+                     label_format=store.encoding.name,
                      stored_epochs=int(store.header["epochs"]), stored_batches=store.num_units,
                      label_payload_bytes=store.payload_bytes(),
                      granularity=fcfg.granularity if fcfg.granularity != "auto" else

@@ -531,6 +531,9 @@ class DistilledSet:
         if self.palette_sizes is not None:
             m["palette_sizes"] = self.palette_sizes
         m["labels"] = {"hard": self.labels.tolist()}
+        store = _store_record(self.label_files)
+        if store is not None:  # the label store's format and encoding (docs/artifact.md, manifest)
+            m["labels"]["store"] = store
         m["storage"] = storage
         m["files"] = files
         return m
@@ -689,7 +692,8 @@ class DistilledSet:
         try:
             store = LabelStore.from_label_files(self.label_files)
             if store is not None:
-                out.update(epochs=store.header["epochs"], batch=store.batch, prune_factor=store.prune_factor)
+                out.update(epochs=store.header["epochs"], batch=store.batch, prune_factor=store.prune_factor,
+                           label_format=store.encoding.name)
         except ValueError:
             pass
         out["note"] = ("teacher logits of recorded crops/flips/mixes of these images, replayed by decoct's soft "
@@ -989,6 +993,13 @@ class _Layout:
     meta: dict
 
 
+def _store_record(label_files: Mapping[str, dict[str, Tensor]]) -> dict[str, Any] | None:
+    """The manifest's ``labels.store`` record of the label store in ``label_files`` (None without one)."""
+    from decoct.formats.label_store import manifest_entry
+
+    return manifest_entry(label_files)
+
+
 def _parse_manifest(m: dict[str, Any]) -> _Layout:
     """Check a manifest's structure and numbers before anything is sized by them.
 
@@ -1004,6 +1015,13 @@ def _parse_manifest(m: dict[str, Any]) -> _Layout:
         raise ArtifactError("manifest.json: num_images must be a positive integer")
     labels = m.get("labels")
     hard = labels.get("hard") if isinstance(labels, dict) else None
+    if isinstance(labels, dict) and "store" in labels:
+        from decoct.formats.label_store import check_manifest_entry
+
+        try:
+            check_manifest_entry(labels["store"])  # a store this version cannot read: one line naming it
+        except ValueError as e:
+            raise ArtifactError(str(e)) from e
     if not isinstance(hard, list) or len(hard) != num_images:
         raise ArtifactError(
             f"manifest.json: labels.hard must list one class per image ({str(num_images)[:20]} images), "

@@ -47,6 +47,7 @@ from decoct.formats.artifact import (
     _safe_rel,
     _storage_claim_problems,
     _storage_of,
+    _store_record,
 )
 from decoct.formats.errors import ArtifactError
 from decoct.formats.png import decode_png
@@ -243,6 +244,10 @@ class ImageBank:
                                   _layout_raw_bits(self.root, layout, labels), _component_sizes(files))
             manifest = _read_manifest(self.root)
             manifest["storage"], manifest["files"] = storage, files
+            record = _store_record(labels)  # the new label store's format, as DistilledSet.save records it
+            manifest["labels"] = {k: v for k, v in manifest["labels"].items() if k != "store"}
+            if record is not None:
+                manifest["labels"]["store"] = record
             atomic_write_json(tmp / MANIFEST, manifest)
             replace_dir(tmp, final)
         except BaseException:

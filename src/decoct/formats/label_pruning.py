@@ -21,18 +21,23 @@ The reference's draws come from the unseeded global RNG; ours from a seeded gene
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 
 import torch
 
-from decoct.formats.label_store import LabelStore, LabelStoreError
+from decoct.augment.recorded_views import MIXES, ViewRecipe
+from decoct.formats.label_codec import LabelEncoding
+from decoct.formats.label_store import FORMAT, VERSION, LabelStore, LabelStoreError, encoded_header
+from decoct.formats.tensor_files import safetensors_size
 
 __all__ = [
     "GRANULARITIES",
     "PRUNE_FACTORS",
     "epoch_plan",
     "kept_units",
+    "label_store_bytes",
     "payload_model",
     "prune_ratio",
     "prune_store",
@@ -147,21 +152,24 @@ def epoch_plan(store: LabelStore, epochs: int, granularity: str = "auto",
 
 
 def payload_model(num_images: int, num_classes: int, epochs: int, batch_size: int, mix: str = "none",
-                  prune: int | None = None) -> dict[str, int]:
+                  prune: int | None = None, *, topk: int | None = None, bits: int = 16) -> dict[str, int]:
     """Bytes of a store's tensors, computed without building it (e.g. for paper-scale settings).
 
-    Per image and stored epoch ``2C`` (fp16 logits) + 8 (box) + 1 (flip) + 4 (index) + 2 (mix
-    partner, with a mix); per batch 8 (size, batch number) + 4 (lambda, with a mix) + 8 (CutMix
-    box); per epoch file 4 (epoch id). The JSON header and the safetensors file headers (about 0.5
-    KB per file) come on top. Batches as relabel makes them (see :mod:`decoct.decoupled.relabel`).
-    Compare LPLD's ``2C + 25`` per image and epoch plus ~3 KB per batch file (docs/label-store.md,
-    Size of a store).
+    Per image and stored epoch the label row (``2C`` for fp16 logits; with ``topk``/``bits`` the
+    encoding's :meth:`~decoct.formats.label_codec.LabelEncoding.row_bytes`: ``C + 4`` 8-bit, ``ceil(C/2) + 4``
+    4-bit, ``4k`` top-k fp16, ``3k + 4`` top-k 8-bit, ``2k + ceil(k/2) + 4`` top-k 4-bit) + 8 (box) + 1 (flip)
+    + 4 (index) + 2 (mix partner, with a mix); per batch 8 (size, batch number) + 4 (lambda, with a mix) +
+    8 (CutMix box); per epoch file 4 (epoch id). The JSON header and the safetensors file headers (about
+    0.5 KB per file) come on top (:func:`label_store_bytes` adds them). Batches as relabel makes them (see
+    :mod:`decoct.decoupled.relabel`). Compare LPLD's ``2C + 25`` per image and epoch plus ~3 KB per batch
+    file (docs/label-store.md, Size of a store).
     """
+    enc = _encoding(num_classes, topk, bits)
     b = min(batch_size, num_images)
     full = num_images // b
     tail = num_images - full * b
     tail = tail if tail > 1 else 0
-    per_image = 2 * num_classes + 8 + 1 + 4 + (2 if mix != "none" else 0)
+    per_image = enc.row_bytes(num_classes) + 8 + 1 + 4 + (2 if mix != "none" else 0)
     per_batch = 8 + (4 if mix != "none" else 0) + (8 if mix == "cutmix" else 0)
     if prune in (None, 1):
         batches, images, files = epochs * (full + (1 if tail else 0)), epochs * (full * b + tail), epochs
@@ -170,3 +178,99 @@ def payload_model(num_images: int, num_classes: int, epochs: int, batch_size: in
         images, files = batches * b, -(-batches // full)
     return {"batches": batches, "image_views": images, "files": files,
             "bytes": images * per_image + batches * per_batch + files * 4}
+
+
+def _encoding(num_classes: int, topk: int | None, bits: int) -> LabelEncoding:
+    """The encoding of a (topk, bits) setting for sizes (the fill does not change a byte)."""
+    enc = LabelEncoding(topk=topk, bits=bits)
+    enc.check_classes(num_classes)
+    return enc
+
+
+HEADER_TEACHER_PATH = 32
+"""Characters of the teacher path :func:`label_store_bytes` assumes in the store's JSON header (each
+character more or less is one byte of ``on_disk``)."""
+
+
+def label_store_bytes(num_images: int, num_classes: int, epochs: int, batch_size: int, *,
+                      prune: int | None = None, topk: int | None = None, bits: int = 16, mix: str = "none",
+                      image_shape: tuple[int, int, int] = (3, 32, 32), view: ViewRecipe | None = None
+                      ) -> dict[str, int]:
+    """Bytes of the label store ``decoct relabel`` would write, computed without a teacher or a set.
+
+    For N = ``num_images`` images of C = ``num_classes`` classes, ``epochs`` stored epochs of batches of
+    ``batch_size`` (the store uses ``min(batch_size, N)``; the dataset's soft recipe gives the default, and
+    its view's ``mix``), LPLD ``prune`` factor (None or 1: unpruned), ``topk`` kept classes (None: all C)
+    and ``bits`` (16 = fp16 values, 8 or 4 = per-row codes). Returns:
+
+    - ``batches``, ``image_views`` (stored rows), ``files`` (epoch files);
+    - ``label_values``: bytes of the label tensors alone (rows x the encoding's bytes per row);
+    - ``payload``: bytes of every stored tensor, :func:`payload_model` (``LabelStore.payload_bytes()`` minus
+      the JSON header tensor);
+    - ``epoch_files``: the exact size of the epoch files; ``header_file``: the estimated size of
+      ``labels/fkd.safetensors``;
+    - ``on_disk`` = ``epoch_files + header_file``: what the artifact counts as label bytes
+      (``storage()["bytes_on_disk"]["labels"]``), every epoch file sized exactly
+      (:func:`~decoct.formats.tensor_files.safetensors_size`) and the header file exact but for the
+      teacher's description, assumed a :data:`HEADER_TEACHER_PATH`-character path, ``resnet18`` and
+      ``cifar10`` (a few bytes each way), and the spread fill's longer names. ``image_shape`` and ``view`` (default:
+      ``ViewRecipe(mix=mix)``; pass the recipe's) only size that header.
+
+    Raises ValueError for a bad combination (``topk >= C``, ``bits`` not in {16, 8, 4}, an unknown prune
+    factor, a pruning that keeps no batch).
+    """
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; known: {', '.join(MIXES)}")
+    if view is not None and view.mix != mix:
+        raise ValueError(f"view mixes {view.mix!r}, mix says {mix!r}")
+    for name, v, lo in (("num_images", num_images, 2), ("num_classes", num_classes, 1), ("epochs", epochs, 1),
+                        ("batch_size", batch_size, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    enc = _encoding(num_classes, topk, bits)
+    model = payload_model(num_images, num_classes, epochs, batch_size, mix, prune, topk=topk, bits=bits)
+    b = min(batch_size, num_images)
+    full = num_images // b
+    tail = num_images - full * b
+    tail = tail if tail > 1 else 0
+    pruned = prune not in (None, 1)
+    if not pruned:
+        layout = {(full + (1 if tail else 0), full * b + tail): epochs}
+        stored = {str(e): full + (1 if tail else 0) for e in range(epochs)}
+    else:
+        kept = model["batches"]
+        layout = {(full, full * b): kept // full}
+        if kept % full:
+            layout[(kept % full, (kept % full) * b)] = 1
+        stored = {str(e): full for e in range(kept // full)}
+        if kept % full:
+            stored[str(kept // full)] = kept % full
+
+    def epoch_specs(u: int, n: int) -> dict:
+        specs = {"epoch": (torch.int32, (1,)), "units": (torch.int32, (u,)), "sizes": (torch.int32, (u,)),
+                 "index": (torch.int32, (n,)), "crop": (torch.int16, (n, 4)), "flip": (torch.bool, (n,))}
+        specs.update(enc.specs(n, num_classes))
+        if mix != "none":
+            specs.update(perm=(torch.int16, (n,)), lam=(torch.float32, (u,)))
+        if mix == "cutmix":
+            specs["box"] = (torch.int16, (u, 4))
+        return specs
+
+    files = sum(count * safetensors_size(epoch_specs(u, n)) for (u, n), count in layout.items() if count)
+    header = {
+        "format": FORMAT, "version": VERSION, "fingerprint": "0" * 64, "num_images": num_images,
+        "num_classes": num_classes, "image_shape": list(image_shape), "epochs": epochs, "batch_size": batch_size,
+        "batch": b, "units_per_epoch": full + (1 if tail else 0), "full_units_per_epoch": full, "tail": tail,
+        "view": (view or ViewRecipe(mix=mix)).to_dict(), "seed": 0,
+        "teacher": {"path": "t" * HEADER_TEACHER_PATH, "model": "resnet18", "dataset": "cifar10",
+                    "fingerprint": "0" * 64},
+        "logits": "float16", "prune": None, "precision": "float32", "stored_epochs": stored}
+    if pruned:
+        header["prune"] = _prune_header(int(prune), model["batches"], pool_total(epochs, full))
+    header = encoded_header(header, enc)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    head = safetensors_size({"header": (torch.uint8, (len(text),))})
+    rows = model["image_views"]
+    return {"batches": model["batches"], "image_views": rows, "files": model["files"],
+            "label_values": rows * enc.row_bytes(num_classes), "payload": model["bytes"],
+            "epoch_files": files, "header_file": head, "on_disk": files + head}

@@ -20,11 +20,16 @@ One file per stored epoch (the unit of resume and of sharding), with its stored 
     lam     float32 (U,)   mix lambda per batch (stores with a mix only)
     box     int16 (U, 4)   CutMix box a1, b1, a2, b2 per batch (CutMix stores only)
 
+Instead of ``logits``, a store may keep its labels in another *encoding* (top-k classes, per-row
+quantised codes; :mod:`decoct.formats.label_codec`, docs/label-store.md, Label encodings): the header then
+has version 2 and an ``encoding`` entry, the epoch files the encoding's tensors, and every read decodes
+them back to (n, C) teacher logits, so replay is unchanged.
+
 This is the SRe2L/LPLD per-batch format (docs/label-store.md, Where decoct departs from the
 reference format) with three changes: integer pixel boxes instead of fractions (exact replay),
 int32/int16 indices instead of int64 (smaller), and batches addressed by (epoch, batch number)
 rather than by their first image index (the LPLD lookup collision of the reference cannot happen).
-Logits are all C classes in fp16, no top-k, as LPLD.
+Logits are all C classes in fp16, no top-k, as LPLD (unless an encoding says otherwise).
 
 The header records the format version, the pruning factor, the relabel settings and the
 *fingerprint* of the artifact's pixels and labels: a store used with any other set is refused
@@ -55,6 +60,7 @@ import torch
 from torch import Tensor
 
 from decoct.augment.recorded_views import ViewRecipe, ViewRecord
+from decoct.formats.label_codec import PLAIN, LabelEncoding
 from decoct.formats.tensor_files import (
     Deferred,
     Spec,
@@ -66,8 +72,10 @@ from decoct.formats.tensor_files import (
 from decoct.runtime.filecheck import is_int
 
 __all__ = [
+    "ENCODED_VERSION",
     "FORMAT",
     "VERSION",
+    "VERSIONS",
     "HEADER_FILE",
     "DEFAULT_KEEP",
     "EpochLabels",
@@ -75,8 +83,12 @@ __all__ = [
     "LazyEpochs",
     "LabelStoreError",
     "attach_store",
+    "check_manifest_entry",
     "dataset_fingerprint",
+    "encode_store",
+    "encoded_header",
     "epoch_file",
+    "manifest_entry",
     "set_fingerprint",
     "stream_fingerprint",
     "strip_store",
@@ -84,6 +96,11 @@ __all__ = [
 
 FORMAT = "decoct-fkd-labels"
 VERSION = 1
+"""Header version of a plain store (all C logits in fp16); its files are unchanged since version 1."""
+ENCODED_VERSION = 2
+"""Header version of a store with an ``encoding`` (top-k, quantised): a decoct older than encodings refuses it
+by its version instead of failing on a missing ``logits`` tensor."""
+VERSIONS = (VERSION, ENCODED_VERSION)
 HEADER_FILE = "fkd"
 _EPOCH_RE = re.compile(r"^fkd-e(\d{5,})$")
 
@@ -136,7 +153,12 @@ def dataset_fingerprint(dset: Any) -> str:
 
 @dataclass
 class EpochLabels:
-    """The stored batches of one epoch (see the module docstring for the fields)."""
+    """The stored batches of one epoch (see the module docstring for the fields).
+
+    The labels are ``logits`` (fp16 (n, C)) in a plain store; in an encoded one ``logits`` is None and
+    ``coded`` holds the ``encoding``'s tensors (all row-aligned: one row per stored view), which
+    :meth:`batch` decodes (``num_classes`` C is what top-k decodes to).
+    """
 
     epoch: int
     units: Tensor
@@ -144,10 +166,13 @@ class EpochLabels:
     index: Tensor
     crop: Tensor
     flip: Tensor
-    logits: Tensor
+    logits: Tensor | None
     perm: Tensor | None = None
     lam: Tensor | None = None
     box: Tensor | None = None
+    coded: dict[str, Tensor] | None = None
+    encoding: LabelEncoding = PLAIN
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.sizes.long().cumsum(0)])
@@ -155,15 +180,33 @@ class EpochLabels:
     def __len__(self) -> int:
         return int(self.units.shape[0])
 
+    def label_tensors(self) -> dict[str, Tensor]:
+        """The stored label tensors: ``{"logits": ...}`` or the encoding's (rows = stored views)."""
+        if self.encoding.plain:
+            return {"logits": self.logits} if self.logits is not None else {}
+        return dict(self.coded or {})
+
+    def _classes(self) -> int:
+        if self.num_classes is not None:
+            return int(self.num_classes)
+        if self.logits is not None:
+            return int(self.logits.shape[1])
+        raise ValueError("an encoded epoch needs num_classes to decode its labels")
+
     def batch(self, pos: int) -> tuple[Tensor, ViewRecord, Tensor]:
-        """(image indices int64, view record, fp16 logits) of the ``pos``-th stored batch."""
+        """(image indices int64, view record, teacher logits) of the ``pos``-th stored batch: the stored
+        fp16 logits, or an encoded store's labels decoded (float32, :meth:`LabelEncoding.decode`)."""
         s, e = int(self.offsets[pos]), int(self.offsets[pos + 1])
         rec = ViewRecord(crop=self.crop[s:e], flip=self.flip[s:e])
         if self.perm is not None:
             rec.perm = self.perm[s:e]
             rec.lam = self.lam[pos] if self.lam is not None else None
             rec.box = self.box[pos] if self.box is not None else None
-        return self.index[s:e].long(), rec, self.logits[s:e]
+        if self.encoding.plain:
+            assert self.logits is not None
+            return self.index[s:e].long(), rec, self.logits[s:e]
+        rows = {k: v[s:e] for k, v in self.label_tensors().items()}
+        return self.index[s:e].long(), rec, _decoded(self.encoding, rows, self._classes())
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"epoch": torch.tensor([self.epoch], dtype=torch.int32)}
@@ -171,29 +214,38 @@ class EpochLabels:
             t = getattr(self, f)
             if t is not None:
                 out[f] = t.contiguous()
+        if not self.encoding.plain:
+            out.update({k: v.contiguous() for k, v in self.label_tensors().items()})
         return out
 
     @classmethod
-    def from_tensors(cls, t: dict[str, Tensor], name: str) -> EpochLabels:
-        need = ("epoch", "units", "sizes", "index", "crop", "flip", "logits")
+    def from_tensors(cls, t: dict[str, Tensor], name: str, encoding: LabelEncoding = PLAIN,
+                     num_classes: int | None = None) -> EpochLabels:
+        labels = tuple(encoding.specs(0, num_classes or 2)) if not encoding.plain else ("logits",)
+        need = ("epoch", "units", "sizes", "index", "crop", "flip") + labels
         missing = [k for k in need if k not in t]
         if missing:
-            raise LabelStoreError(f"labels/{name}.safetensors: missing tensor(s) {missing}")
+            raise LabelStoreError(f"labels/{name}.safetensors: missing tensor(s) {missing}"
+                                  + ("" if encoding.plain else f" of a {encoding.name} store"))
         extra = set(t) - set(need) - {"perm", "lam", "box"}
         if extra:
             raise LabelStoreError(f"labels/{name}.safetensors: unexpected tensor(s) {sorted(extra)}")
         if t["epoch"].shape != (1,) or t["epoch"].dtype != torch.int32:
             raise LabelStoreError(f"labels/{name}.safetensors: epoch must be int32 (1,)")
         return cls(epoch=int(t["epoch"][0]), units=t["units"], sizes=t["sizes"], index=t["index"],
-                   crop=t["crop"], flip=t["flip"], logits=t["logits"], perm=t.get("perm"),
-                   lam=t.get("lam"), box=t.get("box"))
+                   crop=t["crop"], flip=t["flip"], logits=t["logits"] if encoding.plain else None,
+                   perm=t.get("perm"), lam=t.get("lam"), box=t.get("box"),
+                   coded=None if encoding.plain else {k: t[k] for k in labels}, encoding=encoding,
+                   num_classes=num_classes)
 
     @classmethod
     def build(cls, epoch: int, units: list[int], indices: list[Tensor], records: list[ViewRecord],
-              logits: list[Tensor]) -> EpochLabels:
-        """Assemble an epoch from per-batch pieces (as relabel produces them)."""
+              logits: list[Tensor], encoding: LabelEncoding = PLAIN) -> EpochLabels:
+        """Assemble an epoch from per-batch pieces (as relabel produces them), its logits kept as fp16 or
+        encoded by ``encoding`` (from their fp16 values)."""
         mixed = bool(records) and records[0].perm is not None
         cut = bool(records) and records[0].box is not None
+        half = torch.cat(logits).to(torch.float16)
         return cls(
             epoch=epoch,
             units=torch.tensor(units, dtype=torch.int32),
@@ -201,11 +253,22 @@ class EpochLabels:
             index=torch.cat(indices).to(torch.int32),
             crop=torch.cat([r.crop for r in records]).to(torch.int16),
             flip=torch.cat([r.flip for r in records]).bool(),
-            logits=torch.cat(logits).to(torch.float16),
+            logits=half if encoding.plain else None,
             perm=torch.cat([r.perm for r in records]).to(torch.int16) if mixed else None,
             lam=torch.stack([r.lam for r in records]).float() if mixed else None,
             box=torch.stack([r.box for r in records]).to(torch.int16) if cut else None,
+            coded=None if encoding.plain else encoding.encode(half), encoding=encoding,
+            num_classes=int(half.shape[1]),
         )
+
+    def encoded(self, encoding: LabelEncoding) -> EpochLabels:
+        """This plain epoch with its fp16 logits encoded by ``encoding`` (every other tensor shared)."""
+        if not self.encoding.plain or self.logits is None:
+            raise LabelStoreError(f"epoch {self.epoch} is already encoded as {self.encoding.name}; encode the fp16 store")
+        if encoding.plain:
+            return self
+        return dataclasses.replace(self, logits=None, coded=encoding.encode(self.logits), encoding=encoding,
+                                   num_classes=int(self.logits.shape[1]))
 
     def select(self, positions: list[int]) -> EpochLabels:
         """A copy holding only the stored batches at ``positions`` (in that order)."""
@@ -213,10 +276,12 @@ class EpochLabels:
         pos = torch.tensor(positions, dtype=torch.long)
         return EpochLabels(
             epoch=self.epoch, units=self.units[pos], sizes=self.sizes[pos], index=self.index[idx],
-            crop=self.crop[idx], flip=self.flip[idx], logits=self.logits[idx],
+            crop=self.crop[idx], flip=self.flip[idx], logits=None if self.logits is None else self.logits[idx],
             perm=None if self.perm is None else self.perm[idx],
             lam=None if self.lam is None else self.lam[pos],
             box=None if self.box is None else self.box[pos],
+            coded=None if self.coded is None else {k: v[idx] for k, v in self.coded.items()},
+            encoding=self.encoding, num_classes=self.num_classes,
         )
 
     def validate(self, header: dict[str, Any], name: str) -> None:
@@ -231,9 +296,17 @@ class EpochLabels:
             (self.index.dtype == torch.int32 and self.index.shape == (n,), "index must be int32 (sum of sizes,)"),
             (self.crop.dtype == torch.int16 and self.crop.shape == (n, 4), "crop must be int16 (n, 4)"),
             (self.flip.dtype == torch.bool and self.flip.shape == (n,), "flip must be bool (n,)"),
-            (self.logits.dtype == torch.float16 and self.logits.shape == (n, c),
-             f"logits must be float16 (n, {c})"),
         ]
+        if self.encoding.plain:
+            checks.append((self.logits is not None and self.logits.dtype == torch.float16
+                           and self.logits.shape == (n, c), f"logits must be float16 (n, {c})"))
+        else:
+            have = self.label_tensors()
+            for k, (dtype, shape) in self.encoding.specs(n, c).items():
+                t = have.get(k)
+                checks.append((t is not None and t.dtype == dtype and tuple(t.shape) == shape,
+                               f"{k} of a {self.encoding.name} store must be {str(dtype).replace('torch.', '')} "
+                               f"{tuple(s if i else 'n' for i, s in enumerate(shape))}"))
         mixed = header["view"]["mix"] != "none"
         cutmix = header["view"]["mix"] == "cutmix"
         checks += [
@@ -254,6 +327,14 @@ class EpochLabels:
             raise LabelStoreError(f"{where}: image index outside [0, {n_img}) — store from another set?")
         if u and (int(self.units.min()) < 0 or int(self.units.max()) >= header["units_per_epoch"]):
             raise LabelStoreError(f"{where}: batch number outside [0, {header['units_per_epoch']})")
+
+
+def _decoded(encoding: LabelEncoding, rows: dict[str, Tensor], num_classes: int) -> Tensor:
+    """An encoded batch's teacher logits; a bad class id is a :class:`LabelStoreError`."""
+    try:
+        return encoding.decode(rows, num_classes)
+    except ValueError as e:
+        raise LabelStoreError(f"{encoding.name} label store: {e}") from e
 
 
 DEFAULT_KEEP = 2
@@ -490,7 +571,10 @@ class LabelStore:
         s = int(sizes[:pos].long().sum())
         e = s + int(sizes[pos])
         mix = self.header["view"]["mix"]
-        rows: dict[str, tuple[int, int] | None] = {"index": (s, e), "crop": (s, e), "flip": (s, e), "logits": (s, e)}
+        rows: dict[str, tuple[int, int] | None] = {"index": (s, e), "crop": (s, e), "flip": (s, e)}
+        enc = self.encoding
+        labels = list(self._label_specs(0))
+        rows.update({k: (s, e) for k in labels})  # every label tensor holds one row per stored view
         if mix != "none":
             rows.update(perm=(s, e), lam=(pos, pos + 1))
         if mix == "cutmix":
@@ -504,7 +588,9 @@ class LabelStore:
         if mix != "none":
             rec.perm, rec.lam = t["perm"], t["lam"][0]
             rec.box = t["box"][0] if mix == "cutmix" else None
-        return idx.long(), rec, t["logits"]
+        if enc.plain:
+            return idx.long(), rec, t["logits"]
+        return idx.long(), rec, _decoded(enc, {k: t[k] for k in labels}, int(self.header["num_classes"]))
 
     def payload_bytes(self) -> int:
         """Bytes of the stored tensors (what the store costs before file headers); reads no epoch."""
@@ -515,7 +601,19 @@ class LabelStore:
         h = self.header
         return dict(epochs=h["epochs"], batch=h["batch"], stored_batches=self.num_units,
                     prune_factor=self.prune_factor, view=h["view"], seed=h["seed"],
-                    payload_bytes=self.payload_bytes())
+                    label_format=self.encoding.name, payload_bytes=self.payload_bytes())
+
+    @property
+    def encoding(self) -> LabelEncoding:
+        """How the labels are stored (:class:`~decoct.formats.label_codec.LabelEncoding`): plain fp16 when the
+        header names no encoding."""
+        enc = self.__dict__.get("_encoding")
+        if enc is None:
+            enc = self.__dict__["_encoding"] = _encoding_of(self.header)
+        return enc
+
+    def _label_specs(self, rows: int) -> dict[str, Spec]:
+        return self.encoding.specs(rows, int(self.header["num_classes"]))
 
     def _epoch_specs(self, epoch: int) -> dict[str, Spec]:
         """(dtype, shape) of each tensor of a stored epoch's file, from the layout (as validated)."""
@@ -523,8 +621,8 @@ class LabelStore:
         n, u, c = int(sizes.long().sum()), len(units), int(self.header["num_classes"])
         specs: dict[str, Spec] = {
             "epoch": (torch.int32, (1,)), "units": (torch.int32, (u,)), "sizes": (torch.int32, (u,)),
-            "index": (torch.int32, (n,)), "crop": (torch.int16, (n, 4)), "flip": (torch.bool, (n,)),
-            "logits": (torch.float16, (n, c))}
+            "index": (torch.int32, (n,)), "crop": (torch.int16, (n, 4)), "flip": (torch.bool, (n,))}
+        specs.update(self.encoding.specs(n, c))
         mix = self.header["view"]["mix"]
         if mix != "none":
             specs.update(perm=(torch.int16, (n,)), lam=(torch.float32, (u,)))
@@ -552,7 +650,7 @@ def _small_tensors(files: TensorFiles, name: str) -> dict[str, Tensor]:
 
 
 def _checked_epoch(tensors: dict[str, Tensor], header: dict[str, Any], epoch: int, name: str) -> EpochLabels:
-    ep = EpochLabels.from_tensors(tensors, name)
+    ep = EpochLabels.from_tensors(tensors, name, _encoding_of(header), int(header["num_classes"]))
     if ep.epoch != epoch:
         raise LabelStoreError(f"labels/{name}.safetensors: holds epoch {ep.epoch}")
     ep.validate(header, name)
@@ -589,9 +687,22 @@ def _decode_header(tensors: dict[str, Tensor]) -> dict[str, Any]:
         raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: header is not JSON ({e})") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: not a {FORMAT!r} header")
-    if header.get("version") != VERSION:
-        raise LabelStoreError(f"label store version {header.get('version')!r} is not supported "
-                              f"(this decoct reads version {VERSION})")
+    if header.get("version") not in VERSIONS:
+        raise LabelStoreError(f"label store version {header.get('version')!r:.20} is not supported "
+                              f"(this decoct reads versions {', '.join(map(str, VERSIONS))})")
+    if header["version"] == VERSION and "encoding" in header:
+        raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: a version {VERSION} header names an encoding "
+                              f"(encoded stores are version {ENCODED_VERSION})")
+    if header["version"] == ENCODED_VERSION:
+        enc = _encoding_of(header)
+        if enc.plain:
+            raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: a version {ENCODED_VERSION} header names "
+                                  f"the plain fp16 format (plain stores are version {VERSION})")
+        if is_int(header.get("num_classes"), 1):
+            try:
+                enc.check_classes(int(header["num_classes"]))
+            except ValueError as e:
+                raise LabelStoreError(f"labels/{HEADER_FILE}.safetensors: {e}") from e
     need = ("fingerprint", "num_images", "num_classes", "epochs", "batch", "units_per_epoch", "view",
             "seed", "stored_epochs")
     missing = [k for k in need if k not in header]
@@ -612,6 +723,78 @@ def _decode_header(tensors: dict[str, Tensor]) -> dict[str, Any]:
                               f"{header['epochs']} to batch counts of at most units_per_epoch")
     ViewRecipe.from_dict(header["view"])
     return header
+
+
+def _encoding_of(header: dict[str, Any]) -> LabelEncoding:
+    """The header's label encoding (plain fp16 without one); an unknown one is a one-line LabelStoreError."""
+    if header.get("encoding") is None:
+        return PLAIN
+    try:
+        return LabelEncoding.from_dict(header["encoding"])
+    except ValueError as e:
+        raise LabelStoreError(str(e)) from e
+
+
+def encoded_header(header: dict[str, Any], encoding: LabelEncoding) -> dict[str, Any]:
+    """``header`` for a store whose labels are kept in ``encoding`` (version 2 with its ``encoding`` entry;
+    a plain header, version 1 without one, for the plain fp16 encoding)."""
+    out = {k: v for k, v in header.items() if k != "encoding"}
+    if encoding.plain:
+        out["version"] = VERSION
+        return out
+    encoding.check_classes(int(header["num_classes"]))
+    out.update(version=ENCODED_VERSION, encoding=encoding.to_dict())
+    return out
+
+
+def encode_store(store: LabelStore, encoding: LabelEncoding) -> LabelStore:
+    """``store`` with its fp16 logits kept in ``encoding`` (top-k, quantised; see
+    :mod:`decoct.formats.label_codec`): the same batches, views and header otherwise. A store read per
+    epoch stays one (each epoch encoded when it is used or written). Equal, file for file, to relabelling
+    straight into ``encoding``; per row, so it commutes with :func:`~decoct.formats.label_pruning.prune_store`.
+    Raises LabelStoreError for a store already encoded (encode the fp16 one) and ValueError for a
+    ``topk`` not below the number of classes."""
+    if not store.encoding.plain:
+        raise LabelStoreError(f"the label store is already encoded as {store.encoding.name}; encode the fp16 store "
+                              "(relabel again, or keep an unencoded copy with --out)")
+    header = encoded_header(store.header, encoding)
+    if encoding.plain:
+        return store
+    if not isinstance(store.epochs, LazyEpochs):
+        return LabelStore(header, {e: ep.encoded(encoding) for e, ep in store.epochs.items()})
+    loaders = {e: _encoded(store.epochs, e, encoding) for e in store._layout}
+    return LabelStore(header, LazyEpochs(loaders, store.epochs.keep), layout=dict(store._layout), sources={})
+
+
+def _encoded(epochs: Mapping[int, EpochLabels], e: int, encoding: LabelEncoding) -> Callable[[], EpochLabels]:
+    return lambda: epochs[e].encoded(encoding)
+
+
+def manifest_entry(files: Mapping[str, dict[str, Tensor]]) -> dict[str, Any] | None:
+    """What an artifact's manifest records of the label store in ``files`` (``labels.store``): its
+    ``format``, ``version`` and label ``encoding`` name (``fp16``, ``q8``, ``top5-zero-q4``, ...). None when
+    there is no store or its header cannot be read (label files are opaque to the artifact; the store's
+    own checks report a broken header when it is opened)."""
+    if HEADER_FILE not in files:
+        return None
+    try:
+        header = _decode_header(files[HEADER_FILE])
+        return {"format": FORMAT, "version": header["version"], "encoding": _encoding_of(header).name}
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def check_manifest_entry(entry: Any) -> None:
+    """Refuse a manifest's ``labels.store`` record this version cannot read (one line naming the format)."""
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+        raise LabelStoreError(f"manifest.json: labels.store must record a {FORMAT!r} store, got {str(entry)[:80]}")
+    if entry.get("version") not in VERSIONS:
+        raise LabelStoreError(f"manifest.json: label store version {entry.get('version')!r:.20} is not supported "
+                              f"(this decoct reads versions {', '.join(map(str, VERSIONS))})")
+    try:
+        LabelEncoding.check_name(entry.get("encoding"))
+    except ValueError as e:
+        raise LabelStoreError(f"manifest.json: {e}") from e
 
 
 def strip_store(files: Mapping[str, dict[str, Tensor]]) -> Mapping[str, dict[str, Tensor]]:

@@ -34,7 +34,7 @@ from decoct.runtime.filecheck import FileCheckError, safetensors_header
 from decoct.runtime.io import load_tensors_bytes, sha256_bytes, tensors_to_bytes
 
 __all__ = ["Deferred", "Spec", "TensorFile", "TensorFiles", "file_entry", "file_payload_bytes", "file_specs",
-           "payload_bytes"]
+           "payload_bytes", "safetensors_size"]
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 """(dtype, shape) of one tensor of a file."""
@@ -264,3 +264,30 @@ def as_tensor_files(value: Any) -> TensorFiles:
     if isinstance(value, TensorFiles):
         return value
     return TensorFiles(dict(value))
+
+
+# safetensors' dtype order (its Rust ``Dtype`` enum, "increasing alignment order"): a file lays its tensors
+# out by this order descending, then by name, and the header lists them in that order
+_ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+             "I64", "U64")
+_ST_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def safetensors_size(specs: Mapping[str, Spec]) -> int:
+    """Exact size in bytes of the safetensors file ``tensors_to_bytes`` writes for tensors of these
+    (dtype, shape), computed without any tensor: 8 (header length) + the JSON header padded with spaces
+    to a multiple of 8 + the data. The header lists each tensor as ``{"dtype", "shape", "data_offsets"}``
+    in safetensors' layout order (dtype alignment descending, then name; ``safetensors/src/tensor.rs``,
+    ``prepare``), compact JSON, no ``__metadata__``. What a label store's file sizes are predicted by
+    (:func:`decoct.formats.label_pruning.label_store_bytes`)."""
+    rank = {name: i for i, name in enumerate(_ST_ORDER)}
+    items = sorted(((_ST_NAMES[d], name, tuple(int(s) for s in shape)) for name, (d, shape) in specs.items()),
+                   key=lambda t: (-rank[t[0]], t[1]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for dt, name, shape in items:
+        n = _nbytes((_TORCH_DTYPES[dt], shape))
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    h = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + h + (8 - h % 8) % 8 + offset
