@@ -84,11 +84,16 @@ def collect(paths: list[str | Path]) -> list[dict]:
 
 
 def write_report(paths: list[str | Path], out: str | Path) -> Path:
-    """``report.md`` (table) + ``accuracy_vs_bytes.png`` + copies of the runs' grids in ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """``report.md`` (table, frontier table, bytes breakdown) + ``accuracy_vs_bytes.png`` (sets, their
+    baselines as their own series, the frontier marked) + ``bytes_breakdown.png`` (images, palettes and
+    labels stacked per run) + copies of the runs' grids in ``out`` (:mod:`decoct.frontier`)."""
+    from decoct.frontier import (
+        frontier_points,
+        frontier_table,
+        plot_accuracy_vs_bytes,
+        plot_bytes_breakdown,
+        run_breakdowns,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,18 +113,15 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
         lines.append(f"| {r['run']} | {r['method']} | {r['dataset']} | {r['ipc']:g} | {r['protocol']} "
                      f"({r['epochs']} ep, {r['runs']} runs) | {r['model']} | {100 * r['mean']:.2f} ± "
                      f"{100 * r['std']:.2f} | {r['bytes']:,} | {r['raw_bytes']:,} | {base} |")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.errorbar(r["bytes"], 100 * r["mean"], yerr=100 * r["std"], fmt="o", capsize=3)
-        ax.annotate(r["run"], (r["bytes"], 100 * r["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes on disk (images + labels)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
-    plt.close(fig)
-    lines += ["", "![accuracy vs bytes](accuracy_vs_bytes.png)", ""]
+    points = frontier_points(rows)  # sets and their baselines; the frontier per dataset/protocol/model
+    breakdowns = run_breakdowns(rows)
+    plot_accuracy_vs_bytes(points, out / "accuracy_vs_bytes.png")
+    plot_bytes_breakdown(breakdowns, out / "bytes_breakdown.png")
+    lines += ["", "## Accuracy against bytes, and the frontier", "",
+              "On the frontier: no other point of the same dataset, protocol and student is both no larger and "
+              "no less accurate (and better in one); exact duplicates are both on it (docs/plan.md).", "",
+              *frontier_table(points, breakdowns), "",
+              "![accuracy vs bytes](accuracy_vs_bytes.png)", "", "![bytes breakdown](bytes_breakdown.png)", ""]
     for p in map(Path, paths):
         if (p / "grid.png").exists():
             target = out / f"grid-{p.name}.png"
