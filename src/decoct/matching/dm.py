@@ -32,7 +32,12 @@ changing the estimator:
   is drawn for all classes at once (``topk`` of random keys on a padded class table);
 * ``channels_last`` (default on: faster for ConvNet with GroupNorm on CPU and GPU) and bf16
   autocast (``amp``, default on for CUDA only: on CPUs without native bf16 it is ~20x slower);
-  the class means and the loss are always float32.
+  the class means and the loss are always float32;
+* ``compile`` (off by default; ``benchmarks/bench_dm.py`` measures it against eager): the embedding
+  goes through ``torch.compile`` (inductor), which fuses each instance norm with its ReLU and
+  pooling into the conv output's passes. One net is compiled once; every iteration copies a fresh
+  draw's weights into it, so the RNG use (and resume) are those of the eager path. Fused reductions
+  round differently from the eager kernels: results equal up to float32 rounding.
 
 What stays a Python loop over classes: the DSA calls (one draw per class picks a different
 augmentation family, so they cannot share one call); they are cheap element-wise ops.
@@ -125,7 +130,8 @@ class DMConfig:
     ``lr_palette``, ``palette_alpha``, ...), as :func:`decoct.matching.palette.add_palette_args` defines
     them; turned into parameterisation and init options by ``decoct.matching.palette``. ``lr_img`` None
     means the paper's value (:attr:`resolved_lr_img`); ``amp`` / ``channels_last`` None mean the
-    per-device default (:func:`resolve_speed_flags`); ``real_chunk`` 0 means :func:`real_chunk_for`.
+    per-device default (:func:`resolve_speed_flags`); ``real_chunk`` 0 means :func:`real_chunk_for`;
+    ``compile`` runs the embedding through ``torch.compile`` (see the module docstring).
     """
 
     ipc: int = 10
@@ -142,6 +148,7 @@ class DMConfig:
     amp: bool | None = None
     channels_last: bool | None = None
     real_chunk: int = 0
+    compile: bool = False
     palette: int = 0
     palette_flags: dict[str, Any] = field(default_factory=dict)
     palette_recipe: str = "paper"
@@ -295,6 +302,8 @@ class DistributionMatching:
         self.cfg = config if isinstance(config, DMConfig) else DMConfig.from_dict(config)
         self.iterations = int(self.cfg.iterations)
         self.real_chunk: int | None = self.cfg.real_chunk or None
+        self._net: nn.Module | None = None  # with compile: the one net the compiled embedding runs
+        self._compiled: Any = None
 
     # --- set-up -----------------------------------------------------------------------------
     def init(self, dataset: Dataset, device: torch.device) -> None:
@@ -389,16 +398,51 @@ class DistributionMatching:
         if self.real_chunk is None:  # from sizes alone: the real images of one iteration, the net, the device
             self.real_chunk = real_chunk_for(info.image_shape, cfg.width, dev, amp=self.amp,
                                              max_images=int(sizes.clamp(max=cfg.batch_real).sum()))
+        if cfg.compile:  # built once, off the seeded RNG stream; _new_net copies each fresh draw into it
+            with torch.random.fork_rng(devices=[]):
+                self._net = self._prepare_net(model_for(cfg.model, info, width=cfg.width, norm=cfg.norm))
 
     def _new_net(self) -> nn.Module:
-        """A fresh frozen embedding net, initialised from the global CPU RNG (device independent)."""
+        """A fresh frozen embedding net, initialised from the global CPU RNG (device independent).
+
+        With ``compile`` the fresh draw's weights are copied into the one compiled net: the same RNG
+        use and the same weights as the eager path, and no recompilation per iteration.
+        """
         cfg = self.cfg
         net = model_for(cfg.model, self.info, width=cfg.width, norm=cfg.norm)
+        if self._net is not None:
+            with torch.no_grad():
+                for dst, src in zip(self._net.state_dict().values(), net.state_dict().values(), strict=True):
+                    dst.copy_(src)
+            return self._net
+        return self._prepare_net(net)
+
+    def _prepare_net(self, net: nn.Module) -> nn.Module:
+        """Frozen, train mode (per-sample norms: no running statistics), on the device, in the memory format."""
         net = net.to(self.device).requires_grad_(False)
         net.train()
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         return net
+
+    def _embed(self, net: nn.Module, x: Tensor) -> Tensor:
+        """``net.embed(x)``; through the compiled embedding when ``compile`` is on and ``net`` is its net.
+
+        A compiler failure (no C++ compiler, an unsupported op) is re-raised as one RuntimeError line
+        naming ``--compile``, the CLI's exit 2.
+        """
+        if self._net is None or net is not self._net:
+            return net.embed(x)
+        if self._compiled is None:  # wrapped at first use: importing the compiler costs seconds
+            self._compiled = torch.compile(self._net.embed, dynamic=False)
+        try:
+            return self._compiled(x)
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise RuntimeError(f"--compile: torch.compile of the embedding failed on {self.device} "
+                               f"({type(e).__name__}: {first}); run without --compile") from e
 
     def _real_batch(self, idx: Tensor) -> Tensor:
         """Normalised (and whitened) real images at training-set indices ``idx`` (on the device)."""
@@ -435,7 +479,7 @@ class DistributionMatching:
             y = torch.cat(lab) if len(lab) > 1 else lab[0]
             xb, yb = x[:size].contiguous(memory_format=fmt), y[:size]
             with _autocast(self.device, self.amp):
-                emb = net.embed(xb)
+                emb = self._embed(net, xb)
             sums.add_(class_sums(emb, yb, self.num_classes))
             buf, lab, n = ([x[size:]], [y[size:]], n - size) if n > size else ([], [], 0)
 
@@ -477,7 +521,7 @@ class DistributionMatching:
         if self.channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
         with _autocast(self.device, self.amp):
-            emb = net.embed(xs)
+            emb = self._embed(net, xs)
         return class_means(emb, self.syn_sorted_labels, self.num_classes)
 
     # --- one iteration ----------------------------------------------------------------------
