@@ -182,6 +182,8 @@ def _preset_command(path: Path) -> list[str]:
         return ["distill", "tm", "--dataset", "digits"]
     if kind == "decoupled" and name.startswith("squeeze-"):
         return ["squeeze", "--dataset", "digits"]
+    if kind == "decoupled" and name.endswith("-eval"):
+        return ["evaluate", "RUN"]
     if kind == "decoupled" and name.split("-")[0] in ("sre2l", "dwa", "lpld", "rded"):
         return ["distill", name.split("-")[0], "--teacher", "T", "--ipc", "1"]
     raise AssertionError(f"{path}: no command known for this preset; add it to _preset_command")
@@ -195,7 +197,8 @@ def test_every_preset_resolves_through_its_command(path):
     """The shipped paper presets load under the typed, range-checked config (values unchanged)."""
     import yaml
 
-    argv = [*_preset_command(path), "--out", "R", "--config", str(path)]
+    command = _preset_command(path)
+    argv = [*command, *([] if command[0] == "evaluate" else ["--out", "R"]), "--config", str(path)]
     args = _resolve(build_parser(), argv)
     raw = yaml.safe_load(path.read_text())
     for key, value in raw.items():

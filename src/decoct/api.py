@@ -62,7 +62,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                  resume: bool = False, force: bool = False, progress: bool = True,
                  chunk: int | None = None, teacher: str | Path | None = None, dataset: str | None = None,
                  download: bool = False, save: bool = True, data_options: dict[str, Any] | None = None,
-                 amp: bool = False) -> EvalResult:
+                 amp: bool = False, recipe: str | None = None) -> EvalResult:
     """Evaluate a run (or artifact) and store ``eval-*.json`` in the run directory.
 
     The test data is found from the source the set recorded (registry name and data root);
@@ -71,7 +71,9 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
 
     Accuracies are written after every chunk of students (``partial: true``), so ``--resume``
     continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
-    ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store.
+    ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store;
+    ``recipe`` (``dwa``; needs ``teacher``) trains with that method's own student recipe, stored as
+    ``eval-soft-online-<recipe>-...``.
     ``data_options`` (``data_mode``, ``classes``, ``workers``) override how the recorded data is loaded.
     Students train in float32 unless ``amp`` (bf16 autocast, CUDA only); a stored result is reused
     only when made with the same choice.
@@ -82,9 +84,11 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
 
     student_precision(amp, resolve_device(device))  # --amp off CUDA: refused before anything is read
     art = resolve_artifact(path)
-    cfg = protocol_config(protocol, model=model, epochs=epochs)
+    recipe = None if recipe == "auto" else recipe
+    cfg = protocol_config(protocol, model=model, epochs=epochs, recipe=recipe)
     run_dir = art.parent if art.name == "artifact" else None
     tag = f"{protocol}-online" if teacher is not None else protocol
+    tag += f"-{recipe}" if recipe is not None else ""  # another recipe, another result file
     target = run_dir / eval_filename(tag, cfg["model"], cfg["epochs"], baseline) if run_dir else None
     writer = rank() == 0 and save
     state: dict[str, list[float]] = {}
@@ -123,7 +127,8 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
         result = evaluate(art, protocol, runs=runs, seed=seed, dataset=dataset, data_root=data_root,
                           download=download, device=device, engine=engine,
                           baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
-                          model=model, epochs=epochs, online_teacher=teacher, data_options=data_options, amp=amp)
+                          model=model, epochs=epochs, online_teacher=teacher, data_options=data_options, amp=amp,
+                          recipe=recipe)
         if reused_set is not None and not force and result.accuracies == reused_set[1]:
             result.extra["set_accuracies_from"] = reused_set[0]
         if target is not None and writer:

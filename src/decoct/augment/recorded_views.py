@@ -43,21 +43,30 @@ from torch import Tensor
 __all__ = [
     "CROPS",
     "MIXES",
+    "PARTNERS",
     "ViewRecipe",
     "ViewRecord",
     "apply_views",
+    "cutmix_box",
     "draw_views",
     "seeded_generator",
 ]
 
 CROPS = ("rrc", "pad", "none")
 MIXES = ("none", "cutmix", "mixup")
+PARTNERS = ("perm", "roll")
 _MAX_SIDE = 32767  # boxes are stored as int16
 
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """How views are drawn: crop kind and range, flip probability, batch-level mix."""
+    """How views are drawn: crop kind and range, flip probability, batch-level mix.
+
+    ``partner`` is the image each one is mixed with: ``perm``, a random permutation of the batch
+    (SRe2L/LPLD relabel, SRe2L's and DWA's ImageNet ``train_KD``, DWA's CIFAR mixup; an image can
+    be its own partner), or ``roll``, the previous image of the batch (``batch.roll(1, 0)``:
+    torchvision's reference ``RandomCutmix``/``RandomMixup``, which DWA's Tiny-ImageNet validation uses).
+    """
 
     crop: str = "rrc"
     scale: tuple[float, float] = (0.08, 1.0)
@@ -66,6 +75,7 @@ class ViewRecipe:
     flip: float = 0.5
     mix: str = "none"
     mix_alpha: float = 1.0
+    partner: str = "perm"
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -84,12 +94,18 @@ class ViewRecipe:
             raise ValueError(f"flip probability must be in [0, 1], got {self.flip}")
         if self.mix != "none" and self.mix_alpha <= 0:
             raise ValueError(f"mix_alpha must be > 0, got {self.mix_alpha}")
+        if self.partner not in PARTNERS:
+            raise ValueError(f"unknown mix partner {self.partner!r}; known: {', '.join(PARTNERS)}")
         object.__setattr__(self, "scale", (lo, hi))
         object.__setattr__(self, "ratio", (rlo, rhi))
 
     def to_dict(self) -> dict:
+        """The recipe as JSON-able values; ``partner`` only when it is not the default ``perm``, so
+        label-store headers written before the field existed (and their bytes) are unchanged."""
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        if self.partner == "perm":
+            del d["partner"]
         return d
 
     @classmethod
@@ -197,19 +213,36 @@ def draw_views(n: int, height: int, width: int, recipe: ViewRecipe, generator: t
     flip = torch.rand(n, generator=g) < recipe.flip
     rec = ViewRecord(crop=crop.to(torch.int16).contiguous(), flip=flip)
     if recipe.mix != "none":
-        rec.perm = torch.randperm(n, generator=g).to(torch.int16)
+        if recipe.partner == "roll":  # out[i] mixes with x[i - 1], as batch.roll(1, 0)
+            rec.perm = torch.arange(-1, n - 1).remainder(n).to(torch.int16)
+        else:
+            rec.perm = torch.randperm(n, generator=g).to(torch.int16)
         lam = _beta(recipe.mix_alpha, g)
         rec.lam = torch.tensor(lam, dtype=torch.float32)
         if recipe.mix == "cutmix":
-            # SRe2L/LPLD rand_bbox: side floor(S*sqrt(1-lam)), centre uniform, half-sides clipped
-            cut = math.sqrt(1.0 - float(rec.lam))
-            cut_h, cut_w = int(height * cut), int(width * cut)
             cy = int(torch.randint(0, height, (), generator=g))
             cx = int(torch.randint(0, width, (), generator=g))
-            a1, a2 = min(max(cy - cut_h // 2, 0), height), min(max(cy + cut_h // 2, 0), height)
-            b1, b2 = min(max(cx - cut_w // 2, 0), width), min(max(cx + cut_w // 2, 0), width)
-            rec.box = torch.tensor([a1, b1, a2, b2], dtype=torch.int16)
+            rec.box = torch.tensor(cutmix_box(height, width, float(rec.lam), cy, cx), dtype=torch.int16)
     return rec
+
+
+def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int]:
+    """CutMix's pasted box ``(a1, b1, a2, b2)``: rows ``a1:a2``, columns ``b1:b2`` of a ``height`` x
+    ``width`` image, centred at pixel (``cy``, ``cx``), for mixing weight ``lam`` in [0, 1].
+
+    SRe2L/LPLD ``rand_bbox``: half-sides ``floor(S sqrt(1 - lam)) // 2``, clipped to the image.
+    torchvision's reference ``RandomCutmix`` (DWA's Tiny-ImageNet validation) takes
+    ``int(0.5 sqrt(1 - lam) S)``, which is the same integer (floor(floor(2y) / 2) = floor(y)),
+    so one rule serves both. The box may be empty or smaller than ``(1 - lam)`` of the image
+    when clipped; like the references, the soft-label loss does not use ``lam``.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    cut = math.sqrt(1.0 - lam)
+    half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
+    a1, a2 = min(max(cy - half_h, 0), height), min(max(cy + half_h, 0), height)
+    b1, b2 = min(max(cx - half_w, 0), width), min(max(cx + half_w, 0), width)
+    return a1, b1, a2, b2
 
 
 def _axis_table(start: Tensor, length: Tensor, out: int, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -36,7 +36,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
                           progress=args.progress, teacher=args.teacher, dataset=args.dataset,
-                          download=args.download, save=args.save, data_options=data_options(args), amp=args.amp)
+                          download=args.download, save=args.save, data_options=data_options(args), amp=args.amp,
+                          recipe=args.recipe)
     from decoct.runtime.distributed import rank
 
     if rank() != 0:  # torchrun: one report, from rank 0
@@ -58,6 +59,9 @@ def _cmd_scores(args: argparse.Namespace) -> int:
     from decoct.evaluation.scores import format_scores
     from decoct.runtime.distributed import rank
 
+    if args.recipe != "auto":
+        raise ValueError("--recipe chooses the soft protocol's student recipe; --scores trains classic/fast students: "
+                         "drop --recipe")
     if args.baseline is not None:
         raise ValueError("--scores trains its own random-real baseline (the set's IPC, the set's labels, a fresh "
                          "subset per round); drop --baseline")
@@ -172,7 +176,8 @@ def register(cli: CommandAdder) -> None:
     p.add_argument("path", help="run directory or artifact directory")
     p.add_argument("--protocol", default="classic", choices=["classic", "fast", "soft"],
                    help="classic: 1000 epochs, the matching papers' recipe; fast: 300 epochs for CPU smoke runs; "
-                        "soft: KD from the set's FKD label store (decoct relabel) with the decoupled papers' recipe")
+                        "soft: KD from the set's FKD label store (decoct relabel), or from a live --teacher, with the "
+                        "decoupled papers' recipe (--recipe)")
     p.add_argument("--model", default=None, help="student model (default: the protocol's: ConvNet for classic/fast, ResNet-18 for soft)")
     p.add_argument("--runs", type=int, default=5, help="students (independent initialisations and augmentations)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
@@ -186,8 +191,13 @@ def register(cli: CommandAdder) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "sequential", "vmap", "grouped"],
                    help="multi-student engine")
     p.add_argument("--teacher", default=None,
-                   help="soft protocol only: teacher directory labelling fresh views online (unlimited labels); "
-                        "with --scores: labels the random real images of a set that carries soft labels")
+                   help="soft protocol only: teacher directory labelling fresh views online (unlimited labels; a "
+                        "label store the set carries is then neither used nor counted); with --scores: labels the random real images of a set that carries soft labels")
+    p.add_argument("--recipe", default="auto", choices=["auto", "dwa"],
+                   help="soft protocol: the student recipe. auto: by image size, the SRe2L/LPLD relabel recipes "
+                        "(docs/protocols.md#soft); dwa: DWA's own validation recipes, which its paper runs against a "
+                        "live teacher (needs --teacher): CIFAR 400 epochs with Mixup, Tiny-ImageNet 200 epochs with "
+                        "CutMix, ImageNet 300 epochs with CutMix (docs/methods/dwa.md#evaluation)")
     p.add_argument("--amp", action="store_true",
                    help="train the students under bf16 autocast (CUDA only; default float32, as the references; "
                         "the result records which)")

@@ -12,8 +12,10 @@ Protocols (docs/protocols.md):
   distilled with KL at the reference temperature from the artifact's FKD label store (replaying its
   stored views), or from an online teacher (``online_teacher=``; unlimited labels, reported as
   protocol ``soft-online``). Optimiser, schedule, epochs, batch and views per dataset from
-  docs/protocols.md, soft; epochs default to the store's. Label bytes are part of ``bytes_on_disk``.
-  A fast variant is ``epochs=`` fewer.
+  docs/protocols.md, soft; epochs default to the store's. Label bytes are part of ``bytes_on_disk``
+  (with an online teacher a store the set carries is unused and not counted). A fast variant is
+  ``epochs=`` fewer. ``recipe='dwa'`` (online only) trains with DWA's own student recipes, as its
+  paper evaluates (:func:`decoct.train.soft_students.soft_recipe_for`).
 
 The set evaluated is always what was saved (uint8 or palette pixels decoded from the PNGs),
 never float tensors from memory. ``baseline='random'`` evaluates, under the same protocol and
@@ -60,7 +62,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     # None = from the dataset's reference recipe (decoct.train.soft_students.soft_recipe_for) or the label store
     "soft": dict(epochs=None, lr=None, momentum=None, weight_decay=None, batch_size=None, schedule=None,
                  optimizer=None, warmup_epochs=None, temperature=None, t2=None, no_decay_1d=None,
-                 granularity="auto", model="resnet18", model_kwargs={}),
+                 granularity="auto", model="resnet18", model_kwargs={}, recipe="auto"),
 }
 
 
@@ -210,6 +212,10 @@ def protocol_config(protocol: str, **overrides: Any) -> dict[str, Any]:
     for k, v in overrides.items():
         if v is None:
             continue
+        if k == "recipe" and protocol != "soft" and v != "auto":
+            raise ValueError(f"--recipe chooses the soft protocol's student recipe; it does not apply to {protocol!r}")
+        if k == "recipe" and protocol != "soft":
+            continue
         if k not in cfg:
             raise ValueError(f"protocol option {k!r} does not exist; known: {', '.join(cfg)}")
         cfg[k] = v
@@ -340,7 +346,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             raise ValueError("the soft protocol does not support ZCA-whitened sets")
         return _evaluate_soft(dset, storage, dataset, cfg, runs=runs, seed=seed, device=dev, baseline=baseline,
                               progress=progress, chunk=chunk, state=state, on_progress=on_progress,
-                              online_teacher=online_teacher, amp=amp)
+                              online_teacher=online_teacher, amp=amp, path=path)
     if is_streamed(dataset):
         raise ValueError(f"the {protocol!r} protocol trains and tests in memory; this dataset is streamed from disk: "
                          "use --protocol soft (the ImageNet protocol), or --data-mode memory if it fits")
@@ -406,11 +412,14 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
 def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset, cfg: dict[str, Any], *, runs: int,
                    seed: int, device: torch.device, baseline: str | None, progress: bool, chunk: int | None,
                    state: dict[str, list[float]], on_progress: Callable[[dict[str, list[float]]], None] | None,
-                   online_teacher: Any, amp: bool = False) -> EvalResult:
+                   online_teacher: Any, amp: bool = False, path: Path) -> EvalResult:
     """The ``soft`` protocol: students trained by KD from the label store or an online teacher.
 
-    Everything that can be wrong (no store, a store of another set, a batch size the store was
-    not made with, a teacher of other classes) fails here, before the first student trains.
+    The recipe is ``cfg["recipe"]``'s for the image size (:func:`decoct.train.soft_students.soft_recipe_for`):
+    ``auto`` with a store or a teacher, a method's own (``dwa``) with a teacher only. With a teacher,
+    a label store in ``path`` is ignored and not counted. Everything that can be wrong (no store, a
+    store of another set, a batch size the store was not made with, a teacher of other classes, a
+    method recipe without a teacher) fails here, before the first student trains.
     """
     from decoct.decoupled.relabel import check_teacher_output, resolve_teacher
     from decoct.formats.label_store import LabelStore
@@ -418,10 +427,19 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
 
     device = join_torchrun(device)  # under torchrun every student trains with DDP
     info = dataset.info
-    recipe = soft_recipe_for(info)
+    recipe = soft_recipe_for(info, cfg["recipe"])
+    if cfg["recipe"] != "auto" and online_teacher is None:
+        raise ValueError(f"the {cfg['recipe']} recipe trains its students against a live teacher, as its paper does "
+                         "(no stored labels): pass --teacher DIR; or drop --recipe to replay the set's label store")
     teacher = None
     store = None
     if online_teacher is not None:
+        # a label store the set may carry is not used: its bytes are not counted, and the random
+        # baseline is sized from the images alone (as for a set never relabelled)
+        counted = hard_protocol_storage(dset, path, storage)
+        storage = {**storage, "bytes_on_disk": dict(storage["bytes_on_disk"]), "raw_bytes": dict(storage["raw_bytes"])}
+        storage["bytes_on_disk"]["labels"] -= storage["bytes_on_disk"]["total"] - counted[0]
+        storage["bytes_on_disk"]["total"], storage["raw_bytes"]["total"] = counted
         teacher, tdesc = resolve_teacher(online_teacher, info, device)
         two = dset.images[:2] if isinstance(dset, DistilledSet) else dset.batch([0, 1])  # or an ImageBank
         check_teacher_output(teacher, normalize(two, info, device), info.num_classes)

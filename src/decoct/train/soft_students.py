@@ -21,6 +21,18 @@ the reference recipe has it. Recipes per dataset (:func:`soft_recipe_for`) come 
   epoch, T=30 without T^2, RandomCrop(pad H/8) + flip + Mixup(alpha 0.8). The references only run
   this recipe with an online teacher; storing its views is our extension.
 
+DWA's own student recipes (``soft_recipe_for(info, "dwa")``, ``decoct evaluate --recipe dwa``; its
+paper trains every student against a live teacher, no stored labels):
+
+* ``dwa-imagenet`` -- DWA ``validation_imgnet.py``: the ``imagenet`` values (300 epochs, batch 128,
+  AdamW 1e-3, CutMix alpha 1 with a random partner).
+* ``dwa-tiny`` -- DWA ``validation_tiny.py`` / ``run_tiny.sh``: 200 epochs, batch 64, SGD lr 0.2
+  momentum 0.9 wd 1e-4 on every parameter (the torchvision reference's default), 5 warm-up epochs
+  from 0.01x then cosine, T=20 with T^2, RandomResizedCrop(0.08-1) + flip + CutMix(alpha 1) on
+  every batch, each image mixed with the previous one (torchvision's ``RandomCutmix``: ``roll(1, 0)``).
+* ``dwa-cifar`` -- DWA ``validation_cifar.py`` / ``run_cifar.sh``: the ``cifar`` values (400 epochs,
+  Mixup alpha 0.8 with a random partner, T=30).
+
 Choices that differ from the official code: the teacher is always in eval mode (the CIFAR scripts
 leave it in train mode, docs/methods/dwa.md, Where decoct departs from the paper or the released
 code); every draw is seeded; the final epoch's accuracy is reported (the scripts report the best
@@ -49,6 +61,7 @@ __all__ = [
     "FKDConfig",
     "SoftRecipe",
     "RECIPES",
+    "RECIPE_FAMILIES",
     "fill_value",
     "fit_soft_students",
     "kd_loss",
@@ -93,20 +106,47 @@ def _recipes() -> dict[str, SoftRecipe]:
         "cifar": SoftRecipe("cifar", "SRe2L/DWA CIFAR (docs/protocols.md#soft)", "resnet18", 400, 128, "adamw", 1e-3, 0.9,
                             0.01, False, "cosine", 0, 30.0, False,
                             ViewRecipe(crop="pad", padding=4, mix="mixup", mix_alpha=0.8)),
+        # DWA's released validation scripts (docs/methods/dwa.md, Evaluation), always with a live teacher
+        "dwa-imagenet": SoftRecipe("dwa-imagenet", "DWA validation_imgnet.py, scripts/run_imgnet.sh "
+                                   "(docs/methods/dwa.md#evaluation)", "resnet18", 300, 128, "adamw", 1e-3, 0.9,
+                                   0.01, True, "cosine", 0, 20.0, False,
+                                   ViewRecipe(crop="rrc", mix="cutmix", mix_alpha=1.0)),
+        "dwa-tiny": SoftRecipe("dwa-tiny", "DWA validation_tiny.py, scripts/run_tiny.sh "
+                               "(docs/methods/dwa.md#evaluation)", "resnet18", 200, 64, "sgd", 0.2, 0.9, 1e-4,
+                               False, "warmup_cosine", 5, 20.0, True,
+                               ViewRecipe(crop="rrc", mix="cutmix", mix_alpha=1.0, partner="roll")),
+        "dwa-cifar": SoftRecipe("dwa-cifar", "DWA validation_cifar.py, scripts/run_cifar.sh "
+                                "(docs/methods/dwa.md#evaluation)", "resnet18", 400, 128, "adamw", 1e-3, 0.9,
+                                0.01, False, "cosine", 0, 30.0, False,
+                                ViewRecipe(crop="pad", padding=4, mix="mixup", mix_alpha=0.8)),
     }
 
 
 RECIPES = _recipes()
+RECIPE_FAMILIES = ("auto", "dwa")
+"""What ``soft_recipe_for`` picks from: ``auto``, the relabel recipes above by image size
+(``imagenet``/``tiny``/``cifar``); ``dwa``, DWA's own student recipes by image size
+(``dwa-imagenet``/``dwa-tiny``/``dwa-cifar``), which its paper runs against a live teacher."""
 
 
-def soft_recipe_for(info: DatasetInfo) -> SoftRecipe:
-    """The reference recipe for a dataset, chosen by image size (padding scaled as H/8)."""
+def soft_recipe_for(info: DatasetInfo, family: str = "auto") -> SoftRecipe:
+    """The reference recipe for a dataset, chosen by image size (padding scaled as H/8).
+
+    ``family`` ``auto``: the SRe2L/LPLD relabel recipes (``imagenet`` >= 128 px, ``tiny`` 33-127 px,
+    ``cifar`` <= 32 px); ``dwa``: DWA's validation recipes for the same sizes (``dwa-tiny`` differs
+    from ``tiny``: 200 epochs, CutMix with the previous image of the batch, weight decay on every
+    parameter; ``dwa-imagenet`` and ``dwa-cifar`` hold the same values as ``imagenet`` and ``cifar``).
+    Raises ValueError for an unknown family.
+    """
+    if family not in RECIPE_FAMILIES:
+        raise ValueError(f"unknown soft recipe {family!r}; known: {', '.join(RECIPE_FAMILIES)}")
+    prefix = "" if family == "auto" else f"{family}-"
     size = max(info.height, info.width)
     if size >= 128:
-        return RECIPES["imagenet"]
+        return RECIPES[prefix + "imagenet"]
     if size > 32:
-        return RECIPES["tiny"]
-    r = RECIPES["cifar"]
+        return RECIPES[prefix + "tiny"]
+    r = RECIPES[prefix + "cifar"]
     return replace(r, view=replace(r.view, padding=max(1, size // 8)))
 
 
