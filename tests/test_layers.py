@@ -21,13 +21,13 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("models", ["decoct.models"]),
     ("augment", ["decoct.augment"]),
     ("formats", ["decoct.formats"]),
-    ("report", ["decoct.report"]),
+    ("report", ["decoct.report", "decoct.frontier"]),
     ("train", ["decoct.train"]),
     ("methods", ["decoct.methods"]),
     ("coreset", ["decoct.coreset"]),
     ("families", ["decoct.matching", "decoct.decoupled"]),
     ("evaluation", ["decoct.evaluation"]),
-    ("api", ["decoct.api"]),
+    ("api", ["decoct.api", "decoct.plan"]),
     ("cli", ["decoct.cli"]),
 ]
 FAMILIES = ["decoct.matching", "decoct.decoupled"]

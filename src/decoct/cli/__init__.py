@@ -2,7 +2,8 @@
 
 :mod:`~decoct.cli.sets` (quickstart, select, evaluate, info, export, report),
 :mod:`~decoct.cli.matching` (distill dm/tm, experts, quantize), :mod:`~decoct.cli.decoupled`
-(squeeze, distill sre2l/dwa/lpld), :mod:`~decoct.cli.labels` (relabel); what they share is
+(squeeze, distill sre2l/dwa/lpld), :mod:`~decoct.cli.labels` (relabel), :mod:`~decoct.cli.plan`
+(plan); what they share is
 :mod:`~decoct.cli.common`. This module builds the parser and runs a command (:func:`main`, the
 ``decoct`` entry point; ``python -m decoct.cli`` is the same). Every command takes ``--config FILE.yaml`` and ``--set key=value`` (see :mod:`decoct.runtime.config`);
 the resolved config is saved in the run directory.
@@ -28,7 +29,7 @@ from decoct.cli.common import (
 from decoct.runtime.config import ConfigError, clip
 
 # ----------------------------------------------------------------------------------------------
-PLUGINS = ("decoct.cli.matching", "decoct.cli.decoupled", "decoct.cli.labels")
+PLUGINS = ("decoct.cli.matching", "decoct.cli.decoupled", "decoct.cli.labels", "decoct.cli.plan")
 """Modules that add commands: each defines ``register(cli: CommandAdder) -> None``."""
 
 

@@ -222,6 +222,9 @@ RANGES: dict[str, Range] = {
     "syn_steps": _POSITIVE, "expert_epochs": _POSITIVE, "max_start_epoch": _POSITIVE,
     "max_iterations": _POSITIVE, "max_epochs": _POSITIVE, "palette_aux_images": _POSITIVE,
     "palette_warmup_batch": _POSITIVE, "candidates": _POSITIVE, "crops": _POSITIVE, "factor": _POSITIVE,
+    "label_epochs": _POSITIVE, "eval_runs": _POSITIVE, "eval_epochs": _POSITIVE,
+    # counts of at least two: images sampled per class to estimate PNG sizes (a variance), a relabel batch
+    "sample": Range(2), "label_batch": Range(2),
     # counts where 0 means off / all / automatic
     "seed": Range(0, 2**32 - 1), "real_chunk": _NONNEG, "batch_syn": _NONNEG, "snapshot_every": _NONNEG,
     "min_start_epoch": _NONNEG, "current_max_start_epoch": _NONNEG, "expansion_end_epoch": _NONNEG,

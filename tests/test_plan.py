@@ -1,0 +1,188 @@
+"""decoct plan (issue 14): byte budgets, the enumerated configurations, the byte estimates against real
+artifacts, runs matched by their manifests, and a digits sweep that fits its budget and resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from decoct.cli import main
+from decoct.plan import (
+    PlanConfig,
+    config_of_run,
+    enumerate_configs,
+    fp16_store_bytes,
+    parse_budget,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------------ budgets
+@pytest.mark.parametrize("text,want", [
+    ("200KB", 200_000), ("200kb", 200_000), ("200 kB", 200_000), ("1.5MB", 1_500_000), ("50000", 50_000),
+    ("50000B", 50_000), ("64KiB", 65_536), ("1.5MiB", 1_572_864), ("2GB", 2_000_000_000), ("1GiB", 2**30),
+    ("0.5KB", 500), (".5KB", 500), (123, 123),
+])
+def test_budget_parsing_decimal_and_binary_units(text, want):
+    assert parse_budget(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "KB", "abc", "-5KB", "1.5", "0", "0KB", "10XB", "1.0005KB", "nan",
+                                  "1e3", "1,000", "5 K B", True])
+def test_bad_budgets_are_refused_naming_the_flag(text):
+    with pytest.raises(ValueError, match="--budget"):
+        parse_budget(text)
+
+
+def test_bad_budget_exits_2_with_one_line(capsys):
+    assert main(["plan", "--dataset", "digits", "--family", "coreset", "--budget", "12XB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("decoct plan: error: --budget must be a size")
+
+
+# ------------------------------------------------------------------------------------------ configs
+def test_enumerated_counts_follow_autopalettes_rule():
+    cfgs = enumerate_configs("matching", ["dm", "autopalette-dm", "dm+mediancut"], [1, 2], [0, 16, 64], ["hard"],
+                             [1], ["fp16"], None, max_per_class=100)
+    got = {(c.method, c.colors, c.base_ipc): c.ipc for c in cfgs}
+    assert got == {("dm", 0, 1): 1, ("dm", 0, 2): 2,
+                   ("autopalette-dm", 16, 1): 16, ("autopalette-dm", 16, 2): 32,
+                   ("autopalette-dm", 64, 1): 4, ("autopalette-dm", 64, 2): 8,
+                   ("dm+mediancut", 16, 1): 16, ("dm+mediancut", 16, 2): 32,
+                   ("dm+mediancut", 64, 1): 4, ("dm+mediancut", 64, 2): 8}
+    # a count above the smallest class is left out
+    assert {c.ipc for c in enumerate_configs("coreset", ["random"], [1, 2], [16], ["hard"], [1], ["fp16"], None,
+                                             max_per_class=20)} == {16}
+    soft = enumerate_configs("decoupled", ["lpld"], [1], [0, 16], ["soft"], [1, 10], ["fp16"], 5)
+    assert sorted((c.colors, c.prune, c.label_epochs) for c in soft) == [(0, 1, 5), (0, 10, 5)]
+
+
+@pytest.mark.parametrize("args,match", [
+    (("coreset", ["dm"], ["hard"], [1], ["fp16"], None), "not a coreset method"),
+    (("nope", ["dm"], ["hard"], [1], ["fp16"], None), "--family"),
+    (("decoupled", ["lpld"], ["soft"], [1], ["fp16"], None), "--label-epochs"),
+    (("decoupled", ["lpld"], ["soft"], [7], ["fp16"], 3), "--prune"),
+    (("decoupled", ["lpld"], ["soft"], [1], ["int3"], 3), "--label-formats"),
+    (("decoupled", ["lpld"], ["soft"], [1], ["top0-zero-fp16"], 3), "--label-formats"),
+    (("decoupled", ["lpld"], ["soft"], [1], ["top5-soft-q8"], 3), "--label-formats"),
+])
+def test_bad_grids_are_refused(args, match):
+    family, methods, labels, prunes, fmts, epochs = args
+    with pytest.raises(ValueError, match=match):
+        enumerate_configs(family, methods, [1], [0], labels, prunes, fmts, epochs)
+
+
+def test_label_store_bytes_equal_a_real_store(digits, tmp_path):
+    """The estimate serialises the store relabel writes: equal to the artifact's label bytes, exactly."""
+    from safetensors.torch import load_file
+
+    from decoct.decoupled.relabel import relabel
+    from decoct.formats.artifact import DistilledSet
+    from decoct.models import model_for
+    from decoct.train.soft_students import soft_recipe_for
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(20, generator=g)[:3]] for c in range(10)])
+    teacher = model_for("mlp", digits.info, width=8).eval()
+    view = soft_recipe_for(digits.info).view
+    for prune, epochs in ((None, 3), (10, 20)):
+        path = tmp_path / f"set-{prune}"
+        DistilledSet(info=digits.info, images=digits.train.images[idx], labels=digits.train.labels[idx],
+                     method="random").save(path)
+        relabel(path, teacher, epochs=epochs, batch_size=8, seed=0, device="cpu", prune=prune)
+        m = json.loads((path / "manifest.json").read_text())
+        header = json.loads(bytes(load_file(str(path / "labels" / "fkd.safetensors"))["header"].tolist()))
+        est = fp16_store_bytes(30, 10, digits.info.image_shape, epochs, 8, prune or 1, view, teacher=header["teacher"])
+        assert est == m["storage"]["bytes_on_disk"]["labels"]
+        cfg, _ = config_of_run(path, "coreset")
+        assert (cfg.labels, cfg.prune, cfg.label_epochs, cfg.label_format) == ("soft", prune or 1, epochs, "fp16")
+
+
+# ------------------------------------------------------------------------------------------ digits sweep
+def _plan_argv(out: Path, budget: str) -> list[str]:
+    return ["plan", "--dataset", "digits", "--family", "coreset", "--budget", budget, "--ipc", "1", "2", "4", "8",
+            "--colors", "0", "256", "--sample", "8", "--out", str(out), "--sweep", "--eval-runs", "1",
+            "--eval-epochs", "2", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_plan_sweep_on_digits_fits_the_budget_and_resumes(tmp_path, capsys):
+    """Every listed configuration, once built, fits the budget by the artifact's own accounting; a
+    second call runs nothing; measured runs are ranked with their real bytes and the estimate's error."""
+    out = tmp_path / "plan"
+    budget = 12000  # digits PNGs: ~123 B per 8-bit image, ~890 B at K = 256 (its 780-byte palette)
+    assert main(_plan_argv(out, str(budget))) == 0
+    text = capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    rows = plan["rows"]
+    assert rows and all(r["run"] is not None and r["accuracy"] is not None for r in rows), text
+    for r in rows:
+        m = json.loads((Path(r["run"]) / "artifact" / "manifest.json").read_text())
+        assert m["storage"]["bytes_on_disk"]["total"] == r["actual_bytes"] <= budget
+        assert r["estimate_error"] is not None and abs(r["estimate_error"]) < 0.25
+    # per recipe the largest count that fits: 8/class in 8 bits (16 would not), 1/class at K = 256 (2 would not)
+    assert sorted((r["config"]["method"], r["config"]["colors"], r["config"]["ipc"]) for r in rows) == [
+        ("random", 0, 8), ("random", 256, 1)]
+    assert "est. error" in text and "ran " in text
+    assert (out / "report" / "report.md").exists() and (out / "report" / "bytes_breakdown.png").exists()
+    report = (out / "report" / "report.md").read_text()
+    assert "on frontier" in report and "| images | palettes | labels |" in report
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("DONE")}
+    assert main(_plan_argv(out, str(budget))) == 0
+    again = capsys.readouterr().out
+    assert "sweep: ran 0 commands" in again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("DONE")} == stamps
+
+
+def test_plan_lists_without_sweeping_and_marks_unmeasured(tmp_path, capsys):
+    assert main(["plan", "--dataset", "digits", "--family", "matching", "--budget", "30KB", "--ipc", "1", "2",
+                 "--colors", "0", "16", "--sample", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "unmeasured" in text and "| autopalette-dm, 16/class, K=16 (x16 of IPC 1), hard labels |" in text
+    assert "| dm+mediancut, 16/class, K=16 (x16 of IPC 1), hard labels |" in text
+    assert "| dm, 2/class, full colour, hard labels |" in text and "32/class" not in text  # 32 x 10 x 166 B > 30 KB
+
+
+def test_config_of_run_reads_what_the_commands_write(tmp_path):
+    run = tmp_path / "sel"
+    assert main(["select", "random", "--dataset", "digits", "--ipc", "2", "--out", str(run), "--no-progress"]) == 0
+    assert main(["quantize", str(run), "--colors", "4", "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    cfg, _ = config_of_run(run, "coreset")
+    assert cfg == PlanConfig("coreset", "random", 2, 2)
+    cfg, _ = config_of_run(tmp_path / "q", "coreset")
+    assert (cfg.method, cfg.ipc, cfg.colors, cfg.labels) == ("random", 2, 4, "hard")
+    assert config_of_run(run, "matching") is None  # another family's run is not matched
+
+
+@pytest.mark.parametrize("name,topk,fill,bits", [("q8", None, None, 8), ("top3-zero-q4", 3, "zero", 4),
+                                                 ("top2-spread-fp16", 2, "spread", None)])
+def test_encoded_label_formats_are_sized_and_recognised(digits, tmp_path, name, topk, fill, bits):
+    """Compressed stores (relabel --label-topk/--label-fill/--label-bits) are in the planner's search space:
+    sized by the store's byte model within a few bytes of the real store, and read back from its header."""
+    relabel_mod = pytest.importorskip("decoct.decoupled.relabel")
+    if not hasattr(relabel_mod, "label_encoding"):
+        pytest.skip("this decoct has no label encodings")
+    from decoct.formats.artifact import DistilledSet
+    from decoct.models import model_for
+    from decoct.plan import label_format
+    from decoct.train.soft_students import soft_recipe_for
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(20, generator=g)[:3]] for c in range(10)])
+    path = tmp_path / "set"
+    DistilledSet(info=digits.info, images=digits.train.images[idx], labels=digits.train.labels[idx],
+                 method="random").save(path)
+    enc = relabel_mod.label_encoding(digits.info, topk, fill, bits)
+    relabel_mod.relabel(path, model_for("mlp", digits.info, width=8).eval(), epochs=4, batch_size=8, seed=0,
+                        device="cpu", prune=None, encoding=enc)
+    real = json.loads((path / "manifest.json").read_text())["storage"]["bytes_on_disk"]["labels"]
+    fmt = label_format(name)
+    est = fmt.store_bytes(30, 10, digits.info.image_shape, 4, 8, 1, soft_recipe_for(digits.info).view)
+    assert abs(est - real) <= 100, (est, real)  # exact but for the teacher described in the JSON header
+    assert "--label-bits" in fmt.relabel_flags or bits is None
+    cfg, _ = config_of_run(path, "coreset")
+    assert (cfg.labels, cfg.label_format, cfg.label_epochs) == ("soft", name, 4)
