@@ -186,3 +186,48 @@ def test_encoded_label_formats_are_sized_and_recognised(digits, tmp_path, name, 
     assert "--label-bits" in fmt.relabel_flags or bits is None
     cfg, _ = config_of_run(path, "coreset")
     assert (cfg.labels, cfg.label_format, cfg.label_epochs) == ("soft", name, 4)
+
+
+def test_sweep_steps_are_valid_decoct_commands(tmp_path):
+    """Every step the sweep would run, for every family and label format, parses as the normal command
+    (flags and values checked as typed), builds its sources first and ends in the configuration's run."""
+    from decoct.cli import build_parser
+    from decoct.cli.common import _resolve
+    from decoct.plan import SweepOptions, build_steps, eval_step
+
+    o = SweepOptions(out=tmp_path / "o", dataset="digits", iterations=5, eval_runs=1, eval_epochs=2,
+                     baseline="random", teacher=str(tmp_path / "t"), label_batch=8, device="cpu")
+    cfgs = enumerate_configs("coreset", ["random", "herding"], [1], [0, 16], ["hard", "soft"], [1, 10],
+                             ["fp16", "top2-spread-q4"], 3)
+    cfgs += enumerate_configs("matching", ["dm", "dm+mediancut", "autopalette-dm"], [1, 2], [0, 64], ["hard"], [1],
+                              ["fp16"], None)
+    cfgs += enumerate_configs("decoupled", ["lpld", "rded"], [2], [0], ["soft"], [1, 20], ["q8"], 4)
+    seen = set()
+    for cfg in cfgs:
+        steps = build_steps(cfg, o)
+        assert steps[-1][0] == o.out / cfg.slug() and cfg.slug() not in seen
+        seen.add(cfg.slug())
+        for path, argv in [*steps, (None, eval_step(cfg, o))]:
+            args = _resolve(build_parser(), argv)
+            if path is not None:
+                assert Path(args.out) == path
+        cmds = [a[0] if a[0] != "distill" else f"distill {a[1]}" for _, a in steps]
+        if cfg.labels == "soft":
+            assert cmds[-1] == "relabel" and ("--prune" in steps[-1][1]) == (cfg.prune > 1)
+        if cfg.method == "autopalette-dm":
+            argv = steps[0][1]
+            assert argv[argv.index("--ipc") + 1] == str(cfg.base_ipc) and argv[argv.index("--palette") + 1] == "64"
+        if cfg.colors and cfg.method != "autopalette-dm":
+            assert cmds[-1 if cfg.labels == "hard" else -2] == "quantize"
+    with pytest.raises(ValueError, match="--teacher"):
+        build_steps(cfgs[-1], SweepOptions(out=tmp_path / "o", dataset="digits"))
+
+
+def test_a_store_that_cannot_exist_is_left_out_with_a_note():
+    """A pruning factor that keeps no batch of a short store is noted and left out, not the whole plan's error."""
+    from decoct.plan import make_plan, plan_table
+
+    plan = make_plan("digits", "decoupled", 60_000, ipcs=[2], colors=[0], prunes=[1, 10], label_epochs=2, sample=4)
+    assert [(r.config.prune, r.config.labels) for r in plan.rows] == [(1, "soft")]
+    assert any("left out lpld, 2/class" in n and "pruning 10x" in n for n in plan.notes)
+    assert any(line.startswith("note: left out") for line in plan_table(plan))

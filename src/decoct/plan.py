@@ -607,7 +607,11 @@ def make_plan(dataset: str, family: str, budget: int, *, methods: Sequence[str] 
     cache: dict[tuple[Any, ...], int] = {}
     rows: dict[tuple[Any, ...], PlanRow] = {}
     for c in configs:
-        est = estimate(c, ib, info, batch, recipe.view, teacher, cache)
+        try:
+            est = estimate(c, ib, info, batch, recipe.view, teacher, cache)
+        except ValueError as e:  # a store that cannot exist (a pruning that keeps no batch, top-k >= C)
+            notes.append(f"left out {c.describe()}: {e}")
+            continue
         rows[c.key()] = PlanRow(c, est, est.upper <= budget)
     # measured runs
     for run in find_runs(runs):
@@ -624,7 +628,11 @@ def make_plan(dataset: str, family: str, budget: int, *, methods: Sequence[str] 
             if cfg.label_format == "unknown":
                 notes.append(f"{run}: its label store is in a format the planner does not know; not matched")
                 continue
-            est = estimate(cfg, ib, info, batch, recipe.view, teacher, cache)
+            try:
+                est = estimate(cfg, ib, info, batch, recipe.view, teacher, cache)
+            except ValueError as e:
+                notes.append(f"{run}: its configuration cannot be estimated ({e}); not matched")
+                continue
             row = rows[cfg.key()] = PlanRow(cfg, est, est.upper <= budget)
         if row.run is not None and (res is None or (row.accuracy is not None and row.accuracy >= res["mean"])):
             continue  # keep the better-measured of two runs of the same configuration
