@@ -9,10 +9,11 @@ B=${B:-runs/bench}; IT=${TM_ITERATIONS:-200}
 T() { /usr/bin/time -f "  [%e s wall] $*" "$@"; }
 T decoct experts --dataset cifar10 --num-experts 2 --epochs 3 --width 32 --out $B/experts-c10-w32 --no-progress
 [ -d $B/random-c10-ipc1 ] || T decoct select random --dataset cifar10 --ipc 1 --out $B/random-c10-ipc1 --no-progress
+ev() { T decoct evaluate $B/$1 --protocol fast --runs 3 --no-progress; }  # each cell as soon as it exists
 T decoct distill tm --dataset cifar10 --ipc 1 --experts $B/experts-c10-w32 --syn-steps 20 --expert-epochs 2 \
   --max-start-epoch 1 --lr-img 1000 --iterations $IT --out $B/tm-c10-ipc1 --no-progress
+ev tm-c10-ipc1
 T decoct distill tm --dataset cifar10 --ipc 1 --experts $B/experts-c10-w32 --syn-steps 20 --expert-epochs 2 \
   --max-start-epoch 1 --lr-img 1000 --iterations $IT --palette 64 --palette-init real --out $B/aptm-c10-ipc1 --no-progress
-for r in random-c10-ipc1 tm-c10-ipc1 aptm-c10-ipc1; do
-  T decoct evaluate $B/$r --protocol fast --runs 3 --no-progress
-done
+ev aptm-c10-ipc1
+ev random-c10-ipc1
