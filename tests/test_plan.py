@@ -231,3 +231,15 @@ def test_a_store_that_cannot_exist_is_left_out_with_a_note():
     assert [(r.config.prune, r.config.labels) for r in plan.rows] == [(1, "soft")]
     assert any("left out lpld, 2/class" in n and "pruning 10x" in n for n in plan.notes)
     assert any(line.startswith("note: left out") for line in plan_table(plan))
+
+
+def test_plan_takes_its_keys_from_a_config_file_and_set(tmp_path, capsys):
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text("dataset: digits\nfamily: coreset\nbudget: 3000\nipc: [1, 2]\npalette: [0]\nsample: 4\n")
+    assert main(["plan", "--config", str(cfg)]) == 0
+    assert "budget 3,000 B" in capsys.readouterr().out
+    assert main(["plan", "--config", str(cfg), "--set", "budget=2KiB", "--palette", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "budget 2,048 B" in out and "random, 1/class, full colour" in out and "2/class" not in out
+    assert main(["plan", "--config", str(cfg), "--set", "sample=1"]) == 2
+    assert "sample" in capsys.readouterr().err

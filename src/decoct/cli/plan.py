@@ -25,7 +25,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.sweep and not args.out:
         raise ValueError("--sweep needs --out DIR (one run directory per configuration is made there)")
     out = Path(args.out) if args.out else None
-    run_dirs = list(args.runs_dirs or [])
+    run_dirs = list(args.runs or [])
     if out is not None and out.is_dir():
         run_dirs.append(str(out))
 
@@ -90,8 +90,9 @@ def register(cli: Any) -> None:
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100],
                    help="full-colour images per class to consider; with K colours each becomes "
                         "IPC x 2^(8 - ceil(log2 K)) (AutoPalette's rule)")
-    p.add_argument("--colors", dest="palette", type=int, nargs="+", default=[0, 256, 64, 16], metavar="K",
-                   help="colours per image: 0 = 8-bit PNG, 2..256 = palette PNG (median cut, or AutoPalette)")
+    p.add_argument("--colors", "--palette", dest="palette", type=int, nargs="+", default=[0, 256, 64, 16],
+                   metavar="K", help="colours per image: 0 = 8-bit PNG, 2..256 = palette PNG (median cut, or "
+                                     "AutoPalette); config key: palette")
     p.add_argument("--labels", nargs="+", default=None, choices=["hard", "soft"],
                    help="hard (no label bytes) and/or soft (an FKD label store; default for decoupled)")
     p.add_argument("--prune", type=int, nargs="+", default=[1, 10], choices=list(PRUNE_FACTORS),
@@ -105,7 +106,7 @@ def register(cli: Any) -> None:
     p.add_argument("--label-batch", type=int, default=None,
                    help="relabel batch size (default: the dataset's soft recipe, as relabel)")
     p.add_argument("--teacher", default=None, help="teacher directory (decoct squeeze): decoupled and soft-label sweeps")
-    p.add_argument("--runs", dest="runs_dirs", nargs="+", default=None, metavar="DIR",
+    p.add_argument("--runs", nargs="+", default=None, metavar="DIR",
                    help="run directories, or folders of them (two levels deep), whose sets are matched to "
                         "configurations by their manifests; --out is searched too")
     p.add_argument("--protocol", default="fast", choices=["classic", "fast"],
