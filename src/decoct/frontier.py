@@ -159,9 +159,22 @@ def frontier_table(points: list[dict[str, Any]], breakdowns: list[dict[str, Any]
     return lines
 
 
+def _bytes_axis(ax: Any, values: list[int]) -> None:
+    """A log byte axis when the points span a decade or more, else a linear one; whole bytes with
+    thousands separators either way (matplotlib's log labels overlap on a narrow span)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = min(values, default=1), max(values, default=1)
+    if lo > 0 and hi / lo >= 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:,.0f}"))
+
+
 def plot_accuracy_vs_bytes(points: list[dict[str, Any]], path: str | Path) -> Path:
-    """Accuracy (%) against bytes on disk (log axis): sets, each baseline kind as its own series, and per
-    comparison group the frontier as a step line through its points (hollow rings mark them)."""
+    """Accuracy (%) against bytes on disk (log axis over a decade or more): sets, each baseline kind as its
+    own series, and per comparison group the frontier as a dashed step line through its points, each ringed
+    (one colour per group)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,14 +196,16 @@ def plot_accuracy_vs_bytes(points: list[dict[str, Any]], path: str | Path) -> Pa
     for p in points:
         if p.get("frontier"):
             groups.setdefault(_group(p), []).append(p)
+    datasets = {g[0] for g in groups}
     for i, (g, pts) in enumerate(sorted(groups.items())):
         pts = sorted(pts, key=lambda p: p["bytes"])
-        ax.step([p["bytes"] for p in pts], [100 * p["mean"] for p in pts], where="post", color="k",
-                linestyle="--", linewidth=1, label="frontier" + (f" ({', '.join(g[1:])})" if len(groups) > 1 else "")
-                if i < 4 else None)
+        colour = "k" if len(groups) == 1 else f"C{(i + 2) % 10}"
+        name = ", ".join(g if len(datasets) > 1 else g[1:])
+        ax.step([p["bytes"] for p in pts], [100 * p["mean"] for p in pts], where="post", color=colour,
+                linestyle="--", linewidth=1, label="frontier" + (f" ({name})" if len(groups) > 1 else ""))
         ax.scatter([p["bytes"] for p in pts], [100 * p["mean"] for p in pts], s=140, facecolors="none",
-                   edgecolors="k", linewidths=1.2)
-    ax.set_xscale("log")
+                   edgecolors=colour, linewidths=1.2)
+    _bytes_axis(ax, [p["bytes"] for p in points])
     ax.set_xlabel("bytes on disk (images + palettes + labels counted by the protocol)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -219,6 +234,9 @@ def plot_bytes_breakdown(breakdowns: list[dict[str, Any]], path: str | Path) -> 
     ax.set_yticks(y)
     ax.set_yticklabels([b["label"] for b in breakdowns], fontsize=7)
     ax.invert_yaxis()
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:,.0f}"))
     ax.set_xlabel("bytes on disk")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="x")
