@@ -203,12 +203,13 @@ def test_sweep_steps_are_valid_decoct_commands(tmp_path):
                               ["fp16"], None)
     cfgs += enumerate_configs("decoupled", ["lpld", "rded"], [2], [0], ["soft"], [1, 20], ["q8"], 4)
     seen = set()
+    parser = build_parser()
     for cfg in cfgs:
         steps = build_steps(cfg, o)
         assert steps[-1][0] == o.out / cfg.slug() and cfg.slug() not in seen
         seen.add(cfg.slug())
         for path, argv in [*steps, (None, eval_step(cfg, o))]:
-            args = _resolve(build_parser(), argv)
+            args = _resolve(parser, argv)
             if path is not None:
                 assert Path(args.out) == path
         cmds = [a[0] if a[0] != "distill" else f"distill {a[1]}" for _, a in steps]
