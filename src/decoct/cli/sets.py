@@ -235,6 +235,9 @@ def register(cli: CommandAdder) -> None:
                    help="replace an earlier decoct export in --imagefolder (never a directory decoct did not "
                         "export)")
 
-    p = cli.command("report", cmd_report, "Markdown table and accuracy-vs-bytes plot for a set of runs.", run=False)
+    p = cli.command("report", cmd_report,
+                    "Markdown table of a set of runs, accuracy against bytes on disk with each run's baseline as its "
+                    "own series and the Pareto frontier marked (per dataset, protocol and student), and a stacked "
+                    "images/palettes/labels bytes breakdown per run (docs/plan.md).", run=False)
     p.add_argument("paths", nargs="+", help="run directories")
     p.add_argument("--out", default="report", help="output directory")
