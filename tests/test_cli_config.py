@@ -303,7 +303,8 @@ def test_finite_check_covers_every_float_key():
 
 
 # ----------------------------------------------------------------------------- point 13: advice
-_EXTERNAL_FLAGS = {"--nproc_per_node", "--nproc", "--use_warmup"}  # torchrun's; AutoPalette's reference code
+_EXTERNAL_FLAGS = {"--nproc_per_node", "--nproc", "--use_warmup",  # torchrun's; AutoPalette's reference code
+                   "--label_quantization"}  # LPQLD's reference code
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
 

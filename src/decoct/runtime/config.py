@@ -222,13 +222,15 @@ RANGES: dict[str, Range] = {
     "syn_steps": _POSITIVE, "expert_epochs": _POSITIVE, "max_start_epoch": _POSITIVE,
     "max_iterations": _POSITIVE, "max_epochs": _POSITIVE, "palette_aux_images": _POSITIVE,
     "palette_warmup_batch": _POSITIVE, "candidates": _POSITIVE, "crops": _POSITIVE, "factor": _POSITIVE,
-    "label_epochs": _POSITIVE, "eval_runs": _POSITIVE, "eval_epochs": _POSITIVE,
+    "label_epochs": _POSITIVE, "label_topk": _POSITIVE, "eval_runs": _POSITIVE, "eval_epochs": _POSITIVE,
     # counts of at least two: images sampled per class to estimate PNG sizes (a variance), a relabel batch
     "sample": Range(2), "label_batch": Range(2),
     # counts where 0 means off / all / automatic
     "seed": Range(0, 2**32 - 1), "real_chunk": _NONNEG, "batch_syn": _NONNEG, "snapshot_every": _NONNEG,
     "min_start_epoch": _NONNEG, "current_max_start_epoch": _NONNEG, "expansion_end_epoch": _NONNEG,
     "dwa_steps": _NONNEG, "jitter": _NONNEG, "workers": _NONNEG, "palette_warmup": _NONNEG, "palette_init_epochs": _NONNEG,
+    # bits per stored label value (decoct relabel --label-bits; 8 or 4, checked by the label codec)
+    "label_bits": Range(4, 8, note="8 or 4"),
     # colours per image
     "colors": Range(2, 256), "palette": Range(2, 256, extra=(0,), note="0 = full colour"),
     # learning rates: > 0
