@@ -260,7 +260,7 @@ def section_dm(ctx: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     ours = DistributionMatching(DMConfig(ipc=s["dm_ipc"], batch_real=s["dm_batch_real"], iterations=10**6))
     ours.init(data, dev)
-    ref = PlainLoop(data, ours.param.images, ours.param.labels.cpu(), s["dm_batch_real"], dev)
+    ref = PlainLoop(data, ours.param.images, ours.param.labels.cpu(), s["dm_batch_real"], ours.cfg.width, dev)
     ours.step(0)
     ref.step()
     times: dict[str, list[float]] = {"reference": [], "decoct": []}

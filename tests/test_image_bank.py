@@ -6,6 +6,7 @@ per batch from their PNG files instead of one tensor. A bank must give exactly t
 """
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,5 +144,6 @@ def test_soft_protocol_on_a_bank_equals_evaluate(relabelled, digits):
     bank = ImageBank.open(relabelled)
     cfg = protocol_config("soft", model="mlp", lr=1e-2)
     rb = _evaluate_soft(bank, bank.storage(), digits, cfg, runs=1, seed=0, device=torch.device("cpu"), baseline=None,
-                        progress=False, chunk=None, state={}, on_progress=None, online_teacher=None)
+                        progress=False, chunk=None, state={}, on_progress=None, online_teacher=None,
+                        path=Path(relabelled))
     assert rb.accuracies == r.accuracies and rb.num_images == 20 and rb.bytes_on_disk == r.bytes_on_disk

@@ -363,8 +363,12 @@ def test_cli_label_options_and_bad_combinations(art, digits, tmp_path, capsys):
     src = str(art)
     assert "--label-topk 10 must be below the number of classes (10)" in err(
         ["relabel", src, "--label-topk", "10", "--out", str(tmp_path / "x1")])
-    assert "--label-bits must be 8 or 4" in err(["relabel", src, "--label-bits", "3", "--out", str(tmp_path / "x2")])
-    assert "--label-bits must be 8 or 4" in err(["relabel", src, "--label-bits", "16", "--out", str(tmp_path / "x3")])
+    # outside 4..8 the config range refuses it up front; inside, the codec refuses what is not 8 or 4
+    assert "--label-bits must be an integer in 4..8 (8 or 4), got 3" in err(
+        ["relabel", src, "--label-bits", "3", "--out", str(tmp_path / "x2")])
+    assert "--label-bits must be an integer in 4..8 (8 or 4), got 16" in err(
+        ["relabel", src, "--label-bits", "16", "--out", str(tmp_path / "x3")])
+    assert "--label-bits must be 8 or 4" in err(["relabel", src, "--label-bits", "5", "--out", str(tmp_path / "x5")])
     assert "--label-fill must be one of zero, spread" in err(
         ["relabel", src, "--label-topk", "2", "--label-fill", "blur", "--out", str(tmp_path / "x4")])
     assert "needs --label-topk" in err(["relabel", src, "--label-fill", "spread", "--out", str(tmp_path / "x5")])

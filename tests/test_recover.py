@@ -310,6 +310,10 @@ def test_config_files_match_presets_and_parse():
             continue
         if method == "rded":  # checked against its own presets in tests/test_rded.py
             continue
+        if rest == "eval":  # an evaluation preset (DWA's live-teacher recipe): parses as `decoct evaluate`
+            args = _resolve(parser, ["evaluate", "x", "--config", str(f)])
+            assert (args.protocol, args.recipe) == ("soft", method), f.name
+            continue
         args = _resolve(parser, ["distill", method, "--teacher", "t", "--ipc", "1", "--out", "x",
                                  "--config", str(f)])
         for key, value in PRESETS[method][fam[rest]].items():
