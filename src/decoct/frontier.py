@@ -210,6 +210,13 @@ def plot_accuracy_vs_bytes(points: list[dict[str, Any]], path: str | Path) -> Pa
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (PNG at 120 dpi) and close a figure; the written path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -240,11 +247,7 @@ def plot_bytes_breakdown(breakdowns: list[dict[str, Any]], path: str | Path) -> 
     ax.set_xlabel("bytes on disk")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 __all__ = ["PLTE_OVERHEAD", "bytes_breakdown", "frontier_points", "frontier_table", "pareto_frontier",

@@ -446,13 +446,20 @@ def prune_labels(artifact_dir: str | Path, factor: int, *, out: str | Path | Non
     dset = open_set(src)
     store = LabelStore.from_set(dset)
     pruned = prune_store(store, int(factor))
+    dst = _destination(src, out, force, "pruning in place replaces the full label store", "pruned")
+    _save_with_store(dset, pruned, dst)
+    return dst
+
+
+def _destination(src: Path, out: str | Path | None, force: bool, in_place: str, what: str) -> Path:
+    """Where a store rewrite goes: ``out``, or ``src`` itself only with ``force``; an existing non-empty
+    ``out`` needs ``force`` too. Raises ValueError saying which flag to pass."""
     dst = Path(out) if out is not None else src
     if out is None and not force:
-        raise ValueError(f"pruning in place replaces the full label store of {src}; pass --force (force=True) "
-                         "to replace it, or write the pruned set elsewhere with --out DIR (out=DIR)")
+        raise ValueError(f"{in_place} of {src}; pass --force (force=True) to replace it, or write the {what} "
+                         "set elsewhere with --out DIR (out=DIR)")
     if out is not None and dst.exists() and any(dst.iterdir()) and not force:
         raise ValueError(f"{dst} exists; pass force=True to replace it")
-    _save_with_store(dset, pruned, dst)
     return dst
 
 
@@ -490,12 +497,7 @@ def encode_labels(artifact_dir: str | Path, encoding: LabelEncoding, *, prune: i
     from decoct.runtime.runs import resolve_artifact
 
     src = resolve_artifact(artifact_dir)
-    dst = Path(out) if out is not None else src
-    if out is None and not force:
-        raise ValueError(f"encoding the labels in place replaces the fp16 label store of {src}; pass --force "
-                         "(force=True) to replace it, or write the encoded set elsewhere with --out DIR (out=DIR)")
-    if out is not None and dst.exists() and any(dst.iterdir()) and not force:
-        raise ValueError(f"{dst} exists; pass force=True to replace it")
+    dst = _destination(src, out, force, "encoding the labels in place replaces the fp16 label store", "encoded")
     dset = open_set(src)
     encoding.check_classes(int(dset.info.num_classes))
     if LabelStore.from_label_files(dset.label_files) is None:
