@@ -744,8 +744,9 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
         raise ValueError("training a teacher on a streamed dataset is not supported: pass --weights FILE "
                          "(torchvision's ImageNet weights) or --pretrained torchvision, or --data-mode memory")
     if world > 1 and not streamed:
-        raise ValueError("squeeze under torchrun shards the streamed passes of --weights/--pretrained teachers; "
-                         "train an in-memory teacher with one process")
+        raise ValueError("squeeze under torchrun needs streamed data (it shards the streamed passes of a "
+                         "--weights/--pretrained teacher): add --data-mode stream (--data-mode auto holds a dataset "
+                         "this small in memory), or run an in-memory squeeze in one process")
     st_aug = cfg.augment if cfg.stats_augment == "train" else cfg.stats_augment
     if streamed:  # the streamed pass decodes the references' views: RandomResizedCrop + flip, or plain
         st_aug = "rrc_flip" if st_aug == "auto" else st_aug
