@@ -28,6 +28,24 @@ def digits():
     return load_dataset("digits")
 
 
+@pytest.fixture(scope="module")
+def train_digits_teacher(digits, one_thread):
+    """``train(epochs)`` -> the digits MLP teacher (width 32, seed 0, lr 0.05 cosine, batch 64), in eval
+    mode, on one thread: the label-store and soft-protocol tests' shared teacher recipe."""
+    from decoct.data import normalize
+    from decoct.models import model_for
+    from decoct.train import TrainConfig, seeded_model, train_model
+
+    def train(epochs: int):
+        x = normalize(digits.train.images, digits.info)
+        model = seeded_model(lambda: model_for("mlp", digits.info, width=32), 0)
+        train_model(model, x, digits.train.labels,
+                    TrainConfig(epochs=epochs, lr=0.05, batch_size=64, schedule="cosine"))
+        return model.eval()
+
+    return train
+
+
 @pytest.fixture(scope="session")
 def cifar10():
     from decoct.data import DataNotFoundError, load_dataset

@@ -18,11 +18,8 @@ from decoct.augment.recorded_views import (
     draw_views,
     seeded_generator,
 )
-from decoct.data import normalize
 from decoct.data.types import DatasetInfo
 from decoct.formats.artifact import DistilledSet
-from decoct.models import model_for
-from decoct.train import TrainConfig, seeded_model, train_model
 from decoct.train.soft_students import RECIPES, soft_recipe_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,11 +109,8 @@ def test_dwa_recipes_by_image_size():
 
 # ------------------------------------------------------------------ evaluate with the live teacher
 @pytest.fixture(scope="module")
-def teacher(digits):
-    x = normalize(digits.train.images, digits.info)
-    model = seeded_model(lambda: model_for("mlp", digits.info, width=32), 0)
-    train_model(model, x, digits.train.labels, TrainConfig(epochs=2, lr=0.05, batch_size=64, schedule="cosine"))
-    return model.eval()
+def teacher(train_digits_teacher):
+    return train_digits_teacher(epochs=2)
 
 
 @pytest.fixture(scope="module")

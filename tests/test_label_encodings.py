@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from decoct.data import normalize
 from decoct.decoupled.relabel import (
     encode_labels,
     label_encoding,
@@ -31,9 +30,7 @@ from decoct.formats.label_codec import (
 from decoct.formats.label_pruning import label_store_bytes, payload_model, prune_store
 from decoct.formats.label_store import LabelStore, LabelStoreError, encode_store
 from decoct.formats.tensor_files import safetensors_size
-from decoct.models import model_for
 from decoct.runtime.io import tensors_to_bytes
-from decoct.train import TrainConfig, seeded_model, train_model
 from decoct.train.soft_students import kd_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,11 +198,8 @@ def test_safetensors_size_equals_the_written_bytes():
 
 # ---------------------------------------------------------------------- stores on digits
 @pytest.fixture(scope="module")
-def teacher(digits):
-    x = normalize(digits.train.images, digits.info)
-    model = seeded_model(lambda: model_for("mlp", digits.info, width=32), 0)
-    train_model(model, x, digits.train.labels, TrainConfig(epochs=4, lr=0.05, batch_size=64, schedule="cosine"))
-    return model.eval()
+def teacher(train_digits_teacher):
+    return train_digits_teacher(epochs=4)
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,15 @@ from decoct.formats.label_pruning import (
 )
 from decoct.formats.label_store import LabelStore, LabelStoreError, attach_store
 from decoct.models import model_for
-from decoct.train import TrainConfig, seeded_model, train_model
+from decoct.train import seeded_model
 from decoct.train.soft_students import fill_value
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def teacher(digits):
-    x = normalize(digits.train.images, digits.info)
-    model = seeded_model(lambda: model_for("mlp", digits.info, width=32), 0)
-    train_model(model, x, digits.train.labels, TrainConfig(epochs=4, lr=0.05, batch_size=64, schedule="cosine"))
-    return model.eval()
+def teacher(train_digits_teacher):
+    return train_digits_teacher(epochs=4)
 
 
 def _random_set(digits, ipc, seed):
