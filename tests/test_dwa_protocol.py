@@ -103,7 +103,7 @@ def test_dwa_recipes_by_image_size():
         ra, rb = RECIPES[a], RECIPES[b]
         assert [getattr(ra, k) for k in ra.__dataclass_fields__ if k not in ("name", "source")] == \
                [getattr(rb, k) for k in rb.__dataclass_fields__ if k not in ("name", "source")]
-    with pytest.raises(ValueError, match="unknown soft recipe 'lpld'; known: auto, dwa"):
+    with pytest.raises(ValueError, match="unknown soft recipe 'lpld'; known: auto, dwa, rded"):
         soft_recipe_for(_info(32), "lpld")
 
 

@@ -72,7 +72,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     Accuracies are written after every chunk of students (``partial: true``), so ``--resume``
     continues an interrupted evaluation; a finished evaluation is reused unless ``force``.
     ``teacher`` (a teacher directory) makes the ``soft`` protocol label online instead of from the store;
-    ``recipe`` (``dwa``; needs ``teacher``) trains with that method's own student recipe, stored as
+    ``recipe`` (``dwa``, ``rded``; needs ``teacher``) trains with that method's own student recipe, stored as
     ``eval-soft-online-<recipe>-...``.
     ``data_options`` (``data_mode``, ``classes``, ``workers``) override how the recorded data is loaded.
     Students train in float32 unless ``amp`` (bf16 autocast, CUDA only); a stored result is reused

@@ -193,11 +193,14 @@ def register(cli: CommandAdder) -> None:
     p.add_argument("--teacher", default=None,
                    help="soft protocol only: teacher directory labelling fresh views online (unlimited labels; a "
                         "label store the set carries is then neither used nor counted); with --scores: labels the random real images of a set that carries soft labels")
-    p.add_argument("--recipe", default="auto", choices=["auto", "dwa"],
+    p.add_argument("--recipe", default="auto", choices=["auto", "dwa", "rded"],
                    help="soft protocol: the student recipe. auto: by image size, the SRe2L/LPLD relabel recipes "
                         "(docs/protocols.md#soft); dwa: DWA's own validation recipes, which its paper runs against a "
                         "live teacher (needs --teacher): CIFAR 400 epochs with Mixup, Tiny-ImageNet 200 epochs with "
-                        "CutMix, ImageNet 300 epochs with CutMix (docs/methods/dwa.md#evaluation)")
+                        "CutMix, ImageNet 300 epochs with CutMix (docs/methods/dwa.md#evaluation); rded: RDED's "
+                        "student script, live teacher, CIFAR and Tiny-ImageNet sizes only: 300 epochs, AdamW 1e-3 "
+                        "half-cosine, whole images with flip and CutMix, batch 50 (CIFAR) or 100 (Tiny) "
+                        "(docs/methods/rded.md#students)")
     p.add_argument("--amp", action="store_true",
                    help="train the students under bf16 autocast (CUDA only; default float32, as the references; "
                         "the result records which)")

@@ -71,7 +71,7 @@ __all__ = [
     "train_fkd",
 ]
 
-SOFT_SCHEDULES = ("cosine", "warmup_cosine", "constant")
+SOFT_SCHEDULES = ("cosine", "warmup_cosine", "half_cosine", "constant")
 SOFT_OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -119,14 +119,25 @@ def _recipes() -> dict[str, SoftRecipe]:
                                 "(docs/methods/dwa.md#evaluation)", "resnet18", 400, 128, "adamw", 1e-3, 0.9,
                                 0.01, False, "cosine", 0, 30.0, False,
                                 ViewRecipe(crop="pad", padding=4, mix="mixup", mix_alpha=0.8)),
+        # RDED's released validation script for its factor-1 sizes (docs/methods/rded.md#students): the
+        # whole image (RandomResizedCrop of scale (1/factor, 1) = (1, 1)), flip, CutMix, live teacher
+        "rded-tiny": SoftRecipe("rded-tiny", "RDED validation/main.py, Tiny-ImageNet scripts "
+                                "(docs/methods/rded.md#students)", "resnet18", 300, 100, "adamw", 1e-3, 0.9, 0.01,
+                                True, "half_cosine", 0, 20.0, False,
+                                ViewRecipe(crop="rrc", scale=(1.0, 1.0), mix="cutmix", mix_alpha=1.0)),
+        "rded-cifar": SoftRecipe("rded-cifar", "RDED validation/main.py, CIFAR-10 IPC 10 scripts "
+                                 "(docs/methods/rded.md#students)", "resnet18", 300, 50, "adamw", 1e-3, 0.9, 0.01,
+                                 True, "half_cosine", 0, 20.0, False,
+                                 ViewRecipe(crop="rrc", scale=(1.0, 1.0), mix="cutmix", mix_alpha=1.0)),
     }
 
 
 RECIPES = _recipes()
-RECIPE_FAMILIES = ("auto", "dwa")
+RECIPE_FAMILIES = ("auto", "dwa", "rded")
 """What ``soft_recipe_for`` picks from: ``auto``, the relabel recipes above by image size
 (``imagenet``/``tiny``/``cifar``); ``dwa``, DWA's own student recipes by image size
-(``dwa-imagenet``/``dwa-tiny``/``dwa-cifar``), which its paper runs against a live teacher."""
+(``dwa-imagenet``/``dwa-tiny``/``dwa-cifar``), which its paper runs against a live teacher; ``rded``,
+RDED's student script for CIFAR- and Tiny-sized images (``rded-cifar``/``rded-tiny``), also live."""
 
 
 def soft_recipe_for(info: DatasetInfo, family: str = "auto") -> SoftRecipe:
@@ -136,12 +147,20 @@ def soft_recipe_for(info: DatasetInfo, family: str = "auto") -> SoftRecipe:
     ``cifar`` <= 32 px); ``dwa``: DWA's validation recipes for the same sizes (``dwa-tiny`` differs
     from ``tiny``: 200 epochs, CutMix with the previous image of the batch, weight decay on every
     parameter; ``dwa-imagenet`` and ``dwa-cifar`` hold the same values as ``imagenet`` and ``cifar``).
-    Raises ValueError for an unknown family.
+    ``rded``: RDED's validation script at its factor 1 (CIFAR, Tiny-ImageNet): AdamW 1e-3 with
+    the half-cosine schedule, KL at T = 20 without T², CutMix on whole images, batch 50 (CIFAR, its
+    IPC 10 scripts; IPC 1 uses 10 and IPC 50 uses 100: pass ``--batch-size``) or 100 (Tiny).
+    Raises ValueError for an unknown family, and for ``rded`` at ImageNet sizes (factor 2: RDED's
+    ShufflePatches of the 2x2 patch grid is not implemented).
     """
     if family not in RECIPE_FAMILIES:
         raise ValueError(f"unknown soft recipe {family!r}; known: {', '.join(RECIPE_FAMILIES)}")
     prefix = "" if family == "auto" else f"{family}-"
     size = max(info.height, info.width)
+    if family == "rded" and size >= 128:
+        raise ValueError(f"--recipe rded: RDED's ImageNet-size student recipe (factor 2: ShufflePatches of the 2x2 "
+                         f"patch grid, then RandomResizedCrop of scale (0.5, 1)) is not implemented; {size} px images "
+                         "need it. Use --recipe auto or dwa (ImageNet: RandomResizedCrop and CutMix)")
     if size >= 128:
         return RECIPES[prefix + "imagenet"]
     if size > 32:
@@ -204,14 +223,17 @@ class FKDConfig:
 def lr_factor(cfg: FKDConfig, epoch: int) -> float:
     """Multiplier of the base lr at (0-based) ``epoch``, stepped once per epoch as the references.
 
-    ``cosine``: ½(1+cos(π e/E)); ``warmup_cosine`` (torchvision reference, LPLD Tiny): linear from
-    ``warmup_start`` to 1 over the warm-up epochs, then cosine to 0 over the remaining ones.
+    ``cosine``: ½(1+cos(π e/E)); ``half_cosine`` (RDED's validation script): ½(1+cos(π e/(2E))), a
+    quarter period that ends at half the base lr; ``warmup_cosine`` (torchvision reference, LPLD Tiny):
+    linear from ``warmup_start`` to 1 over the warm-up epochs, then cosine to 0 over the remaining ones.
     """
     e, n = epoch, cfg.epochs
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * e / n))
+    if cfg.schedule == "half_cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * e / (2 * n)))
     w = min(cfg.warmup_epochs, n - 1)
     if e < w:
         return cfg.warmup_start + (1.0 - cfg.warmup_start) * e / w
