@@ -47,6 +47,23 @@ def train_digits_teacher(digits, one_thread):
 
 
 @pytest.fixture(scope="session")
+def random_digits_set(digits):
+    """``make(ipc, seed=0, config=None)`` -> a random-real :class:`DistilledSet` of digits: ``ipc`` train
+    images per class, drawn per class by ``randperm`` from one generator seeded ``seed`` (classes in
+    order), method ``random``; the label-store tests' shared small set."""
+    from decoct.formats.artifact import DistilledSet
+
+    def make(ipc: int, seed: int = 0, config: dict | None = None) -> DistilledSet:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
+                                                                       generator=g)[:ipc]] for c in range(10)])
+        kw = {} if config is None else {"config": config}
+        return DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random", **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def cifar10():
     from decoct.data import DataNotFoundError, load_dataset
 

@@ -114,16 +114,12 @@ def teacher(train_digits_teacher):
 
 
 @pytest.fixture(scope="module")
-def relabelled(digits, teacher, tmp_path_factory):
+def relabelled(digits, teacher, random_digits_set, tmp_path_factory):
     """Random real IPC 2 of digits with a 3-epoch label store."""
     from decoct.decoupled.relabel import relabel
 
-    g = torch.Generator().manual_seed(0)
-    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
-                                                                   generator=g)[:2]] for c in range(10)])
     path = tmp_path_factory.mktemp("dwa-eval") / "a"
-    DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random",
-                 config={"ipc": 2, "seed": 0}).save(path)
+    random_digits_set(2, config={"ipc": 2, "seed": 0}).save(path)
     relabel(path, teacher, epochs=3, batch_size=8, seed=0, device="cpu")
     return path
 

@@ -96,12 +96,9 @@ def _params_sha(model: torch.nn.Module) -> str:
 
 
 @pytest.fixture(scope="module")
-def relabelled(digits, tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
-                                                                   generator=g)[:2]] for c in range(10)])
+def relabelled(digits, random_digits_set, tmp_path_factory):
     path = tmp_path_factory.mktemp("bank") / "a"
-    DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random").save(path)
+    random_digits_set(2).save(path)
     teacher = seeded_model(lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), 0).eval()
     relabel(path, teacher, epochs=6, batch_size=8, seed=0, device="cpu")
     return path

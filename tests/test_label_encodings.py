@@ -203,13 +203,10 @@ def teacher(train_digits_teacher):
 
 
 @pytest.fixture(scope="module")
-def art(digits, teacher, tmp_path_factory):
+def art(digits, teacher, random_digits_set, tmp_path_factory):
     """Digits random real IPC 2 (20 images), a plain 20-epoch store of batches of 8 (8, 8, 4; Mixup)."""
-    g = torch.Generator().manual_seed(0)
-    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
-                                                                   generator=g)[:2]] for c in range(10)])
     path = tmp_path_factory.mktemp("enc") / "a"
-    DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random").save(path)
+    random_digits_set(2).save(path)
     relabel(path, teacher, epochs=20, batch_size=8, seed=0, device="cpu")
     return path
 

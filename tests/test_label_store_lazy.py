@@ -39,18 +39,13 @@ def _teacher(info: DatasetInfo) -> torch.nn.Module:
         info.channels * info.height * info.width, info.num_classes)), 0).eval()
 
 
-def _random_set(digits, ipc: int) -> DistilledSet:
-    g = torch.Generator().manual_seed(0)
-    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
-                                                                   generator=g)[:ipc]] for c in range(10)])
-    return DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random")
 
 
 @pytest.fixture(scope="module")
-def art(digits, tmp_path_factory):
+def art(digits, random_digits_set, tmp_path_factory):
     """Digits IPC 2 (20 images) with a 20-epoch store of batches of 8 (8, 8, 4 per epoch; Mixup)."""
     path = tmp_path_factory.mktemp("lazy") / "a"
-    _random_set(digits, 2).save(path)
+    random_digits_set(2).save(path)
     relabel(path, _teacher(digits.info), epochs=EPOCHS, batch_size=8, seed=0, device="cpu")
     return path
 

@@ -29,19 +29,13 @@ def teacher(train_digits_teacher):
     return train_digits_teacher(epochs=4)
 
 
-def _random_set(digits, ipc, seed):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
-                                                                   generator=g)[:ipc]] for c in range(10)])
-    return DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random",
-                        config={"ipc": ipc, "seed": seed})
 
 
 @pytest.fixture(scope="module")
-def art(digits, teacher, tmp_path_factory):
+def art(digits, teacher, random_digits_set, tmp_path_factory):
     """Random-real IPC 2 (20 images) with a 3-epoch store of batches of 8 (8, 8, 4 per epoch)."""
     path = tmp_path_factory.mktemp("art") / "a"
-    _random_set(digits, 2, 0).save(path)
+    random_digits_set(2, 0, config={"ipc": 2, "seed": 0}).save(path)
     relabel(path, teacher, epochs=3, batch_size=8, seed=0, device="cpu")
     return path
 
@@ -95,8 +89,8 @@ def test_label_bytes_equal_file_sizes(art):
     assert payload_model(20, 10, 3, 8, "mixup")["bytes"] + header == store.payload_bytes()
 
 
-def test_store_from_another_artifact_is_rejected(art, digits, tmp_path):
-    other = _random_set(digits, 2, 1)
+def test_store_from_another_artifact_is_rejected(art, digits, random_digits_set, tmp_path):
+    other = random_digits_set(2, 1, config={"ipc": 2, "seed": 1})
     mine = DistilledSet.load(art)
     forged = DistilledSet(other.info, other.images, other.labels, label_files=mine.label_files)
     forged.save(tmp_path / "b")

@@ -10,7 +10,6 @@ import torch
 
 from decoct.augment.recorded_views import ViewRecipe, draw_views, seeded_generator
 from decoct.data.types import DatasetInfo
-from decoct.formats.artifact import DistilledSet
 from decoct.train.soft_students import FKDConfig, lr_factor, soft_recipe_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,16 +50,12 @@ def test_scale_one_crops_are_the_whole_image(size):
     assert 0 < int(rec.flip.sum()) < 500
 
 
-def test_recipe_rded_online_is_recorded(digits, train_digits_teacher, tmp_path):
+def test_recipe_rded_online_is_recorded(digits, train_digits_teacher, random_digits_set, tmp_path):
     from decoct.evaluation.protocols import evaluate
 
     teacher = train_digits_teacher(epochs=2)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
-                                                                   generator=g)[:2]] for c in range(10)])
     path = tmp_path / "set"
-    DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random",
-                 config={"ipc": 2, "seed": 0}).save(path)
+    random_digits_set(2, config={"ipc": 2, "seed": 0}).save(path)
     with pytest.raises(ValueError, match="the rded recipe trains its students against a live teacher"):
         evaluate(path, "soft", runs=1, dataset=digits, device="cpu", model="mlp", recipe="rded", progress=False)
     r = evaluate(path, "soft", runs=1, dataset=digits, device="cpu", model="mlp", epochs=2, recipe="rded",

@@ -31,12 +31,6 @@ def _teacher(info: DatasetInfo) -> torch.nn.Module:
         info.channels * info.height * info.width, info.num_classes)), 0).eval()
 
 
-def _digits_set(digits, ipc: int = 2) -> DistilledSet:
-    g = torch.Generator().manual_seed(0)
-    idx = torch.cat([digits.train.class_indices(c)[torch.randperm(len(digits.train.class_indices(c)),
-                                                                   generator=g)[:ipc]] for c in range(10)])
-    return DistilledSet(digits.info, digits.train.images[idx], digits.train.labels[idx], method="random",
-                        config={"ipc": ipc})
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -53,10 +47,10 @@ def _in_memory(path: Path, teacher, out: Path, **kw) -> Path:
 
 # ---------------------------------------------------------------------- relabel: bytes held, bytes written
 @pytest.mark.parametrize("view", [None, ViewRecipe(mix="cutmix")], ids=["recipe", "cutmix"])
-def test_relabel_writes_what_the_in_memory_path_writes(digits, tmp_path, monkeypatch, view):
+def test_relabel_writes_what_the_in_memory_path_writes(digits, random_digits_set, tmp_path, monkeypatch, view):
     """Every file (label epochs, header, manifest, PNGs) byte for byte: the file-backed relabel, the same
     through an ImageBank (a set above the limit), a pruned relabel, and pruning a bank's store."""
-    _digits_set(digits).save(tmp_path / "a")
+    random_digits_set(2, config={"ipc": 2}).save(tmp_path / "a")
     teacher = _teacher(digits.info)
     kw = dict(epochs=6, batch_size=8, seed=2, device="cpu", view=view)
     want = _tree(_in_memory(tmp_path / "a", teacher, tmp_path / "want", **kw))
@@ -126,8 +120,8 @@ def test_relabel_holds_about_one_epoch_not_all(tmp_path):
     assert store.num_units == 2 * 6 and 6 * one < store.payload_bytes() < 6 * one + 1000  # + the header
 
 
-def test_relabel_remakes_damaged_or_misplaced_work_files(digits, tmp_path):
-    _digits_set(digits).save(tmp_path / "a")
+def test_relabel_remakes_damaged_or_misplaced_work_files(digits, random_digits_set, tmp_path):
+    random_digits_set(2, config={"ipc": 2}).save(tmp_path / "a")
     teacher = _teacher(digits.info)
     kw = dict(epochs=4, batch_size=8, seed=1, device="cpu")
     want = _tree(_in_memory(tmp_path / "a", teacher, tmp_path / "want", **kw))
@@ -143,8 +137,8 @@ def test_relabel_remakes_damaged_or_misplaced_work_files(digits, tmp_path):
     assert _tree(tmp_path / "out") == want and not work.exists()
 
 
-def test_relabel_refuses_a_bad_size_limit_naming_the_variable(digits, tmp_path, monkeypatch):
-    _digits_set(digits).save(tmp_path / "a")
+def test_relabel_refuses_a_bad_size_limit_naming_the_variable(digits, random_digits_set, tmp_path, monkeypatch):
+    random_digits_set(2, config={"ipc": 2}).save(tmp_path / "a")
     monkeypatch.setenv("DECOCT_MAX_SET_BYTES", "2GB")
     with pytest.raises(ValueError, match=r"\$DECOCT_MAX_SET_BYTES must be a number of bytes, got '2GB'"):
         relabel(tmp_path / "a", _teacher(digits.info), epochs=2, batch_size=8, device="cpu")
@@ -188,10 +182,10 @@ def test_cli_relabel_and_prune_of_a_set_above_the_limit(digits, tmp_path, monkey
 
 
 # ---------------------------------------------------------------------- ImageBank storage = load's
-def _kinds(digits) -> dict[str, DistilledSet]:
+def _kinds(random_digits_set) -> dict[str, DistilledSet]:
     from decoct.augment import ZCA
 
-    base = _digits_set(digits)
+    base = random_digits_set(2, config={"ipc": 2})
     x = base.to_float()
     g = torch.Generator().manual_seed(3)
     zca = ZCA()
@@ -209,10 +203,10 @@ def _kinds(digits) -> dict[str, DistilledSet]:
     }
 
 
-def test_bank_storage_equals_load_and_forged_claims_are_refused(digits, tmp_path):
+def test_bank_storage_equals_load_and_forged_claims_are_refused(digits, random_digits_set, tmp_path):
     import json
 
-    for kind, dset in _kinds(digits).items():
+    for kind, dset in _kinds(random_digits_set).items():
         dset.save(tmp_path / kind)
         assert ImageBank.open(tmp_path / kind).storage() == DistilledSet.load(tmp_path / kind).storage(
             tmp_path / kind), kind
@@ -229,9 +223,9 @@ def test_bank_storage_equals_load_and_forged_claims_are_refused(digits, tmp_path
 
 # ---------------------------------------------------------------------- evaluate --protocol soft by size
 @pytest.fixture(scope="module")
-def relabelled(digits, tmp_path_factory):
+def relabelled(digits, random_digits_set, tmp_path_factory):
     path = tmp_path_factory.mktemp("soft") / "a"
-    _digits_set(digits).save(path)
+    random_digits_set(2, config={"ipc": 2}).save(path)
     relabel(path, _teacher(digits.info), epochs=6, batch_size=8, seed=0, device="cpu")
     return path
 
@@ -260,10 +254,10 @@ def test_soft_evaluate_reads_a_set_above_the_limit_from_its_files(relabelled, di
     assert evaluate(relabelled, "soft", **kw).extra["images_source"] == "memory"
 
 
-def test_soft_evaluate_from_a_bank_refuses_zca_and_bad_limits(digits, tmp_path, monkeypatch):
+def test_soft_evaluate_from_a_bank_refuses_zca_and_bad_limits(digits, random_digits_set, tmp_path, monkeypatch):
     from decoct.evaluation.protocols import evaluate
 
-    _kinds(digits)["zca"].save(tmp_path / "z")
+    _kinds(random_digits_set)["zca"].save(tmp_path / "z")
     monkeypatch.setenv("DECOCT_MAX_SET_BYTES", "1")
     with pytest.raises(ValueError, match="the soft protocol does not support ZCA-whitened sets"):
         evaluate(tmp_path / "z", "soft", runs=1, dataset=digits, device="cpu", model="mlp",
