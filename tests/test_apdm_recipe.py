@@ -114,11 +114,11 @@ def test_evaluate_trains_on_what_the_recipe_stores(digits, experts, tmp_path, mo
     """authors-code: the un-quantised images with the expert's soft labels; paper: the K-colour images, hard."""
     got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def fake_train_eval(images, labels, dataset, zca, cfg, runs, *a, **k):
+    def fake_train_and_test(images, labels, dataset, zca, cfg, runs, *a, **k):
         got["set"] = (images.clone(), labels.clone())
         return [0.5] * runs, "sequential"
 
-    monkeypatch.setattr(protocols, "_train_eval", fake_train_eval)
+    monkeypatch.setattr(protocols, "train_and_test", fake_train_and_test)
     for name, cfg in (("authors", _authors(experts)), ("paper", _cfg())):
         m = DistributionMatching(cfg)
         m.init(digits, CPU)

@@ -113,7 +113,7 @@ def test_aggregate_scores_each_round_then_averages():
 
 # ---------------------------------------------------------------------- the full-data accuracy cache
 class Recorder:
-    """Stands in for protocols._train_eval: records each call, returns fixed accuracies."""
+    """Stands in for protocols.train_and_test: records each call, returns fixed accuracies."""
 
     def __init__(self, acc: float = 0.5) -> None:
         self.calls: list[dict] = []
@@ -130,7 +130,7 @@ def _fail(*a, **k):
 
 def test_full_data_accuracy_is_cached_and_keyed(digits, tmp_cache, monkeypatch):
     rec = Recorder(0.9)
-    monkeypatch.setattr(protocols, "_train_eval", rec)
+    monkeypatch.setattr(protocols, "train_and_test", rec)
     cfg = protocols.protocol_config("fast", epochs=2)
     first = full_data_accuracy(digits, "fast", cfg, runs=2, seed=0, device=torch.device("cpu"))
     assert not first["cached"] and first["accuracies"] == [0.9, 0.91] and len(rec.calls) == 1
@@ -139,11 +139,11 @@ def test_full_data_accuracy_is_cached_and_keyed(digits, tmp_cache, monkeypatch):
     assert saved["key"]["seeds"] == [0, 1] and saved["key"]["model"] == "convnet" and saved["accuracies"] == [0.9, 0.91]
     assert str(tmp_cache) in first["cache"]
 
-    monkeypatch.setattr(protocols, "_train_eval", _fail)  # a second call must not train
+    monkeypatch.setattr(protocols, "train_and_test", _fail)  # a second call must not train
     again = full_data_accuracy(digits, "fast", cfg, runs=2, seed=0, device=torch.device("cpu"))
     assert again["cached"] and again["accuracies"] == [0.9, 0.91] and again["cache"] == first["cache"]
 
-    monkeypatch.setattr(protocols, "_train_eval", rec)  # anything in the key changed: trained again
+    monkeypatch.setattr(protocols, "train_and_test", rec)  # anything in the key changed: trained again
     variants = [("fast", protocols.protocol_config("fast", epochs=2, model="mlp"), 2, 0),
                 ("fast", protocols.protocol_config("fast", epochs=3), 2, 0),
                 ("fast", protocols.protocol_config("fast", epochs=2, lr=0.02), 2, 0),
@@ -162,7 +162,7 @@ def test_full_data_accuracy_is_cached_and_keyed(digits, tmp_cache, monkeypatch):
 
 def test_a_damaged_cache_entry_is_trained_again(digits, tmp_cache, monkeypatch):
     rec = Recorder(0.8)
-    monkeypatch.setattr(protocols, "_train_eval", rec)
+    monkeypatch.setattr(protocols, "train_and_test", rec)
     cfg = protocols.protocol_config("fast", epochs=1)
     path = full_data_accuracy(digits, "fast", cfg, runs=1, seed=0, device=torch.device("cpu"))["cache"]
     open(path, "w").write("{ not json")
@@ -190,7 +190,7 @@ def _teacher(info) -> torch.nn.Module:
 def test_hard_label_set_students(digits, tmp_path, tmp_cache, monkeypatch):
     path = _subset_set(digits, 2).save(tmp_path / "s")
     rec = Recorder(0.5)
-    monkeypatch.setattr(protocols, "_train_eval", rec)
+    monkeypatch.setattr(protocols, "train_and_test", rec)
     res = ddranking_scores(path, "fast", runs=2, seed=3, dataset=digits, device="cpu", progress=False, epochs=2)
     cfgs = [c["cfg"] for c in rec.calls]
     # set (its labels = hard: syn_hard reuses those students), set without augmentation, full data, then
@@ -218,7 +218,7 @@ def test_soft_label_set_random_real_gets_teacher_logits(digits, tmp_path, tmp_ca
     path = _subset_set(digits, 1, soft_labels=logits, meta={"syn_lr": 0.003}).save(tmp_path / "soft")
     teacher = _teacher(digits.info)
     rec = Recorder(0.4)
-    monkeypatch.setattr(protocols, "_train_eval", rec)
+    monkeypatch.setattr(protocols, "train_and_test", rec)
     with pytest.raises(ValueError, match="--teacher"):
         ddranking_scores(path, "fast", runs=1, dataset=digits, device="cpu", epochs=1)
     res = ddranking_scores(path, "fast", runs=1, seed=0, dataset=digits, device="cpu", progress=False, epochs=1,
@@ -269,13 +269,13 @@ def test_cli_scores_end_to_end(tmp_path, tmp_cache, capsys, monkeypatch):
     assert all(0.0 <= a <= 1.0 for a in real) and len(real) == 2
 
     # scored again (--force): the full-data students come from the cache, the others train again
-    real_train = protocols._train_eval
+    real_train = protocols.train_and_test
 
     def no_full_data(images, *a, **k):
         assert len(images) < 100, "the full-data students were trained again"
         return real_train(images, *a, **k)
 
-    monkeypatch.setattr(protocols, "_train_eval", no_full_data)
+    monkeypatch.setattr(protocols, "train_and_test", no_full_data)
     assert main(argv + ["--force"]) == 0
     assert "read from cache" in capsys.readouterr().out
     assert main(argv) == 0  # no --force: the stored result is reused

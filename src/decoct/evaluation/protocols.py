@@ -222,13 +222,30 @@ def protocol_config(protocol: str, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def _train_eval(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zca: ZCA | None,
-                cfg: dict[str, Any], runs: int, seed: int, device: torch.device, engine: str,
-                progress: bool, done: list[float] | None = None, chunk: int | None = None,
-                on_progress: Callable[[list[float]], None] | None = None,
-                amp: bool = False) -> tuple[list[float], str]:
-    """Train students with seeds ``seed .. seed+runs-1``, ``chunk`` at a time, skipping the
-    ``done`` ones (their accuracies are kept), calling ``on_progress`` after each chunk.
+def dataset_for_set(dset: Any, path: Path, dataset: Dataset | str | None, *, data_root: str | None = None,
+                    download: bool = False, data_options: dict[str, Any] | None = None) -> Dataset:
+    """The dataset a set's students train and test on: ``dataset`` when a loaded :class:`Dataset` is
+    passed (checked to have the set's classes and image shape), else the data the set records in its
+    manifest (or ``dataset``, a name, in its place), loaded with ``data_options``. Raises ValueError
+    when the passed dataset does not match the set."""
+    if isinstance(dataset, Dataset):
+        check_same_data(dset.info, dataset.info, f"the set {path}", "the dataset passed")
+        return dataset
+    recorded = read_source(dset.meta.get(SOURCE_KEY), f"{path}/manifest.json meta") or legacy_source(dset.config)
+    return load_for(dset.info, recorded, dataset=dataset, data_root=data_root, download=download,
+                    what=f"the set {path}", options=data_options)
+
+
+def train_and_test(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, zca: ZCA | None,
+                   cfg: dict[str, Any], runs: int, seed: int, device: torch.device, engine: str,
+                   progress: bool, done: list[float] | None = None, chunk: int | None = None,
+                   on_progress: Callable[[list[float]], None] | None = None,
+                   amp: bool = False) -> tuple[list[float], str]:
+    """Train hard-label (classic/fast) students with seeds ``seed .. seed+runs-1`` on ``images``
+    (N, C, H, W) uint8 and ``labels`` (N,) class indices or (N, C) soft targets, and test each on
+    ``dataset``'s test split (ZCA-whitened with ``zca`` when given); ``chunk`` students at a time,
+    skipping the ``done`` ones (their accuracies are kept), calling ``on_progress`` after each chunk.
+    The protocol's engine for its own sets and for the baselines and scores that must train the same way.
 
     Returns the accuracies and the engine that trained them (``auto`` resolved, as recorded)."""
     info = dataset.info
@@ -332,12 +349,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
     else:
         dset = DistilledSet.load(path)
     storage = dset.storage(path) if isinstance(dset, DistilledSet) else dset.storage()
-    if not isinstance(dataset, Dataset):
-        recorded = read_source(dset.meta.get(SOURCE_KEY), f"{path}/manifest.json meta") or legacy_source(dset.config)
-        dataset = load_for(dset.info, recorded, dataset=dataset, data_root=data_root, download=download,
-                           what=f"the set {path}", options=data_options)
-    else:
-        check_same_data(dset.info, dataset.info, f"the set {path}", "the dataset passed")
+    dataset = dataset_for_set(dset, path, dataset, data_root=data_root, download=download, data_options=data_options)
     zca_named = "zca" in (dset.attachments if isinstance(dset, DistilledSet) else dset.attachment_names)
     zca = ZCA.from_state_dict(dset.attachments["zca"]) if zca_named and isinstance(dset, DistilledSet) else None
     state = {k: list(v) for k, v in (state or {}).items()}
@@ -374,7 +386,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
         extra["lr"] = f"learned syn_lr {cfg['lr']:.4g}"
     disk_bytes, raw_bytes = hard_protocol_storage(dset, path, storage)
     t0 = time.perf_counter()
-    accs, used = _train_eval(dset.images, targets, dataset, zca, cfg, runs, seed, dev, engine, progress,
+    accs, used = train_and_test(dset.images, targets, dataset, zca, cfg, runs, seed, dev, engine, progress,
                              state.get("set"), chunk, report("set"), amp=amp)
     result = EvalResult(protocol, cfg["model"], accs, disk_bytes, raw_bytes, time.perf_counter() - t0, len(dset),
                         used, cfg["epochs"], extra=extra)
@@ -387,7 +399,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             base.save(Path(tmp) / "random")
             base_storage = base.storage(Path(tmp) / "random")
         t1 = time.perf_counter()
-        baccs, bused = _train_eval(base.images, base.labels, dataset, zca, base_cfg, runs, seed, dev, engine, progress,
+        baccs, bused = train_and_test(base.images, base.labels, dataset, zca, base_cfg, runs, seed, dev, engine, progress,
                                    state.get("baseline"), chunk, report("baseline"), amp=amp)
         result.baseline = EvalResult(protocol, cfg["model"], baccs, base_storage["bytes_on_disk"]["total"],
                                      base_storage["raw_bytes"]["total"], time.perf_counter() - t1, len(base),
@@ -398,7 +410,7 @@ def evaluate(artifact: str | Path | DistilledSet, protocol: str = "classic", *, 
             base_storage = base_set.storage(Path(tmp) / "mediancut")
         k, ipc = int(base_set.palettes.shape[1]), base_set.ipc[0]
         t1 = time.perf_counter()
-        baccs, bused = _train_eval(base_set.images, base_set.labels, dataset, zca, base_cfg, runs, seed, dev, engine,
+        baccs, bused = train_and_test(base_set.images, base_set.labels, dataset, zca, base_cfg, runs, seed, dev, engine,
                                    progress, state.get("baseline"), chunk, report("baseline"), amp=amp)
         result.baseline = EvalResult(protocol, cfg["model"], baccs, base_storage["bytes_on_disk"]["total"],
                                      base_storage["raw_bytes"]["total"], time.perf_counter() - t1, len(base_set),
@@ -531,5 +543,5 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
     return result
 
 
-__all__ = ["BASELINES", "EvalResult", "PROTOCOLS", "evaluate", "mediancut_baseline", "palette_colors",
-           "protocol_config", "recipe_of", "student_precision"]
+__all__ = ["BASELINES", "EvalResult", "PROTOCOLS", "dataset_for_set", "evaluate", "mediancut_baseline",
+           "palette_colors", "protocol_config", "recipe_of", "student_precision", "train_and_test"]

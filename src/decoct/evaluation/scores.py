@@ -257,7 +257,7 @@ def full_data_accuracy(dataset: Any, protocol: str, cfg: dict[str, Any], *, runs
             return {"accuracies": [float(a) for a in hit["accuracies"]], "engine": hit.get("engine"),
                     "seconds": hit.get("seconds"), "cache": str(path), "cached": True}
     t0 = time.perf_counter()
-    accs, used = protocols._train_eval(dataset.train.images, dataset.train.labels, dataset, zca, cfg, runs, seed,
+    accs, used = protocols.train_and_test(dataset.train.images, dataset.train.labels, dataset, zca, cfg, runs, seed,
                                        device, engine, progress, amp=amp)
     seconds = round(time.perf_counter() - t0, 3)
     entry = {"key": key, "accuracies": [float(a) for a in accs], "engine": used, "seconds": seconds,
@@ -317,14 +317,7 @@ def ddranking_scores(artifact: str | Path, protocol: str = "classic", *, runs: i
     """
     from decoct.augment import ZCA
     from decoct.coreset.select import random_baseline_indices
-    from decoct.data import Dataset, is_streamed
-    from decoct.data.provenance import (
-        SOURCE_KEY,
-        check_same_data,
-        legacy_source,
-        load_for,
-        read_source,
-    )
+    from decoct.data import is_streamed
     from decoct.evaluation import protocols
     from decoct.formats.artifact import DistilledSet
     from decoct.runtime.distributed import resolve_device
@@ -349,12 +342,8 @@ def ddranking_scores(artifact: str | Path, protocol: str = "classic", *, runs: i
     if not soft and teacher is not None:
         raise ValueError(f"the set {path} has hard labels only, so random real images get hard labels too; "
                          "--teacher is for sets that carry soft labels (drop it)")
-    if not isinstance(dataset, Dataset):
-        recorded = read_source(dset.meta.get(SOURCE_KEY), f"{path}/manifest.json meta") or legacy_source(dset.config)
-        dataset = load_for(dset.info, recorded, dataset=dataset, data_root=data_root, download=download,
-                           what=f"the set {path}", options=data_options)
-    else:
-        check_same_data(dset.info, dataset.info, f"the set {path}", "the dataset passed")
+    dataset = protocols.dataset_for_set(dset, path, dataset, data_root=data_root, download=download,
+                                        data_options=data_options)
     if is_streamed(dataset):
         raise ValueError(f"the {protocol!r} protocol trains and tests in memory, and the full-data accuracy trains "
                          "on the whole training split: this dataset is streamed from disk (use --data-mode memory "
@@ -376,7 +365,7 @@ def ddranking_scores(artifact: str | Path, protocol: str = "classic", *, runs: i
 
     def train(images: torch.Tensor, targets: torch.Tensor, c: dict[str, Any], n: int, s: int) -> tuple[list[float],
                                                                                                         str]:
-        return protocols._train_eval(images, targets, dataset, zca, c, n, s, dev, engine, progress, amp=amp)
+        return protocols.train_and_test(images, targets, dataset, zca, c, n, s, dev, engine, progress, amp=amp)
 
     t0 = time.perf_counter()
     targets = dset.soft_labels if soft else dset.labels
