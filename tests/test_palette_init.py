@@ -6,12 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decoct.coreset.select import graphcut_select, graphcut_value, similarity_matrix
+from decoct.coreset.select import (
+    graphcut_select,
+    graphcut_select_kernel,
+    graphcut_value,
+    similarity_matrix,
+)
 from decoct.matching.palette import init_indices
 from decoct.matching.palette.init import (
     colour_guided_indices,
     gradient_kernel,
-    graphcut_select_kernel,
     quantized_train_images,
 )
 

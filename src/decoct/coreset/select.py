@@ -10,7 +10,7 @@ trained) network and applies one rule class by class.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -200,20 +200,41 @@ def graphcut_select(
     with the coverage term in draw order, so its gains are permuted; we deliberately compute
     the correct gain for every drawn candidate instead. Ties go to the smallest index.
     """
+    u = _unit_rows(feats)
+    col_sums = 0.5 * u.shape[0] + 0.5 * (u @ u.sum(dim=0))
+    self_sim = 0.5 + 0.5 * u.pow(2).sum(dim=1)
+    return _greedy_cut(lam * col_sums - self_sim, lambda c: 0.5 + 0.5 * (u @ u[c]), k, greedy, epsilon, generator)
+
+
+def graphcut_select_kernel(sim: Tensor, k: int, lam: float = 1.0, greedy: str = "exact", epsilon: float = 0.9,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """Greedy graph cut on a precomputed symmetric kernel ``sim`` (n, n); picks in order.
+
+    Gain of ``c`` given ``A``: ``lam sum_i s(i, c) - 2 sum_{a in A} s(a, c) - s(c, c)``, i.e.
+    ``f(A + c) - f(A)`` for ``f`` of :func:`graphcut_value`. Same greedy, tie-breaking (smallest
+    index) and stochastic sampler as :func:`graphcut_select`, which never builds the kernel. Raises
+    ValueError for a non-square ``sim``, ``k`` outside 1..n or an unknown ``greedy``.
+    """
+    s = torch.as_tensor(sim).to(torch.float64)
+    if s.dim() != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"sim must be a square (n, n) matrix, got shape {tuple(s.shape)}")
+    return _greedy_cut(lam * s.sum(dim=0) - s.diagonal(), lambda c: s[c], k, greedy, epsilon, generator)
+
+
+def _greedy_cut(gains: Tensor, column: Callable[[int], Tensor], k: int, greedy: str, epsilon: float,
+                generator: torch.Generator | None) -> Tensor:
+    """The graph-cut greedy both selectors share: ``gains`` (n,) the gain of each candidate given the
+    empty set; after each pick ``c`` every gain drops by ``2 column(c)`` (``column(c)`` = ``s(c, .)``)."""
     if greedy not in GREEDY_MODES:
         raise ValueError(f"unknown greedy mode {greedy!r}; known: {', '.join(GREEDY_MODES)}")
-    u = _unit_rows(feats)
-    n = u.shape[0]
+    n = gains.shape[0]
     _check_k(k, n)
     if greedy == "stochastic":
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
         r = max(round(-math.log(epsilon) * n / k), 1)
         g = generator if generator is not None else torch.Generator().manual_seed(0)
-
-    col_sums = 0.5 * n + 0.5 * (u @ u.sum(dim=0))
-    self_sim = 0.5 + 0.5 * u.pow(2).sum(dim=1)
-    gains = lam * col_sums - self_sim
+    gains = gains.clone()
     taken = torch.zeros(n, dtype=torch.bool)
     picks: list[int] = []
     for _ in range(k):
@@ -226,7 +247,7 @@ def graphcut_select(
             c = int(drawn[_first_argmax(gains[drawn])])
         picks.append(c)
         taken[c] = True
-        gains -= 2.0 * (0.5 + 0.5 * (u @ u[c]))
+        gains -= 2.0 * column(c)
     return torch.tensor(picks, dtype=torch.long)
 
 
@@ -335,6 +356,7 @@ def select_coreset(
 __all__ = [
     "CORESET_METHODS",
     "graphcut_select",
+    "graphcut_select_kernel",
     "graphcut_value",
     "herding_select",
     "kcenter_select",

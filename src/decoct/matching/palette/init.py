@@ -16,66 +16,23 @@ The caller then copies the **original** (not quantised) images at these indices 
 set. The greedy computes the correct marginal gain for every candidate (exact greedy by default;
 ``greedy="stochastic"`` is the code's epsilon = 0.9 sampler, without DeepCore's index-alignment bug,
 docs/methods/coresets.md): the feature path reuses :func:`decoct.coreset.select.graphcut_select`;
-the gradient path, whose vectors are too long to materialise, uses :func:`graphcut_select_kernel` on
-the per-class kernel (the cosine of ``(p - y) (x) [1, e]`` factorises as
-``cos(p_i - y_i, p_j - y_j) * cos([1, e_i], [1, e_j])``).
+the gradient path, whose vectors are too long to materialise, uses
+:func:`decoct.coreset.select.graphcut_select_kernel` (the same greedy) on the per-class kernel (the
+cosine of ``(p - y) (x) [1, e]`` factorises as ``cos(p_i - y_i, p_j - y_j) * cos([1, e_i], [1, e_j])``).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from decoct.coreset.select import GREEDY_MODES, graphcut_select
+from decoct.coreset.select import GREEDY_MODES, graphcut_select, graphcut_select_kernel
 from decoct.data import Dataset, normalize
 from decoct.models import model_for
 from decoct.train import TrainConfig, train_model
 
 SIMILARITIES: tuple[str, ...] = ("features", "gradients")
-
-
-def _first_argmax(x: Tensor) -> int:
-    return int(torch.nonzero(x == x.max(), as_tuple=False)[0, 0])
-
-
-def graphcut_select_kernel(sim: Tensor, k: int, lam: float = 1.0, greedy: str = "exact", epsilon: float = 0.9,
-                           generator: torch.Generator | None = None) -> Tensor:
-    """Greedy graph cut on a precomputed symmetric kernel ``sim`` (n, n); picks in order.
-
-    Gain of ``c`` given ``A``: ``lam sum_i s(i, c) - 2 sum_{a in A} s(a, c) - s(c, c)``, i.e.
-    ``f(A + c) - f(A)`` for ``f`` of :func:`decoct.coreset.select.graphcut_value`. Same
-    tie-breaking (smallest index) and stochastic sampler as ``graphcut_select``.
-    """
-    s = torch.as_tensor(sim).to(torch.float64)
-    if s.dim() != 2 or s.shape[0] != s.shape[1]:
-        raise ValueError(f"sim must be a square (n, n) matrix, got shape {tuple(s.shape)}")
-    if greedy not in GREEDY_MODES:
-        raise ValueError(f"unknown greedy mode {greedy!r}; known: {', '.join(GREEDY_MODES)}")
-    n = s.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in 1..{n}, got {k}")
-    if greedy == "stochastic":
-        if not 0.0 < epsilon < 1.0:
-            raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
-        r = max(round(-math.log(epsilon) * n / k), 1)
-        g = generator if generator is not None else torch.Generator().manual_seed(0)
-    gains = lam * s.sum(dim=0) - s.diagonal()
-    taken = torch.zeros(n, dtype=torch.bool)
-    picks: list[int] = []
-    for _ in range(k):
-        if greedy == "exact":
-            c = _first_argmax(torch.where(taken, torch.full_like(gains, -math.inf), gains))
-        else:
-            remaining = torch.nonzero(~taken, as_tuple=False).flatten()
-            drawn = remaining[torch.randperm(len(remaining), generator=g)[:r]].sort().values
-            c = int(drawn[_first_argmax(gains[drawn])])
-        picks.append(c)
-        taken[c] = True
-        gains -= 2.0 * s[c]
-    return torch.tensor(picks, dtype=torch.long)
 
 
 def gradient_kernel(residual: Tensor, embed: Tensor) -> Tensor:
@@ -166,5 +123,4 @@ def colour_guided_indices(dataset: Dataset, ipc: int, colors: int, *, seed: int 
     return torch.cat(out)
 
 
-__all__ = ["SIMILARITIES", "colour_guided_indices", "gradient_kernel", "graphcut_select_kernel",
-           "quantized_train_images"]
+__all__ = ["SIMILARITIES", "colour_guided_indices", "gradient_kernel", "quantized_train_images"]
