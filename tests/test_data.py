@@ -118,3 +118,18 @@ def test_cifar10_from_shared_archive(cifar10):
     assert torch.equal(cifar10.test.class_counts(10), torch.full((10,), 1000))
     mean = cifar10.train.images[::10].float().mean(dim=(0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor(cifar10.info.mean), atol=0.02)
+
+
+def test_data_notes_print_once_under_torchrun(monkeypatch, capsys):
+    """The "what the tree held" line goes to stderr from rank 0 only ($RANK, set by torchrun); a plain
+    run (no $RANK) prints it."""
+    from decoct.data.sources import note
+
+    monkeypatch.delenv("RANK", raising=False)
+    note("cifar10: 10 classes")
+    monkeypatch.setenv("RANK", "1")
+    note("rank 1 line")
+    monkeypatch.setenv("RANK", "0")
+    note("rank 0 line")
+    err = capsys.readouterr().err
+    assert "cifar10: 10 classes" in err and "rank 0 line" in err and "rank 1 line" not in err

@@ -629,5 +629,8 @@ def summary_line(label: str, classes: list[str] | tuple[str, ...], n_train: int,
 
 
 def note(line: str) -> None:
-    """Print an informational line to stderr (stdout stays for results)."""
+    """Print an informational line to stderr (stdout stays for results); under torchrun only rank 0
+    (``$RANK``) prints, so a line says what the data held once, not once per process."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(line, file=sys.stderr, flush=True)
