@@ -161,7 +161,9 @@ def register(cli: Any) -> None:
         p.add_argument("--ipc", type=int, required=True, help="images per class")
         p.add_argument("--out", required=True, help="run directory to create")
         p.add_argument("--dataset", default=None, help="dataset (default: the teacher's)")
-        p.add_argument("--iterations", type=int, default=None, help="optimisation steps per batch (preset)")
+        p.add_argument("--iterations", type=int, default=None,
+                       help="optimisation steps per batch (preset); the run's log.jsonl and progress bar count "
+                            "steps over all batches, batches x this")
         p.add_argument("--batch-size", type=int, default=None,
                        help="classes per batch (sre2l/dwa) or images per batch (lpld); preset")
         p.add_argument("--lr", type=float, default=None, help="Adam learning rate, cosine to 0 (preset)")
