@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,7 +250,9 @@ def test_squeeze_streamed_refuses_training_and_records_the_pass(tree, weights, c
     t = squeeze("imagenet", "resnet18", out=tmp_path / "t", data_root=str(tree), device="cpu", weights=str(weights),
                 data_options={"data_mode": "stream", "workers": 0, "image_size": 32}, model_kwargs={"stem": "imagenet"},
                 stats_batch_size=8, show_progress=False)
-    assert t.meta["streamed"] and t.meta["stats_augment"] == "rrc_flip" and t.meta["weights"] == str(weights)
+    assert t.meta["streamed"] and t.meta["stats_augment"] == "rrc_flip"
+    assert t.meta["weights"] == str(Path(weights).resolve()) and len(t.meta["weights_sha256"]) == 64
+    assert "epochs" not in t.meta["train"] and t.meta["train"]["stats_batch_size"] == 8  # never trained here
     assert t.meta["num_train_images"] == 30 and 0 <= t.meta["test_accuracy"] <= 1
     counts = t.stats.stats[t.stats.layers[0]]["class_count"]
     assert counts.tolist() == [5] * 6

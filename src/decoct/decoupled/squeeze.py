@@ -468,6 +468,12 @@ class SqueezeConfig:
                            channels_last=self.channels_last)
 
 
+_TRAINING_ONLY = ("pretrained", "weights", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule",
+                  "optimizer", "label_smoothing", "augment")
+"""SqueezeConfig keys that only training uses: teacher.json leaves them out of ``train`` for a teacher
+wrapped from --weights / --pretrained (its ``weights`` / ``pretrained`` keys say where it came from)."""
+
+
 def _check_config(cfg: SqueezeConfig) -> None:
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; known: {', '.join(MODELS.names())}")
@@ -799,9 +805,13 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
         meta = {
             "format": TEACHER_FORMAT, "version": TEACHER_VERSION, "model": cfg.model,
             "model_kwargs": cfg.model_kwargs, "dataset": info.to_dict(), "pretrained": pretrained,
-            "weights": cfg.weights,
-            "train": {k: v for k, v in asdict(cfg).items() if k not in ("model", "model_kwargs", "dataset")},
-            "resolved_augment": resolve_augment(cfg.augment, info), "stats_augment": resolve_augment(st_aug, info),
+            "weights": str(Path(cfg.weights).resolve()) if cfg.weights else None,
+            "weights_sha256": sha256_file(Path(cfg.weights)) if cfg.weights else None,
+            # a wrapped teacher was never trained here: only what made its BN statistics is recorded
+            "train": {k: v for k, v in asdict(cfg).items() if k not in ("model", "model_kwargs", "dataset")
+                      and not (wrapped and k in _TRAINING_ONLY)},
+            "resolved_augment": None if wrapped else resolve_augment(cfg.augment, info),
+            "stats_augment": resolve_augment(st_aug, info),
             "test_accuracy": acc, "train_seconds": round(seconds, 2), "stats_seconds": round(stats_seconds, 2),
             "val_seconds": round(val_seconds, 2), "streamed": streamed, "world_size": world,
             "num_train_images": len(data.train), "bn_layers": [[n, stats.channels(n)] for n in stats.layers],
