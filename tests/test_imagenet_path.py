@@ -290,3 +290,29 @@ def test_every_decoupled_stage_runs_streamed_end_to_end(tree, weights, tmp_path,
     assert main(["evaluate", str(tmp_path / "lpld"), "--protocol", "fast", "--runs", "1", "--epochs", "1",
                  *common]) == 2
     assert "--protocol soft" in capsys.readouterr().err
+
+
+def test_streamed_stats_pass_resumes_from_its_checkpoint_bit_for_bit(tree, weights, cache, tmp_path):
+    """An interrupted statistics pass (stop_after) continues from its checkpoint file and gives the
+    statistics of an uninterrupted pass exactly; a file of another pass is refused naming the setting."""
+    data = _data(tree, "stream")
+    net = model_for("resnet18", data.info, stem="imagenet")
+    load_weights_file(net, weights, SqueezeConfig("imagenet", "resnet18"), data.info)
+    kw = dict(batch_size=4, augment="rrc_flip", seed=2, workers=0)
+    one = collect_bn_stats_stream(net, data.train, data.info, **kw)
+    ck = tmp_path / "stats-part0.pt"
+    assert collect_bn_stats_stream(net, data.train, data.info, checkpoint=ck, checkpoint_every=2, stop_after=3,
+                                   **kw) is None
+    state = torch.load(ck, weights_only=True)
+    assert state["done"] == 3
+    zeroed = tmp_path / "zeroed.pt"  # the sums are read back: a checkpoint with them zeroed changes the result
+    torch.save({**state, "acc": {n: {k: torch.zeros_like(t) for k, t in a.items()} for n, a in state["acc"].items()}},
+               zeroed)
+    other = collect_bn_stats_stream(net, data.train, data.info, checkpoint=zeroed, **kw)
+    assert not torch.equal(other.stats[one.layers[0]]["mean"], one.stats[one.layers[0]]["mean"])
+    with pytest.raises(ValueError, match="batch_size 4 \\(now 5\\)"):
+        collect_bn_stats_stream(net, data.train, data.info, checkpoint=ck, **{**kw, "batch_size": 5})
+    resumed = collect_bn_stats_stream(net, data.train, data.info, checkpoint=ck, checkpoint_every=2, **kw)
+    for layer in one.layers:
+        for key, t in one.stats[layer].items():
+            assert torch.equal(t, resumed.stats[layer][key]), (layer, key)

@@ -8,6 +8,8 @@ A teacher directory, written by :func:`squeeze` and read by :func:`~decoct.forma
     teacher.json          format/version, model name + kwargs, dataset info, train config,
                           test accuracy, BN layer list, sha256 of both safetensors files
     config.yaml, log.jsonl, checkpoint.pt (while training), DONE     (a :class:`~decoct.runtime.runs.Run`)
+    stats-part<rank>.pt   while a streamed statistics pass runs: its running sums, so a rerun with
+                          --resume continues the pass (:func:`collect_bn_stats_stream`)
 
 BN statistics (``bn_stats.safetensors``), one set per BN layer ``<name>`` in module order, all
 measured on the *input* of the layer, per channel, over (samples, H, W), with the biased (1/n)
@@ -58,7 +60,9 @@ from decoct.models import MODELS, model_for
 from decoct.runtime.health import DivergedError, rerun_hint
 from decoct.runtime.io import (
     atomic_save_tensors,
+    atomic_torch_save,
     atomic_write_json,
+    safe_torch_load,
     sha256_file,
 )
 from decoct.runtime.runs import Run, RunError, progress
@@ -384,7 +388,9 @@ STREAM_VIEWS = {"rrc_flip": "train", "none": "val"}
 def collect_bn_stats_stream(model: nn.Module, split: Any, info: DatasetInfo, *, batch_size: int = 256,
                             augment: str = "rrc_flip", momentum: float = 0.1, seed: int = 0,
                             device: torch.device | str = "cpu", amp: bool = False, channels_last: bool = False,
-                            workers: int | None = None, show_progress: bool = False) -> BNStats:
+                            workers: int | None = None, show_progress: bool = False,
+                            checkpoint: str | Path | None = None, checkpoint_every: int = 200,
+                            stop_after: int | None = None) -> BNStats | None:
     """:func:`collect_bn_stats` over a streamed split (:class:`decoct.data.stream.StreamSplit`).
 
     ``augment``: ``rrc_flip`` decodes the references' training view (RandomResizedCrop + flip,
@@ -392,6 +398,13 @@ def collect_bn_stats_stream(model: nn.Module, split: Any, info: DatasetInfo, *, 
     permutation as in memory. Under torchrun (a joined process group of W ranks) rank r reads the
     batches r, r + W, ... and the parts are summed (:meth:`_StatsCollector.reduce`): every rank
     returns the statistics one process computes, up to float64 rounding. Returns BNStats.
+
+    ``checkpoint`` (a file, one per rank): the pass saves its running sums there (atomically,
+    float64 tensors only) every ``checkpoint_every`` of this rank's batches, and a pass that finds
+    the file continues after the batches it holds, giving the statistics an uninterrupted pass gives
+    bit for bit; a file of another pass (batch size, seed, view, momentum, ranks, layers) is refused
+    with a ValueError. ``stop_after`` ends the pass after that many batches of this call, saving the
+    checkpoint, and returns None (tests; an interruption).
     """
     import torch.distributed as dist
 
@@ -410,21 +423,56 @@ def collect_bn_stats_stream(model: nn.Module, split: Any, info: DatasetInfo, *, 
     n_batches = len(after)
     mine = range(r, n_batches, world)
     col = _StatsCollector(model, info.num_classes, momentum, dev, after, updates)
-    loader = split.loader(STREAM_VIEWS[augment], batch_size=batch_size, order=order, batches=mine, seed=seed,
+    key = dict(num_images=len(labels), batch_size=batch_size, seed=seed, augment=augment, momentum=momentum,
+               rank=r, world=world, layers=[n for n, _ in col.layers])
+    start = _resume_stats(col, Path(checkpoint), key) if checkpoint is not None else 0
+    todo = mine[start:]
+    loader = split.loader(STREAM_VIEWS[augment], batch_size=batch_size, order=order, batches=todo, seed=seed,
                           workers=workers)
+    sizes = [min(batch_size, len(labels) - b * batch_size) for b in mine]
+    stopped = False
     try:
-        bar = progress(total=sum(min(batch_size, len(labels) - b * batch_size) for b in mine), desc="bn stats",
-                       enabled=show_progress, unit="img")
-        for x, y, pos in loader:
+        bar = progress(total=sum(sizes), initial=sum(sizes[:start]), desc="bn stats", enabled=show_progress,
+                       unit="img")
+        for done, (x, y, pos) in enumerate(loader, start + 1):
             _forward(model, col, normalize(x, info, dev), y.to(dev), int(pos[0]) // batch_size, amp, channels_last)
             bar.update(len(y))
+            stopped = stop_after is not None and done - start >= stop_after and done < len(mine)
+            if checkpoint is not None and done < len(mine) and (done % checkpoint_every == 0 or stopped):
+                atomic_torch_save(checkpoint, {**key, "done": done, "acc": col.acc})
+            if stopped:
+                break
         bar.close()
     finally:
         col.labels = None
         col.remove()
+    if stopped:
+        return None
     if sharded:
         col.reduce()
     return col.result()
+
+
+def _resume_stats(col: _StatsCollector, path: Path, key: dict[str, Any]) -> int:
+    """Load a statistics-pass checkpoint into ``col``; the number of this rank's batches it holds
+    (0 when there is none). A checkpoint of another pass is refused, naming what differs."""
+    if not path.exists():
+        return 0
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or "acc" not in state or "done" not in state:
+        raise ValueError(f"{path}: not a statistics-pass checkpoint; delete it to start the pass over")
+    differs = {k: (state.get(k), v) for k, v in key.items() if state.get(k) != v}
+    if differs:
+        what = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in differs.items())
+        raise ValueError(f"{path} holds a statistics pass with other settings: {what}; delete it to start over")
+    for name, parts in col.acc.items():
+        for k, t in parts.items():
+            saved = state["acc"][name][k]
+            if saved.shape != t.shape:
+                raise ValueError(f"{path}: layer {name} {k} has shape {tuple(saved.shape)}, the model needs "
+                                 f"{tuple(t.shape)}")
+            t.copy_(saved)
+    return int(state["done"])
 
 
 class _null:
@@ -785,10 +833,13 @@ def squeeze(dataset: str | Dataset, model: str = "convnet_bn", *, out: str | Pat
         if run is not None:
             run.log(event="trained", test_accuracy=acc, seconds=round(seconds, 2), val_seconds=round(val_seconds, 2))
         t1 = time.perf_counter()
-        if streamed:
+        if streamed:  # hours at ImageNet scale: each rank checkpoints its part of the pass in the run directory
+            part = Path(out) / f"stats-part{rank() if world > 1 else 0}.pt"
             stats = collect_bn_stats_stream(net, data.train, info, batch_size=cfg.stats_batch_size, augment=st_aug,
                                             momentum=cfg.stats_momentum, seed=seed + 1, device=dev, amp=amp,
-                                            channels_last=channels_last, show_progress=show_progress and lead)
+                                            channels_last=channels_last, show_progress=show_progress and lead,
+                                            checkpoint=part)
+            part.unlink(missing_ok=True)
         else:
             stats = collect_bn_stats(net, data.train.images, data.train.labels, info,
                                      batch_size=cfg.stats_batch_size, augment=st_aug, momentum=cfg.stats_momentum,
