@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from decoct.augment.recorded_views import ViewRecipe, draw_views, seeded_generator
+from decoct.augment.recorded_views import (
+    ViewRecipe,
+    ViewRecord,
+    apply_views,
+    draw_views,
+    seeded_generator,
+    strip_map,
+)
 from decoct.data.types import DatasetInfo
 from decoct.train.soft_students import FKDConfig, lr_factor, soft_recipe_for
 
@@ -26,8 +33,10 @@ def test_rded_recipes_by_image_size():
         assert (r.epochs, r.optimizer, r.lr, r.weight_decay, r.no_decay_1d) == (300, "adamw", 1e-3, 0.01, True)
         assert (r.schedule, r.temperature, r.t2) == ("half_cosine", 20.0, False)
         assert (r.view.crop, r.view.scale, r.view.mix, r.view.mix_alpha) == ("rrc", (1.0, 1.0), "cutmix", 1.0)
-    with pytest.raises(ValueError, match="--recipe rded: RDED's ImageNet-size student recipe .* not implemented"):
-        soft_recipe_for(_info(224), "rded")
+    imnet = soft_recipe_for(_info(224), "rded")
+    assert (imnet.name, imnet.batch_size, imnet.schedule, imnet.temperature) == ("rded-imagenet", 100, "half_cosine", 20.0)
+    assert (imnet.view.shuffle, imnet.view.scale, imnet.view.mix) == (2, (0.5, 1.0), "cutmix")
+    assert tiny.view.shuffle == cifar.view.shuffle == 1
 
 
 def test_half_cosine_by_hand():
@@ -63,3 +72,54 @@ def test_recipe_rded_online_is_recorded(digits, train_digits_teacher, random_dig
     assert r.protocol == "soft-online" and r.extra["recipe"] == "rded-cifar" and r.extra["temperature"] == 20.0
     assert r.extra["view"]["mix"] == "cutmix" and r.extra["view"]["scale"] == [1.0, 1.0]
     assert r.extra["batch_size"] == 20  # RDED's 50, capped at the set's 20 images
+
+
+# ------------------------------------------------------------------ ShufflePatches (factor 2, ImageNet)
+def test_strip_map_by_hand():
+    """5 pixels in 2 strips: [0, 2) and [2, 5) (the last takes the remainder; RDED's code drops it)."""
+    assert strip_map(torch.tensor([[1, 0], [0, 1]]), 5).tolist() == [[2, 3, 4, 0, 1], [0, 1, 2, 3, 4]]
+    assert strip_map(torch.tensor([[2, 0, 1]]), 7).tolist() == [[4, 5, 6, 0, 1, 2, 3]]
+
+
+def _shuffled(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
+    """RDED's ShufflePatches by hand: cut, reorder and concatenate column strips, then row strips."""
+    out = []
+    for img, (cols, rows) in zip(x, strips.tolist(), strict=True):
+        f = len(cols)
+        for dim, order in ((2, cols), (1, rows)):
+            size = img.shape[dim]
+            t = size // f
+            parts = [img.narrow(dim, k * t, (t if k < f - 1 else size - k * t)) for k in range(f)]
+            img = torch.cat([parts[k] for k in order], dim)
+        out.append(img)
+    return torch.stack(out)
+
+
+def test_shuffle_then_view_equals_the_view_of_the_shuffled_image():
+    """A record with strips gives exactly the view (crop, flip, CutMix) of the hand-shuffled images."""
+    g = seeded_generator(1)
+    x = torch.randn(6, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    rec = draw_views(6, 9, 11, ViewRecipe(crop="rrc", scale=(0.5, 1.0), mix="cutmix", shuffle=2), g)
+    assert rec.strips.shape == (6, 2, 2) and rec.flip.any()
+    plain = ViewRecord(crop=rec.crop, flip=rec.flip, perm=rec.perm, lam=rec.lam, box=rec.box)
+    assert torch.equal(apply_views(x, rec), apply_views(_shuffled(x, rec.strips), plain))
+    whole = ViewRecord(crop=torch.tensor([[0, 0, 9, 11]] * 6, dtype=torch.int16), flip=torch.zeros(6, dtype=torch.bool),
+                       strips=rec.strips)
+    assert torch.equal(apply_views(x, whole), _shuffled(x, rec.strips))
+    assert any(not torch.equal(_shuffled(x, rec.strips)[i], x[i]) for i in range(6))
+
+
+def test_shuffle_is_drawn_last_and_refused_by_label_stores(digits, train_digits_teacher, random_digits_set, tmp_path):
+    a = draw_views(8, 8, 8, ViewRecipe(mix="cutmix"), seeded_generator(3))
+    b = draw_views(8, 8, 8, ViewRecipe(mix="cutmix", shuffle=2), seeded_generator(3))
+    assert torch.equal(a.crop, b.crop) and torch.equal(a.flip, b.flip) and torch.equal(a.perm, b.perm)
+    assert a.strips is None and sorted(b.strips[0, 0].tolist()) == [0, 1]
+    assert "shuffle" not in ViewRecipe().to_dict() and ViewRecipe.from_dict({"shuffle": 2}).shuffle == 2
+    with pytest.raises(ValueError, match="shuffle"):
+        ViewRecipe(shuffle=0)
+    from decoct.decoupled.relabel import relabel
+
+    path = tmp_path / "s"
+    random_digits_set(2).save(path)
+    with pytest.raises(ValueError, match="a label store does not record strip orders"):
+        relabel(path, train_digits_teacher(epochs=1), epochs=1, batch_size=8, view=ViewRecipe(shuffle=2), device="cpu")

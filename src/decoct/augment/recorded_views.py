@@ -22,6 +22,11 @@ Crop kinds (:class:`ViewRecipe`):
   32x32): a full-size box whose top/left lie in [-p, p].
 * ``none`` -- the whole image.
 
+``shuffle`` = f > 1 (RDED's ImageNet student, factor 2; live teacher only) first cuts each source
+image into f column strips and f row strips (the last one takes the remainder) and puts them in a
+random order per image (RDED ``ShufflePatches``: f!^2 layouts), then crops. It is a re-indexing
+of source rows and columns, composed into the crop's gathers, so it costs nothing.
+
 Boxes are stored as integer pixels (not the fractions of the reference format), so replay never
 suffers the off-by-one-pixel round trip of float boxes that docs/label-store.md, Where decoct
 departs from the reference format, notes. The resize is implemented with two gathers (rows, then
@@ -50,6 +55,7 @@ __all__ = [
     "cutmix_box",
     "draw_views",
     "seeded_generator",
+    "strip_map",
 ]
 
 CROPS = ("rrc", "pad", "none")
@@ -76,8 +82,11 @@ class ViewRecipe:
     mix: str = "none"
     mix_alpha: float = 1.0
     partner: str = "perm"
+    shuffle: int = 1
 
     def __post_init__(self) -> None:
+        if int(self.shuffle) != self.shuffle or not 1 <= self.shuffle <= 8:
+            raise ValueError(f"shuffle (patch-strip factor) must be an integer in 1..8, got {self.shuffle}")
         if self.crop not in CROPS:
             raise ValueError(f"unknown crop {self.crop!r}; known: {', '.join(CROPS)}")
         if self.mix not in MIXES:
@@ -106,6 +115,8 @@ class ViewRecipe:
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
         if self.partner == "perm":
             del d["partner"]
+        if self.shuffle == 1:
+            del d["shuffle"]
         return d
 
     @classmethod
@@ -127,7 +138,8 @@ class ViewRecord:
     ``crop`` int16 (B, 4): top, left, height, width in source pixels (top/left may be negative for
     padded crops); ``flip`` bool (B,); ``perm`` int16 (B,) the partner of each image inside the
     batch (None without mix); ``lam`` float32 scalar; ``box`` int16 (4,) CutMix rows a1:a2,
-    columns b1:b2 (None unless CutMix).
+    columns b1:b2 (None unless CutMix); ``strips`` int8 (B, 2, f) the order of the column strips
+    (``[:, 0]``) and row strips (``[:, 1]``) of each source image (None unless ``shuffle`` > 1).
     """
 
     crop: Tensor
@@ -135,6 +147,7 @@ class ViewRecord:
     perm: Tensor | None = None
     lam: Tensor | None = None
     box: Tensor | None = None
+    strips: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.crop.shape[0])
@@ -195,7 +208,8 @@ def _draw_rrc(n: int, h: int, w: int, recipe: ViewRecipe, g: torch.Generator) ->
 def draw_views(n: int, height: int, width: int, recipe: ViewRecipe, generator: torch.Generator) -> ViewRecord:
     """Draw the views of one batch of ``n`` images of size ``height`` x ``width``.
 
-    Draw order (crop, flip, mix) is fixed, so the same generator state gives the same record.
+    Draw order (crop, flip, mix, then the strip orders when ``shuffle`` > 1) is fixed, so the same
+    generator state gives the same record, and records without shuffle are those drawn before it existed.
     """
     if n < 1:
         raise ValueError(f"a batch needs at least one image, got {n}")
@@ -223,7 +237,31 @@ def draw_views(n: int, height: int, width: int, recipe: ViewRecipe, generator: t
             cy = int(torch.randint(0, height, (), generator=g))
             cx = int(torch.randint(0, width, (), generator=g))
             rec.box = torch.tensor(cutmix_box(height, width, float(rec.lam), cy, cx), dtype=torch.int16)
+    f = recipe.shuffle
+    if f > 1:
+        if min(height, width) < f:
+            raise ValueError(f"shuffle {f} needs images of at least {f} pixels a side, got {height}x{width}")
+        rec.strips = torch.argsort(torch.rand(n, 2, f, generator=g), dim=2).to(torch.int8)
     return rec
+
+
+def strip_map(order: Tensor, size: int) -> Tensor:
+    """Source index of every position along an axis of ``size`` pixels after its ``f`` strips are put
+    in ``order`` (B, f): strip k covers ``[k t, (k + 1) t)`` with ``t = size // f``, the last one up to
+    ``size`` (RDED's code drops the last ``size % f`` pixels instead, a bug its reference notes flag).
+    Returns (B, size) int64."""
+    b, f = order.shape
+    t = size // f
+    starts = [k * t for k in range(f)]
+    ends = starts[1:] + [size]
+    cache: dict[tuple[int, ...], Tensor] = {}
+    rows = []
+    for o in order.tolist():
+        key = tuple(o)
+        if key not in cache:
+            cache[key] = torch.cat([torch.arange(starts[k], ends[k]) for k in key])
+        rows.append(cache[key])
+    return torch.stack(rows) if rows else torch.zeros(0, size, dtype=torch.long)
 
 
 def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int]:
@@ -289,6 +327,13 @@ def apply_views(x: Tensor, record: ViewRecord, fill: Tensor | None = None) -> Te
 
     r0, r1, rw0, rw1, rvalid = _axis_table(top, ch, h, h)
     q0, q1, qw0, qw1, qvalid = _axis_table(left, cw, w, w)
+    if record.strips is not None:  # ShufflePatches: read each tap from where its strip came from
+        order = record.strips.long()
+        if order.shape[:2] != (b, 2):
+            raise ValueError(f"record strips have shape {tuple(order.shape)}, need ({b}, 2, f)")
+        cmap, rmap = strip_map(order[:, 0], w).to(dev), strip_map(order[:, 1], h).to(dev)
+        r0, r1 = rmap.gather(1, r0), rmap.gather(1, r1)
+        q0, q1 = cmap.gather(1, q0), cmap.gather(1, q1)
     flip = record.flip.to(dev).view(b, 1)
     if flip.any():
         q0, q1 = torch.where(flip, q0.flip(1), q0), torch.where(flip, q1.flip(1), q1)

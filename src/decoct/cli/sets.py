@@ -198,9 +198,9 @@ def register(cli: CommandAdder) -> None:
                         "(docs/protocols.md#soft); dwa: DWA's own validation recipes, which its paper runs against a "
                         "live teacher (needs --teacher): CIFAR 400 epochs with Mixup, Tiny-ImageNet 200 epochs with "
                         "CutMix, ImageNet 300 epochs with CutMix (docs/methods/dwa.md#evaluation); rded: RDED's "
-                        "student script, live teacher, CIFAR and Tiny-ImageNet sizes only: 300 epochs, AdamW 1e-3 "
-                        "half-cosine, whole images with flip and CutMix, batch 50 (CIFAR) or 100 (Tiny) "
-                        "(docs/methods/rded.md#students)")
+                        "student script (needs --teacher): 300 epochs, AdamW 1e-3 half-cosine, flip and CutMix; whole "
+                        "images at CIFAR/Tiny sizes (batch 50/100), 2x2 strip shuffle and crops of scale 0.5-1 at "
+                        "ImageNet sizes (batch 100) (docs/methods/rded.md#students)")
     p.add_argument("--amp", action="store_true",
                    help="train the students under bf16 autocast (CUDA only; default float32, as the references; "
                         "the result records which)")

@@ -222,6 +222,9 @@ class _Job:
         dev = join_torchrun(device)
         recipe = soft_recipe_for(dset.info)
         self.view = view or recipe.view
+        if self.view.shuffle != 1:
+            raise ValueError(f"view shuffle={self.view.shuffle} (RDED's ShufflePatches) is for live-teacher students; "
+                             "a label store does not record strip orders")
         self.plan = RelabelPlan(len(dset), int(epochs), int(batch_size or recipe.batch_size), prune)
         self.encoding = encoding or PLAIN
         self.encoding.check_classes(dset.info.num_classes)  # before the teacher is loaded

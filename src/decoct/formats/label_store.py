@@ -506,7 +506,10 @@ class LabelStore:
     # ------------------------------------------------------------------ views
     @property
     def view(self) -> ViewRecipe:
-        return ViewRecipe.from_dict(self.header["view"])
+        v = ViewRecipe.from_dict(self.header["view"])
+        if v.shuffle != 1:  # the records hold no strip orders: a replay could not match what the teacher saw
+            raise LabelStoreError(f"the label store's view has shuffle={v.shuffle}, which stores cannot replay")
+        return v
 
     @property
     def batch(self) -> int:

@@ -121,6 +121,10 @@ def _recipes() -> dict[str, SoftRecipe]:
                                 ViewRecipe(crop="pad", padding=4, mix="mixup", mix_alpha=0.8)),
         # RDED's released validation script for its factor-1 sizes (docs/methods/rded.md#students): the
         # whole image (RandomResizedCrop of scale (1/factor, 1) = (1, 1)), flip, CutMix, live teacher
+        "rded-imagenet": SoftRecipe("rded-imagenet", "RDED validation/main.py, ImageNet-1K IPC 10 scripts "
+                                    "(docs/methods/rded.md#students)", "resnet18", 300, 100, "adamw", 1e-3, 0.9,
+                                    0.01, True, "half_cosine", 0, 20.0, False,
+                                    ViewRecipe(crop="rrc", scale=(0.5, 1.0), mix="cutmix", mix_alpha=1.0, shuffle=2)),
         "rded-tiny": SoftRecipe("rded-tiny", "RDED validation/main.py, Tiny-ImageNet scripts "
                                 "(docs/methods/rded.md#students)", "resnet18", 300, 100, "adamw", 1e-3, 0.9, 0.01,
                                 True, "half_cosine", 0, 20.0, False,
@@ -137,7 +141,7 @@ RECIPE_FAMILIES = ("auto", "dwa", "rded")
 """What ``soft_recipe_for`` picks from: ``auto``, the relabel recipes above by image size
 (``imagenet``/``tiny``/``cifar``); ``dwa``, DWA's own student recipes by image size
 (``dwa-imagenet``/``dwa-tiny``/``dwa-cifar``), which its paper runs against a live teacher; ``rded``,
-RDED's student script for CIFAR- and Tiny-sized images (``rded-cifar``/``rded-tiny``), also live."""
+RDED's student script by image size (``rded-imagenet``/``rded-tiny``/``rded-cifar``), also live."""
 
 
 def soft_recipe_for(info: DatasetInfo, family: str = "auto") -> SoftRecipe:
@@ -147,20 +151,17 @@ def soft_recipe_for(info: DatasetInfo, family: str = "auto") -> SoftRecipe:
     ``cifar`` <= 32 px); ``dwa``: DWA's validation recipes for the same sizes (``dwa-tiny`` differs
     from ``tiny``: 200 epochs, CutMix with the previous image of the batch, weight decay on every
     parameter; ``dwa-imagenet`` and ``dwa-cifar`` hold the same values as ``imagenet`` and ``cifar``).
-    ``rded``: RDED's validation script at its factor 1 (CIFAR, Tiny-ImageNet): AdamW 1e-3 with
-    the half-cosine schedule, KL at T = 20 without T², CutMix on whole images, batch 50 (CIFAR, its
-    IPC 10 scripts; IPC 1 uses 10 and IPC 50 uses 100: pass ``--batch-size``) or 100 (Tiny).
-    Raises ValueError for an unknown family, and for ``rded`` at ImageNet sizes (factor 2: RDED's
-    ShufflePatches of the 2x2 patch grid is not implemented).
+    ``rded``: RDED's validation script (AdamW 1e-3 with the half-cosine schedule, KL at T = 20
+    without T², CutMix): at its factor 1 (CIFAR, Tiny-ImageNet) on whole images, batch 50 (CIFAR, its
+    IPC 10 scripts; IPC 1 uses 10 and IPC 50 uses 100: pass ``--batch-size``) or 100 (Tiny); at
+    ImageNet sizes its factor 2 (ShufflePatches of the 2 x 2 strips, RandomResizedCrop of scale
+    (0.5, 1)), batch 100 (its 1000-class IPC 10 scripts; IPC 50 uses 200).
+    Raises ValueError for an unknown family.
     """
     if family not in RECIPE_FAMILIES:
         raise ValueError(f"unknown soft recipe {family!r}; known: {', '.join(RECIPE_FAMILIES)}")
     prefix = "" if family == "auto" else f"{family}-"
     size = max(info.height, info.width)
-    if family == "rded" and size >= 128:
-        raise ValueError(f"--recipe rded: RDED's ImageNet-size student recipe (factor 2: ShufflePatches of the 2x2 "
-                         f"patch grid, then RandomResizedCrop of scale (0.5, 1)) is not implemented; {size} px images "
-                         "need it. Use --recipe auto or dwa (ImageNet: RandomResizedCrop and CutMix)")
     if size >= 128:
         return RECIPES[prefix + "imagenet"]
     if size > 32:
