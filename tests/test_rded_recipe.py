@@ -37,6 +37,14 @@ def test_rded_recipes_by_image_size():
     assert (imnet.name, imnet.batch_size, imnet.schedule, imnet.temperature) == ("rded-imagenet", 100, "half_cosine", 20.0)
     assert (imnet.view.shuffle, imnet.view.scale, imnet.view.mix) == (2, (0.5, 1.0), "cutmix")
     assert tiny.view.shuffle == cifar.view.shuffle == 1
+    # the set's factor wins over the size rule (RDED's presets: factor 1 up to 64 px, 2 above)
+    assert soft_recipe_for(_info(96), "rded").view.shuffle == 2
+    assert soft_recipe_for(_info(64), "rded", factor=2).view.shuffle == 2
+    three = soft_recipe_for(_info(224), "rded", factor=3).view
+    assert three.shuffle == 3 and three.scale == pytest.approx((1 / 3, 1.0))
+    assert soft_recipe_for(_info(224), "rded", factor=1).name == "rded-tiny"
+    with pytest.raises(ValueError, match="factor 2 applies to the rded recipe only"):
+        soft_recipe_for(_info(64), "dwa", factor=2)
 
 
 def test_half_cosine_by_hand():
@@ -72,6 +80,29 @@ def test_recipe_rded_online_is_recorded(digits, train_digits_teacher, random_dig
     assert r.protocol == "soft-online" and r.extra["recipe"] == "rded-cifar" and r.extra["temperature"] == 20.0
     assert r.extra["view"]["mix"] == "cutmix" and r.extra["view"]["scale"] == [1.0, 1.0]
     assert r.extra["batch_size"] == 20  # RDED's 50, capped at the set's 20 images
+
+
+def test_evaluate_batch_size_override(digits, train_digits_teacher, random_digits_set, tmp_path, capsys):
+    """--batch-size sets the student batch (its own result file); a label store refuses another batch."""
+    from decoct.cli import main
+
+    teacher = tmp_path / "t"
+    from decoct.decoupled.squeeze import squeeze
+
+    squeeze(digits, "convnet_bn", out=teacher, epochs=1, model_kwargs={"width": 8}, show_progress=False)
+    run = tmp_path / "run"
+    random_digits_set(2, config={"ipc": 2, "seed": 0}).save(run / "artifact")  # a run directory keeps eval-*.json
+    base = ["evaluate", str(run), "--protocol", "soft", "--model", "mlp", "--runs", "1", "--epochs", "1",
+            "--teacher", str(teacher), "--recipe", "rded", "--no-progress"]
+    assert main([*base, "--batch-size", "10"]) == 0
+    files = sorted(f.name for f in run.glob("eval-*.json"))
+    assert files == ["eval-soft-online-rded-b10-mlp-e1.json"], files
+    import json
+
+    ev = json.loads((run / files[0]).read_text())
+    assert ev["extra"]["batch_size"] == 10 and ev["protocol"] == "soft-online"
+    assert main([*base, "--batch-size", "1"]) == 2
+    assert "batch_size must be >= 2" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ ShufflePatches (factor 2, ImageNet)

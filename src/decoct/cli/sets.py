@@ -33,7 +33,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.scores is not None:
         return _cmd_scores(args)
     result = evaluate_run(args.path, protocol=args.protocol, runs=args.runs, seed=args.seed, model=args.model,
-                          epochs=args.epochs, baseline=args.baseline, engine=args.engine, device=args.device,
+                          epochs=args.epochs, batch_size=args.batch_size, baseline=args.baseline,
+                          engine=args.engine, device=args.device,
                           data_root=args.data_root, resume=args.resume, force=args.force,
                           progress=args.progress, teacher=args.teacher, dataset=args.dataset,
                           download=args.download, save=args.save, data_options=data_options(args), amp=args.amp,
@@ -62,6 +63,9 @@ def _cmd_scores(args: argparse.Namespace) -> int:
     if args.recipe != "auto":
         raise ValueError("--recipe chooses the soft protocol's student recipe; --scores trains classic/fast students: "
                          "drop --recipe")
+    if args.batch_size is not None:
+        raise ValueError("--batch-size does not apply to --scores (its students train with the protocol's batch); "
+                         "drop --batch-size")
     if args.baseline is not None:
         raise ValueError("--scores trains its own random-real baseline (the set's IPC, the set's labels, a fresh "
                          "subset per round); drop --baseline")
@@ -181,6 +185,9 @@ def register(cli: CommandAdder) -> None:
     p.add_argument("--model", default=None, help="student model (default: the protocol's: ConvNet for classic/fast, ResNet-18 for soft)")
     p.add_argument("--runs", type=int, default=5, help="students (independent initialisations and augmentations)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="override the student batch (classic/fast: 256; soft: the recipe's, or the label store's, "
+                        "which cannot change), e.g. RDED's 10 at IPC 1 and 100 at IPC 50 on CIFAR")
     p.add_argument("--seed", type=int, default=0, help="seed of the first student (the others follow)")
     p.add_argument("--baseline", default=None, choices=["random", "mediancut"],
                    help="also evaluate, with the same protocol and seeds: random = random real full-colour images of "

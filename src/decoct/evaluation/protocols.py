@@ -439,7 +439,9 @@ def _evaluate_soft(dset: DistilledSet, storage: dict[str, Any], dataset: Dataset
 
     device = join_torchrun(device)  # under torchrun every student trains with DDP
     info = dataset.info
-    recipe = soft_recipe_for(info, cfg["recipe"])
+    # RDED's student shuffles and crops by the factor the set was stitched with (its presets' by size otherwise)
+    factor = dset.meta.get("factor") if cfg["recipe"] == "rded" and dset.method == "rded" else None
+    recipe = soft_recipe_for(info, cfg["recipe"], factor=int(factor) if factor is not None else None)
     if cfg["recipe"] != "auto" and online_teacher is None:
         raise ValueError(f"the {cfg['recipe']} recipe trains its students against a live teacher, as its paper does "
                          "(no stored labels): pass --teacher DIR; or drop --recipe to replay the set's label store")

@@ -144,7 +144,7 @@ RECIPE_FAMILIES = ("auto", "dwa", "rded")
 RDED's student script by image size (``rded-imagenet``/``rded-tiny``/``rded-cifar``), also live."""
 
 
-def soft_recipe_for(info: DatasetInfo, family: str = "auto") -> SoftRecipe:
+def soft_recipe_for(info: DatasetInfo, family: str = "auto", factor: int | None = None) -> SoftRecipe:
     """The reference recipe for a dataset, chosen by image size (padding scaled as H/8).
 
     ``family`` ``auto``: the SRe2L/LPLD relabel recipes (``imagenet`` >= 128 px, ``tiny`` 33-127 px,
@@ -155,13 +155,23 @@ def soft_recipe_for(info: DatasetInfo, family: str = "auto") -> SoftRecipe:
     without T², CutMix): at its factor 1 (CIFAR, Tiny-ImageNet) on whole images, batch 50 (CIFAR, its
     IPC 10 scripts; IPC 1 uses 10 and IPC 50 uses 100: pass ``--batch-size``) or 100 (Tiny); at
     ImageNet sizes its factor 2 (ShufflePatches of the 2 x 2 strips, RandomResizedCrop of scale
-    (0.5, 1)), batch 100 (its 1000-class IPC 10 scripts; IPC 50 uses 200).
-    Raises ValueError for an unknown family.
+    (0.5, 1)), batch 100 (its 1000-class IPC 10 scripts; IPC 50 uses 200). The factor is the set's
+    (``factor``, as ``decoct distill rded`` records it), else the one its presets give the image size
+    (1 up to 64 px, 2 above); factor f > 1 shuffles f x f strips and crops a scale of (1/f, 1).
+    Raises ValueError for an unknown family, or a factor given to another family or below 1.
     """
     if family not in RECIPE_FAMILIES:
         raise ValueError(f"unknown soft recipe {family!r}; known: {', '.join(RECIPE_FAMILIES)}")
     prefix = "" if family == "auto" else f"{family}-"
     size = max(info.height, info.width)
+    if factor is not None and (family != "rded" or factor < 1):
+        raise ValueError(f"factor {factor} applies to the rded recipe only, as an integer >= 1")
+    if family == "rded":
+        f = factor if factor is not None else (1 if size <= 64 else 2)
+        if f > 1:
+            r = RECIPES["rded-imagenet"]
+            return replace(r, view=replace(r.view, shuffle=f, scale=(1.0 / f, 1.0)))
+        return RECIPES["rded-tiny" if size > 32 else "rded-cifar"]
     if size >= 128:
         return RECIPES[prefix + "imagenet"]
     if size > 32:
