@@ -82,8 +82,8 @@ def test_recipe_rded_online_is_recorded(digits, train_digits_teacher, random_dig
     assert r.extra["batch_size"] == 20  # RDED's 50, capped at the set's 20 images
 
 
-def test_evaluate_batch_size_override(digits, train_digits_teacher, random_digits_set, tmp_path, capsys):
-    """--batch-size sets the student batch (its own result file); a label store refuses another batch."""
+def test_evaluate_batch_size_and_temperature_overrides(digits, train_digits_teacher, random_digits_set, tmp_path, capsys):
+    """--batch-size sets the student batch and --temperature the soft protocol's (each its own result file)."""
     from decoct.cli import main
 
     teacher = tmp_path / "t"
@@ -103,6 +103,11 @@ def test_evaluate_batch_size_override(digits, train_digits_teacher, random_digit
     assert ev["extra"]["batch_size"] == 10 and ev["protocol"] == "soft-online"
     assert main([*base, "--batch-size", "1"]) == 2
     assert "batch_size must be >= 2" in capsys.readouterr().err
+    assert main([*base, "--temperature", "2"]) == 0  # --temperature: its own file, recorded in the result
+    ev = json.loads((run / "eval-soft-online-rded-T2-mlp-e1.json").read_text())
+    assert ev["extra"]["temperature"] == 2.0
+    assert main(["evaluate", str(run), "--protocol", "fast", "--temperature", "2", "--no-progress"]) == 2
+    assert "temperature applies to the soft protocol only" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ ShufflePatches (factor 2, ImageNet)

@@ -62,7 +62,8 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                  resume: bool = False, force: bool = False, progress: bool = True,
                  chunk: int | None = None, teacher: str | Path | None = None, dataset: str | None = None,
                  download: bool = False, save: bool = True, data_options: dict[str, Any] | None = None,
-                 amp: bool = False, recipe: str | None = None, batch_size: int | None = None) -> EvalResult:
+                 amp: bool = False, recipe: str | None = None, batch_size: int | None = None,
+                 temperature: float | None = None) -> EvalResult:
     """Evaluate a run (or artifact) and store ``eval-*.json`` in the run directory.
 
     The test data is found from the source the set recorded (registry name and data root);
@@ -75,6 +76,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     ``recipe`` (``dwa``, ``rded``; needs ``teacher``) trains with that method's own student recipe, stored as
     ``eval-soft-online-<recipe>-...``. ``batch_size`` overrides the protocol's (or the recipe's) student
     batch, stored as ``eval-<protocol>-b<batch>-...``; a label store fixes its own batch and refuses another.
+    ``temperature`` (soft protocol) overrides the recipe's distillation temperature, stored as ``...-T<t>-...``.
     ``data_options`` (``data_mode``, ``classes``, ``workers``) override how the recorded data is loaded.
     Students train in float32 unless ``amp`` (bf16 autocast, CUDA only); a stored result is reused
     only when made with the same choice.
@@ -88,11 +90,16 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     recipe = None if recipe == "auto" else recipe
     if batch_size is not None and batch_size < 2:
         raise ValueError(f"batch_size must be >= 2, got {batch_size}")
-    cfg = protocol_config(protocol, model=model, epochs=epochs, recipe=recipe, batch_size=batch_size)
+    if temperature is not None and (protocol != "soft" or not temperature > 0):
+        raise ValueError(f"temperature applies to the soft protocol only, as a number > 0 (got {temperature} "
+                         f"with {protocol!r})")
+    cfg = protocol_config(protocol, model=model, epochs=epochs, recipe=recipe, batch_size=batch_size,
+                          temperature=temperature)
     run_dir = art.parent if art.name == "artifact" else None
     tag = f"{protocol}-online" if teacher is not None else protocol
     tag += f"-{recipe}" if recipe is not None else ""  # another recipe, another result file
     tag += f"-b{batch_size}" if batch_size is not None else ""  # and another batch
+    tag += f"-T{temperature:g}" if temperature is not None else ""  # or temperature
     target = run_dir / eval_filename(tag, cfg["model"], cfg["epochs"], baseline) if run_dir else None
     writer = rank() == 0 and save
     state: dict[str, list[float]] = {}
@@ -132,7 +139,7 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
                           download=download, device=device, engine=engine,
                           baseline=baseline, progress=progress, chunk=chunk, state=state, on_progress=checkpoint,
                           model=model, epochs=epochs, online_teacher=teacher, data_options=data_options, amp=amp,
-                          recipe=recipe, batch_size=batch_size)
+                          recipe=recipe, batch_size=batch_size, temperature=temperature)
         if reused_set is not None and not force and result.accuracies == reused_set[1]:
             result.extra["set_accuracies_from"] = reused_set[0]
         if target is not None and writer:

@@ -38,7 +38,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           data_root=args.data_root, resume=args.resume, force=args.force,
                           progress=args.progress, teacher=args.teacher, dataset=args.dataset,
                           download=args.download, save=args.save, data_options=data_options(args), amp=args.amp,
-                          recipe=args.recipe)
+                          recipe=args.recipe, temperature=args.temperature)
     from decoct.runtime.distributed import rank
 
     if rank() != 0:  # torchrun: one report, from rank 0
@@ -63,6 +63,8 @@ def _cmd_scores(args: argparse.Namespace) -> int:
     if args.recipe != "auto":
         raise ValueError("--recipe chooses the soft protocol's student recipe; --scores trains classic/fast students: "
                          "drop --recipe")
+    if args.temperature is not None:
+        raise ValueError("--temperature is a soft-protocol option; --scores trains classic/fast students: drop it")
     if args.batch_size is not None:
         raise ValueError("--batch-size does not apply to --scores (its students train with the protocol's batch); "
                          "drop --batch-size")
@@ -188,6 +190,9 @@ def register(cli: CommandAdder) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="override the student batch (classic/fast: 256; soft: the recipe's, or the label store's, "
                         "which cannot change), e.g. RDED's 10 at IPC 1 and 100 at IPC 50 on CIFAR")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="soft protocol: distillation temperature instead of the recipe's (30 CIFAR-size, 20 "
+                        "Tiny/ImageNet-size); e.g. 1 for top-k zero-fill stores (LPQLD), docs/label-store.md")
     p.add_argument("--seed", type=int, default=0, help="seed of the first student (the others follow)")
     p.add_argument("--baseline", default=None, choices=["random", "mediancut"],
                    help="also evaluate, with the same protocol and seeds: random = random real full-colour images of "
