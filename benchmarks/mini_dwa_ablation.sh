@@ -30,7 +30,9 @@ EV=(--protocol soft --model convnet_bn --runs 3 --no-progress)
 T() { /usr/bin/time -f "  [%e s wall] $*" "$@"; }
 
 squeeze_to() {  # squeeze_to DIR EPOCHS
-  [ -f $1/teacher.json ] || T decoct squeeze --dataset cifar10 --config $CFG --epochs $2 --out $1 --no-progress
+  # an interrupted squeeze (checkpointed every epoch) continues with --resume
+  [ -f $1/teacher.json ] || T decoct squeeze --dataset cifar10 --config $CFG --epochs $2 --out $1 --no-progress \
+    $([ -d $1 ] && echo --resume)
 }
 stored() {  # stored RUN TEACHER [OUT]: relabel (into OUT when given), then the stored-label evaluation
   local run=$1 t=$2 out=${3:-$1}
