@@ -47,6 +47,18 @@ def train_digits_teacher(digits, one_thread):
 
 
 @pytest.fixture(scope="session")
+def square_info():
+    """``make(size)`` -> a 10-class RGB :class:`DatasetInfo` of ``size`` x ``size`` images (mean 0.5, std
+    0.25): what the soft recipes choose by (image size)."""
+    from decoct.data.types import DatasetInfo
+
+    def make(size: int) -> DatasetInfo:
+        return DatasetInfo("x", tuple(str(i) for i in range(10)), 3, size, size, (0.5,) * 3, (0.25,) * 3)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def random_digits_set(digits):
     """``make(ipc, seed=0, config=None)`` -> a random-real :class:`DistilledSet` of digits: ``ipc`` train
     images per class, drawn per class by ``randperm`` from one generator seeded ``seed`` (classes in

@@ -18,15 +18,10 @@ from decoct.augment.recorded_views import (
     draw_views,
     seeded_generator,
 )
-from decoct.data.types import DatasetInfo
 from decoct.formats.artifact import DistilledSet
 from decoct.train.soft_students import RECIPES, soft_recipe_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _info(size: int) -> DatasetInfo:
-    return DatasetInfo("x", tuple(str(i) for i in range(10)), 3, size, size, (0.5,) * 3, (0.25,) * 3)
 
 
 # ------------------------------------------------------------------ CutMix: box and partner by hand
@@ -84,19 +79,19 @@ def test_partner_round_trips_and_old_headers_stay_byte_equal():
 
 
 # ------------------------------------------------------------------ DWA's student recipes
-def test_dwa_recipes_by_image_size():
-    tiny = soft_recipe_for(_info(64), "dwa")
+def test_dwa_recipes_by_image_size(square_info):
+    tiny = soft_recipe_for(square_info(64), "dwa")
     assert tiny.name == "dwa-tiny" and (tiny.epochs, tiny.batch_size, tiny.optimizer, tiny.lr) == (200, 64, "sgd", 0.2)
     assert (tiny.weight_decay, tiny.no_decay_1d, tiny.schedule, tiny.warmup_epochs) == (1e-4, False, "warmup_cosine", 5)
     assert (tiny.temperature, tiny.t2) == (20.0, True)
     assert (tiny.view.crop, tiny.view.mix, tiny.view.mix_alpha, tiny.view.partner) == ("rrc", "cutmix", 1.0, "roll")
-    lpld_tiny = soft_recipe_for(_info(64))
+    lpld_tiny = soft_recipe_for(square_info(64))
     assert lpld_tiny.name == "tiny" and lpld_tiny.epochs == 100 and lpld_tiny.view.mix == "none"
 
-    cifar = soft_recipe_for(_info(32), "dwa")
+    cifar = soft_recipe_for(square_info(32), "dwa")
     assert cifar.name == "dwa-cifar" and (cifar.epochs, cifar.batch_size, cifar.temperature) == (400, 128, 30.0)
     assert (cifar.view.crop, cifar.view.padding, cifar.view.mix, cifar.view.mix_alpha) == ("pad", 4, "mixup", 0.8)
-    imnet = soft_recipe_for(_info(224), "dwa")
+    imnet = soft_recipe_for(square_info(224), "dwa")
     assert imnet.name == "dwa-imagenet" and (imnet.epochs, imnet.batch_size, imnet.no_decay_1d) == (300, 128, True)
     assert (imnet.view.mix, imnet.view.partner) == ("cutmix", "perm")
     for a, b in (("dwa-cifar", "cifar"), ("dwa-imagenet", "imagenet")):  # same values, own names
@@ -104,7 +99,7 @@ def test_dwa_recipes_by_image_size():
         assert [getattr(ra, k) for k in ra.__dataclass_fields__ if k not in ("name", "source")] == \
                [getattr(rb, k) for k in rb.__dataclass_fields__ if k not in ("name", "source")]
     with pytest.raises(ValueError, match="unknown soft recipe 'lpld'; known: auto, dwa, rded"):
-        soft_recipe_for(_info(32), "lpld")
+        soft_recipe_for(square_info(32), "lpld")
 
 
 # ------------------------------------------------------------------ evaluate with the live teacher

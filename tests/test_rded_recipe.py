@@ -16,35 +16,30 @@ from decoct.augment.recorded_views import (
     seeded_generator,
     strip_map,
 )
-from decoct.data.types import DatasetInfo
 from decoct.train.soft_students import FKDConfig, lr_factor, soft_recipe_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _info(size: int) -> DatasetInfo:
-    return DatasetInfo("x", tuple(str(i) for i in range(10)), 3, size, size, (0.5,) * 3, (0.25,) * 3)
-
-
-def test_rded_recipes_by_image_size():
-    tiny, cifar = soft_recipe_for(_info(64), "rded"), soft_recipe_for(_info(32), "rded")
+def test_rded_recipes_by_image_size(square_info):
+    tiny, cifar = soft_recipe_for(square_info(64), "rded"), soft_recipe_for(square_info(32), "rded")
     assert (tiny.name, tiny.batch_size, cifar.name, cifar.batch_size) == ("rded-tiny", 100, "rded-cifar", 50)
     for r in (tiny, cifar):
         assert (r.epochs, r.optimizer, r.lr, r.weight_decay, r.no_decay_1d) == (300, "adamw", 1e-3, 0.01, True)
         assert (r.schedule, r.temperature, r.t2) == ("half_cosine", 20.0, False)
         assert (r.view.crop, r.view.scale, r.view.mix, r.view.mix_alpha) == ("rrc", (1.0, 1.0), "cutmix", 1.0)
-    imnet = soft_recipe_for(_info(224), "rded")
+    imnet = soft_recipe_for(square_info(224), "rded")
     assert (imnet.name, imnet.batch_size, imnet.schedule, imnet.temperature) == ("rded-imagenet", 100, "half_cosine", 20.0)
     assert (imnet.view.shuffle, imnet.view.scale, imnet.view.mix) == (2, (0.5, 1.0), "cutmix")
     assert tiny.view.shuffle == cifar.view.shuffle == 1
     # the set's factor wins over the size rule (RDED's presets: factor 1 up to 64 px, 2 above)
-    assert soft_recipe_for(_info(96), "rded").view.shuffle == 2
-    assert soft_recipe_for(_info(64), "rded", factor=2).view.shuffle == 2
-    three = soft_recipe_for(_info(224), "rded", factor=3).view
+    assert soft_recipe_for(square_info(96), "rded").view.shuffle == 2
+    assert soft_recipe_for(square_info(64), "rded", factor=2).view.shuffle == 2
+    three = soft_recipe_for(square_info(224), "rded", factor=3).view
     assert three.shuffle == 3 and three.scale == pytest.approx((1 / 3, 1.0))
-    assert soft_recipe_for(_info(224), "rded", factor=1).name == "rded-tiny"
+    assert soft_recipe_for(square_info(224), "rded", factor=1).name == "rded-tiny"
     with pytest.raises(ValueError, match="factor 2 applies to the rded recipe only"):
-        soft_recipe_for(_info(64), "dwa", factor=2)
+        soft_recipe_for(square_info(64), "dwa", factor=2)
 
 
 def test_half_cosine_by_hand():
