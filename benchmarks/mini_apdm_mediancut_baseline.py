@@ -24,7 +24,7 @@ import torch
 from decoct.augment import ZCA
 from decoct.coreset.select import random_baseline_indices
 from decoct.data import load_dataset, normalize
-from decoct.evaluation.protocols import _train_eval, mediancut_baseline, protocol_config
+from decoct.evaluation.protocols import mediancut_baseline, protocol_config, train_and_test
 from decoct.formats.artifact import DistilledSet
 from decoct.runtime.io import atomic_write_json
 
@@ -70,7 +70,7 @@ def main() -> None:
         print(f"{n}/{a.runs} students: {100 * mean:.2f} ± {100 * std:.2f} %", flush=True)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _train_eval(base.images, base.labels, data, zca, cfg, a.runs, a.seed, torch.device("cpu"), "auto", False,
+    train_and_test(base.images, base.labels, data, zca, cfg, a.runs, a.seed, torch.device("cpu"), "auto", False,
                 done, 1, save)
 
 
