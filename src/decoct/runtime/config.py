@@ -236,6 +236,8 @@ RANGES: dict[str, Range] = {
     # learning rates: > 0
     "lr": _POSITIVE, "lr_img": _POSITIVE, "lr_lr": _POSITIVE, "lr_teacher": _POSITIVE,
     "lr_labels": _POSITIVE, "lr_palette": _POSITIVE, "palette_init_lr": _POSITIVE,
+    # distillation temperature: > 0
+    "temperature": _POSITIVE,
     # loss weights, decay, thresholds, radii: >= 0
     "weight_decay": _NONNEG, "threshold": _NONNEG, "r_bn": _NONNEG, "r_var": _NONNEG,
     "first_bn_multiplier": _NONNEG, "dwa_rho": _NONNEG, "palette_alpha": _NONNEG, "palette_beta": _NONNEG,
