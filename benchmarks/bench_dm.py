@@ -60,7 +60,7 @@ from decoct.models import depth_for_size, model_for
 from decoct.runtime.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "out" / "dm_speed.json"
-DEFAULT_VARIANTS = "plain,decoct,decoct-nchw,decoct-compile,decoct-chunk64,decoct-chunk32"
+DEFAULT_VARIANTS = "plain,decoct,decoct-nchw,decoct-compile,decoct-chunk256,decoct-chunk16"
 QUICK_VARIANTS = "plain,decoct,decoct-nchw"
 TARGET_OVER_FLOOR = 1.3
 TARGET_PLAIN_OVER_DECOCT = 1.4

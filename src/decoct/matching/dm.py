@@ -217,10 +217,12 @@ def resolve_speed_flags(device: torch.device, amp: bool | None, channels_last: b
         channels_last)
 
 
-REAL_CHUNK_BUDGET_CPU = 128 * 2**20
+REAL_CHUNK_BUDGET_CPU = 16 * 2**20
 """Bytes of the largest activation map of one real chunk on a CPU: ConvNet width 128 at 32x32 in
-float32 gives 256 images, the size the earlier timing autotune settled on for CIFAR-10 on this
-project's 2-core CPU (benchmarks/logs/bench_dm.log); 512 at 8x8, 64 at 64x64."""
+float32 gives 32 images (512 at 8x8, 8 at 64x64). Chosen from idle timings on this project's 2-core
+CPU (``benchmarks/bench_dm.py``, session 10, RESULTS.md issue 13 point 12): chunks of 16-32 images run a
+DM iteration 1.25-1.5x faster than 256 (the earlier default); smaller chunks keep each conv's output
+in cache."""
 REAL_CHUNK_CAP = {"cpu": 512, "cuda": 4096}
 """Largest chunk per device type (the range the timing autotune chose from)."""
 
