@@ -12,6 +12,7 @@
 #   --epochs 4 (benchmarks/mini_dwa_ablation.sh teacher). CPU time: hours (each AutoPalette-DM run ~30 min).
 set -euo pipefail
 B=${OUT:-runs/bench-frontier}; BUDGETS=${BUDGETS:-50KB 150KB 400KB}
+mkdir -p "$B"  # plan --runs reads it before the first sweep writes there
 COMMON=(--dataset cifar10 --runs "$B" --sweep --eval-runs 3 --device cpu --no-progress)
 T() { /usr/bin/time -f "  [%e s wall] $*" "$@"; }
 families=("$@"); [ ${#families[@]} -gt 0 ] || families=(coreset matching decoupled report)

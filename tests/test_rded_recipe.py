@@ -12,10 +12,12 @@ from decoct.augment.recorded_views import (
     ViewRecipe,
     ViewRecord,
     apply_views,
+    cell_spans,
     draw_views,
     seeded_generator,
     strip_map,
 )
+from decoct.decoupled.rded import stitch
 from decoct.train.soft_students import FKDConfig, lr_factor, soft_recipe_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,9 +109,23 @@ def test_evaluate_batch_size_and_temperature_overrides(digits, train_digits_teac
 
 # ------------------------------------------------------------------ ShufflePatches (factor 2, ImageNet)
 def test_strip_map_by_hand():
-    """5 pixels in 2 strips: [0, 2) and [2, 5) (the last takes the remainder; RDED's code drops it)."""
-    assert strip_map(torch.tensor([[1, 0], [0, 1]]), 5).tolist() == [[2, 3, 4, 0, 1], [0, 1, 2, 3, 4]]
-    assert strip_map(torch.tensor([[2, 0, 1]]), 7).tolist() == [[4, 5, 6, 0, 1, 2, 3]]
+    """5 pixels in 2 strips: [0, 3) and [3, 5) (the first takes the remainder, as RDED's stitched cells;
+    RDED's ShufflePatches drops it)."""
+    assert strip_map(torch.tensor([[1, 0], [0, 1]]), 5).tolist() == [[3, 4, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert strip_map(torch.tensor([[2, 0, 1]]), 7).tolist() == [[5, 6, 0, 1, 2, 3, 4]]
+    assert cell_spans(7, 3) == [3, 2, 2] and cell_spans(6, 2) == [3, 3]
+    with pytest.raises(ValueError, match="cannot cut 3 pixels into 4"):
+        cell_spans(3, 4)
+
+
+def test_shuffle_of_a_stitched_image_moves_whole_patches():
+    """Factor 2 on 5x5: every shuffled strip holds one stitched patch, whatever the order."""
+    patches = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 3).clone()  # patch k is constant k
+    img = stitch(patches, ipc=1, factor=2, size=5)
+    cols, rows = strip_map(torch.tensor([[1, 0]]), 5)[0], strip_map(torch.tensor([[1, 0]]), 5)[0]
+    out = img[:, :, rows][:, :, :, cols][0, 0]
+    assert out[:2, :2].unique().tolist() == [3.0] and out[2:, 2:].unique().tolist() == [0.0]
+    assert out[:2, 2:].unique().tolist() == [2.0] and out[2:, :2].unique().tolist() == [1.0]
 
 
 def _shuffled(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
@@ -119,8 +135,9 @@ def _shuffled(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
         f = len(cols)
         for dim, order in ((2, cols), (1, rows)):
             size = img.shape[dim]
-            t = size // f
-            parts = [img.narrow(dim, k * t, (t if k < f - 1 else size - k * t)) for k in range(f)]
+            t, rem = divmod(size, f)
+            spans = [t + 1 if k < rem else t for k in range(f)]
+            parts = list(img.split(spans, dim))
             img = torch.cat([parts[k] for k in order], dim)
         out.append(img)
     return torch.stack(out)
@@ -154,3 +171,13 @@ def test_shuffle_is_drawn_last_and_refused_by_label_stores(digits, train_digits_
     random_digits_set(2).save(path)
     with pytest.raises(ValueError, match="a label store does not record strip orders"):
         relabel(path, train_digits_teacher(epochs=1), epochs=1, batch_size=8, view=ViewRecipe(shuffle=2), device="cpu")
+
+
+@pytest.mark.parametrize("kw", [dict(protocol="soft", temperature=0.0), dict(protocol="fast", temperature=2.0),
+                                dict(protocol="soft", temperature=float("nan")), dict(protocol="soft", batch_size=1)])
+def test_api_checks_temperature_and_batch_before_reading_the_set(tmp_path, kw):
+    """The API refuses what the CLI's config rule refuses, before it looks for the artifact."""
+    from decoct.api import evaluate_run
+
+    with pytest.raises(ValueError, match="temperature applies to the soft protocol only|batch_size must be >= 2"):
+        evaluate_run(tmp_path / "missing", **kw)

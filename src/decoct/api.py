@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import tempfile
@@ -16,6 +17,7 @@ from decoct.evaluation.protocols import EvalResult, evaluate
 from decoct.formats.artifact import DistilledSet
 from decoct.methods.base import RunSummary, run_summary
 from decoct.report import save_grid
+from decoct.runtime.config import RANGES
 from decoct.runtime.distributed import resolve_device
 from decoct.runtime.io import atomic_write_json
 from decoct.runtime.runs import Run, RunError, lock_run, resolve_artifact, run_kind
@@ -86,13 +88,15 @@ def evaluate_run(path: str | Path, *, protocol: str = "classic", runs: int = 5, 
     from decoct.runtime.distributed import rank
 
     student_precision(amp, resolve_device(device))  # --amp off CUDA: refused before anything is read
-    art = resolve_artifact(path)
     recipe = None if recipe == "auto" else recipe
     if batch_size is not None and batch_size < 2:
         raise ValueError(f"batch_size must be >= 2, got {batch_size}")
-    if temperature is not None and (protocol != "soft" or not temperature > 0):
-        raise ValueError(f"temperature applies to the soft protocol only, as a number > 0 (got {temperature} "
-                         f"with {protocol!r})")
+    if temperature is not None:  # the config's own rule (RANGES), so the API and the CLI agree
+        t_ok = RANGES["temperature"]
+        if protocol != "soft" or not math.isfinite(temperature) or not t_ok.ok(temperature):
+            raise ValueError(f"temperature applies to the soft protocol only, as {t_ok.text(False)} "
+                             f"(got {temperature} with {protocol!r})")
+    art = resolve_artifact(path)
     cfg = protocol_config(protocol, model=model, epochs=epochs, recipe=recipe, batch_size=batch_size,
                           temperature=temperature)
     run_dir = art.parent if art.name == "artifact" else None

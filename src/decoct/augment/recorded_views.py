@@ -55,6 +55,7 @@ __all__ = [
     "cutmix_box",
     "draw_views",
     "seeded_generator",
+    "cell_spans",
     "strip_map",
 ]
 
@@ -245,21 +246,30 @@ def draw_views(n: int, height: int, width: int, recipe: ViewRecipe, generator: t
     return rec
 
 
+def cell_spans(size: int, f: int) -> list[int]:
+    """Lengths of the ``f`` cells an axis of ``size`` pixels is cut into: ``size // f`` each, the
+    first ``size % f`` one pixel longer. One rule for RDED's stitched cells
+    (:func:`decoct.decoupled.rded.stitch`) and ShufflePatches' strips (:func:`strip_map`), so that
+    shuffling a stitched image moves whole patches. RDED's own ShufflePatches drops the last
+    ``size % f`` pixels instead, a bug its reference notes flag."""
+    if not 1 <= f <= size:
+        raise ValueError(f"cannot cut {size} pixels into {f} cells")
+    t, rem = divmod(size, f)
+    return [t + 1 if k < rem else t for k in range(f)]
+
+
 def strip_map(order: Tensor, size: int) -> Tensor:
-    """Source index of every position along an axis of ``size`` pixels after its ``f`` strips are put
-    in ``order`` (B, f): strip k covers ``[k t, (k + 1) t)`` with ``t = size // f``, the last one up to
-    ``size`` (RDED's code drops the last ``size % f`` pixels instead, a bug its reference notes flag).
-    Returns (B, size) int64."""
+    """Source index of every position along an axis of ``size`` pixels after its ``f`` strips
+    (:func:`cell_spans`) are put in ``order`` (B, f). Returns (B, size) int64."""
     b, f = order.shape
-    t = size // f
-    starts = [k * t for k in range(f)]
-    ends = starts[1:] + [size]
+    spans = cell_spans(size, f)
+    starts = [sum(spans[:k]) for k in range(f)]
     cache: dict[tuple[int, ...], Tensor] = {}
     rows = []
     for o in order.tolist():
         key = tuple(o)
         if key not in cache:
-            cache[key] = torch.cat([torch.arange(starts[k], ends[k]) for k in key])
+            cache[key] = torch.cat([torch.arange(starts[k], starts[k] + spans[k]) for k in key])
         rows.append(cache[key])
     return torch.stack(rows) if rows else torch.zeros(0, size, dtype=torch.long)
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from decoct.augment.recorded_views import cell_spans
 from decoct.data import Dataset, DatasetInfo, is_streamed
 from decoct.data.sources import BadImageError
 from decoct.decoupled.recover import family_for
@@ -237,15 +238,15 @@ def select_patches(losses: Tensor, keep: int) -> tuple[Tensor, Tensor]:
 def stitch(patches: Tensor, ipc: int, factor: int, size: int) -> Tensor:
     """Tile ``ipc * factor**2`` patches (in ascending order of loss) into ``ipc`` images of ``size``.
 
-    Cell ``k`` (row-major) of image ``i`` gets patch ``k * ipc + i``. With ``size % factor = r > 0``
-    the first ``r`` rows and columns of cells are one pixel larger, the patch enlarged to fit by
-    nearest-neighbour (as RDED's ``mix_images``).
+    Cell ``k`` (row-major) of image ``i`` gets patch ``k * ipc + i``. Cells follow
+    :func:`~decoct.augment.recorded_views.cell_spans` (with ``size % factor = r > 0`` the first ``r``
+    rows and columns of cells are one pixel larger, the patch enlarged to fit by nearest-neighbour,
+    as RDED's ``mix_images``), the strips ShufflePatches later moves.
     """
     n, c = patches.shape[:2]
     if n != ipc * factor ** 2:
         raise ValueError(f"stitch needs ipc x factor^2 = {ipc * factor ** 2} patches, got {n}")
-    s, rem = divmod(size, factor)
-    spans = [s + 1 if i < rem else s for i in range(factor)]
+    spans = cell_spans(size, factor)
     starts = [sum(spans[:i]) for i in range(factor)]
     out = patches.new_zeros(ipc, c, size, size)
     for k in range(factor * factor):
