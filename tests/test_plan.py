@@ -105,7 +105,7 @@ def test_label_store_bytes_equal_a_real_store(digits, tmp_path):
 # ------------------------------------------------------------------------------------------ digits sweep
 def _plan_argv(out: Path, budget: str) -> list[str]:
     return ["plan", "--dataset", "digits", "--family", "coreset", "--budget", budget, "--ipc", "1", "2", "4", "8",
-            "--colors", "0", "256", "--sample", "8", "--out", str(out), "--sweep", "--eval-runs", "1",
+            "--colors", "0", "64", "--sample", "8", "--out", str(out), "--sweep", "--eval-runs", "1",
             "--eval-epochs", "2", "--device", "cpu"]
 
 
@@ -114,7 +114,7 @@ def test_plan_sweep_on_digits_fits_the_budget_and_resumes(tmp_path, capsys):
     """Every listed configuration, once built, fits the budget by the artifact's own accounting; a
     second call runs nothing; measured runs are ranked with their real bytes and the estimate's error."""
     out = tmp_path / "plan"
-    budget = 12000  # digits PNGs: ~123 B per 8-bit image, ~890 B at K = 256 (its 780-byte palette)
+    budget = 14000  # digits PNGs: ~123 B per 8-bit image, ~310 B at K = 64 (its palette)
     assert main(_plan_argv(out, str(budget))) == 0
     text = capsys.readouterr().out
     plan = json.loads((out / "plan.json").read_text())
@@ -124,9 +124,10 @@ def test_plan_sweep_on_digits_fits_the_budget_and_resumes(tmp_path, capsys):
         m = json.loads((Path(r["run"]) / "artifact" / "manifest.json").read_text())
         assert m["storage"]["bytes_on_disk"]["total"] == r["actual_bytes"] <= budget
         assert r["estimate_error"] is not None and abs(r["estimate_error"]) < 0.25
-    # per recipe the largest count that fits: 8/class in 8 bits (16 would not), 1/class at K = 256 (2 would not)
+    # per recipe the largest count that fits: 8/class in 8 bits (16 is not in the grid), 4/class at K = 64
+    # (x4 of IPC 1; x4 of IPC 2 would not fit)
     assert sorted((r["config"]["method"], r["config"]["colors"], r["config"]["ipc"]) for r in rows) == [
-        ("random", 0, 8), ("random", 256, 1)]
+        ("random", 0, 8), ("random", 64, 4)]
     assert "est. error" in text and "ran " in text
     assert (out / "report" / "report.md").exists() and (out / "report" / "bytes_breakdown.png").exists()
     report = (out / "report" / "report.md").read_text()
@@ -145,6 +146,16 @@ def test_plan_lists_without_sweeping_and_marks_unmeasured(tmp_path, capsys):
     assert "unmeasured" in text and "| autopalette-dm, 16/class, K=16 (x16 of IPC 1), hard labels |" in text
     assert "| dm+mediancut, 16/class, K=16 (x16 of IPC 1), hard labels |" in text
     assert "| dm, 2/class, full colour, hard labels |" in text and "32/class" not in text  # 32 x 10 x 166 B > 30 KB
+
+
+def test_palettes_larger_than_an_image_are_left_out_with_a_note():
+    """8x8 digits have 64 pixels: K = 256 stores the K = 64 image with a bigger palette, so it is not listed."""
+    from decoct.plan import make_plan, plan_table
+
+    plan = make_plan("digits", "matching", 20_000, ipcs=[1, 2, 4], colors=[0, 256, 64], sample=4)
+    assert plan.rows and {r.config.colors for r in plan.rows} <= {0, 64}
+    assert any(r.config.colors == 64 for r in plan.rows)
+    assert "note: left out K=256: more colours than the 64 pixels of one 8x8 image" in plan_table(plan)
 
 
 def test_config_of_run_reads_what_the_commands_write(tmp_path):

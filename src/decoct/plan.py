@@ -598,6 +598,12 @@ def make_plan(dataset: str, family: str, budget: int, *, methods: Sequence[str] 
     configs = enumerate_configs(family, methods, ipcs, colors, labels, prunes, label_formats, label_epochs,
                                 max_per_class=smallest)
     notes = []
+    pixels = int(info.image_shape[1]) * int(info.image_shape[2])
+    too_many = sorted({c.colors for c in configs if c.colors > pixels})
+    if too_many:  # a palette larger than the image: the K = pixels image at more bytes, never better
+        notes.append(f"left out K={', '.join(map(str, too_many))}: more colours than the {pixels} pixels of one "
+                     f"{info.image_shape[1]}x{info.image_shape[2]} image")
+        configs = [c for c in configs if c.colors <= pixels]
     if not configs:
         raise ValueError("no configuration to plan: the --ipc/--colors grid gives no image count the dataset "
                          f"has (its smallest class holds {smallest} training images)")
