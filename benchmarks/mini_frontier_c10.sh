@@ -31,6 +31,6 @@ for f in "${families[@]}"; do
     esac
   done
 done
-runs=$(find "$B" -mindepth 2 -maxdepth 2 -name DONE -printf '%h\n' | grep -v /_sources/ | sort)
+runs=$(find "$B" -mindepth 3 -maxdepth 3 -name DONE -printf '%h\n' | grep -v /_sources/ | sort)
 # shellcheck disable=SC2086
 T decoct report $runs --out "$B/report"
