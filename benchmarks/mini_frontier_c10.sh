@@ -2,7 +2,7 @@
 # Issue 14, point 4: the CIFAR-10 accuracy-vs-bytes frontier at three budgets (50 KB, 150 KB, 400 KB on disk),
 # built by decoct plan --sweep: random real (full colour and median cut to 64/16 colours), DM, DM + median cut,
 # AutoPalette-DM (the matching family, 100 DM iterations, as the mini cells), and LPLD with pruned and quantised
-# soft labels (the decoupled family: the issue-4 teacher, 30 stored epochs of batch 25). Hard-label runs are
+# soft labels (the decoupled family: the issue-4 teacher, 500 recover iterations, 30 stored epochs of batch 25). Hard-label runs are
 # measured with the fast protocol (300 epochs), soft-label runs with the stored-label soft protocol; 3 students
 # each. Every budget's plan searches the earlier budgets' runs (--runs), so a configuration is built once; a
 # rerun skips finished runs. Then decoct report draws every run with its random-real baseline and the frontier.
@@ -25,7 +25,7 @@ for f in "${families[@]}"; do
                   --methods dm dm+mediancut autopalette-dm --colors 0 64 --iterations 100 --out "$B/matching-$budget" ;;
       decoupled) T decoct plan "${COMMON[@]}" --family decoupled --budget "$budget" --methods lpld --prune 1 10 \
                    --label-formats fp16 q4 top2-zero-fp16 --teacher "${TEACHER:?set TEACHER}" --label-epochs 30 \
-                   --label-batch 25 --out "$B/decoupled-$budget" ;;
+                   --label-batch 25 --iterations 500 --out "$B/decoupled-$budget" ;;
       report) ;;
       *) echo "unknown family '$f' (coreset matching decoupled report)" >&2; exit 2 ;;
     esac
