@@ -2,10 +2,11 @@
 # Issue 14, point 4: the CIFAR-10 accuracy-vs-bytes frontier at three budgets (50 KB, 150 KB, 400 KB on disk),
 # built by decoct plan --sweep: random real (full colour and median cut to 64/16 colours), DM, DM + median cut,
 # AutoPalette-DM (the matching family, 100 DM iterations, as the mini cells), and LPLD with pruned and quantised
-# soft labels (the decoupled family: the issue-4 teacher, 500 recover iterations, 30 stored epochs of batch 25). Hard-label runs are
-# measured with the fast protocol (300 epochs), soft-label runs with the stored-label soft protocol; 3 students
-# each. Every budget's plan searches the earlier budgets' runs (--runs), so a configuration is built once; a
-# rerun skips finished runs. Then decoct report draws every run with its random-real baseline and the frontier.
+# soft labels (the decoupled family: the issue-4 teacher, 500 recover iterations, 30 stored epochs of batch 25).
+# Hard-label runs are measured with the fast protocol (300 epochs), soft-label runs with the stored-label soft
+# protocol; 3 students each. Every budget's plan searches the earlier budgets' runs (--runs), so a configuration is
+# built once; a rerun skips finished runs. Then decoct report draws every run and the frontier per protocol and
+# student; the coreset family's random-real runs are the simple baseline at each budget.
 # Usage: OMP_NUM_THREADS=1 DECOCT_DATA=... TEACHER=DIR [OUT=DIR] [BUDGETS="50KB 150KB 400KB"]
 #        bash benchmarks/mini_frontier_c10.sh [coreset] [matching] [decoupled] [report]
 #   TEACHER: decoct squeeze --dataset cifar10 --config configs/decoupled/squeeze-convnet_bn-cifar10-mini.yaml

@@ -119,11 +119,11 @@ def test_strip_map_by_hand():
 
 
 def test_shuffle_of_a_stitched_image_moves_whole_patches():
-    """Factor 2 on 5x5: every shuffled strip holds one stitched patch, whatever the order."""
+    """Factor 2 on 5x5, both axes' strips swapped: every shuffled strip holds one stitched patch."""
     patches = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 3, 3).clone()  # patch k is constant k
     img = stitch(patches, ipc=1, factor=2, size=5)
-    cols, rows = strip_map(torch.tensor([[1, 0]]), 5)[0], strip_map(torch.tensor([[1, 0]]), 5)[0]
-    out = img[:, :, rows][:, :, :, cols][0, 0]
+    swap = strip_map(torch.tensor([[1, 0]]), 5)[0]
+    out = img[:, :, swap][:, :, :, swap][0, 0]
     assert out[:2, :2].unique().tolist() == [3.0] and out[2:, 2:].unique().tolist() == [0.0]
     assert out[:2, 2:].unique().tolist() == [2.0] and out[2:, :2].unique().tolist() == [1.0]
 
