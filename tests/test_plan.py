@@ -11,10 +11,14 @@ import torch
 
 from decoct.cli import main
 from decoct.plan import (
+    Estimate,
     PlanConfig,
+    PlanRow,
+    calibrate,
     config_of_run,
     enumerate_configs,
     fp16_store_bytes,
+    make_plan,
     parse_budget,
 )
 
@@ -137,6 +141,38 @@ def test_plan_sweep_on_digits_fits_the_budget_and_resumes(tmp_path, capsys):
     again = capsys.readouterr().out
     assert "sweep: ran 0 commands" in again
     assert {p: p.stat().st_mtime_ns for p in out.rglob("DONE")} == stamps
+    # a larger budget: the unmeasured 16/class 8-bit row is scaled by what the 8/class run stored
+    bigger = make_plan("digits", "coreset", 10 * budget, ipcs=[8, 16], colors=[0], sample=8, runs=[out])
+    ran = next(r for r in bigger.rows if r.run is not None and r.config.colors == 0)
+    new = next(r for r in bigger.rows if r.run is None and r.config.colors == 0)
+    factor = ran.actual_image_bytes / ran.estimate.images
+    assert new.calibration == pytest.approx(factor) and new.config.ipc == 16
+    assert new.estimate.images == pytest.approx(2 * factor * ran.estimate.images)
+
+
+def test_unmeasured_image_estimates_are_scaled_by_the_runs_of_their_method_and_k():
+    """Hand-computed: two lpld runs stored 130 + 250 B of images where real images gave 100 + 200 B, so the
+    factor is 380/300; it scales the unmeasured lpld full-colour row (images and sd, not labels), which no
+    longer fits, and leaves measured rows, other methods and other K alone."""
+    def row(method, colors, ipc, images, sd=0.0, labels=0, actual=None):
+        r = PlanRow(PlanConfig("decoupled", method, ipc, ipc, colors), Estimate(images, sd, labels), True)
+        if actual is not None:
+            r.run, r.actual_image_bytes, r.actual_bytes = f"runs/{method}-{ipc}", actual, actual + labels
+        return r
+
+    ran = [row("lpld", 0, 1, 100.0, actual=130), row("lpld", 0, 2, 200.0, actual=250)]
+    new = row("lpld", 0, 3, 300.0, sd=10.0, labels=50)
+    other_k, other_method = row("lpld", 64, 4, 300.0), row("sre2l", 0, 3, 300.0)
+    notes = calibrate([*ran, new, other_k, other_method], budget=450)
+    f = 380 / 300
+    assert new.calibration == pytest.approx(f)
+    assert (new.estimate.images, new.estimate.images_sd, new.estimate.labels) == (
+        pytest.approx(300 * f), pytest.approx(10 * f), 50)
+    assert not new.fits  # 380 + 50 + 2 x 12.67 = 455.3 > 450; before scaling 300 + 50 + 20 = 370 fitted
+    assert [r.estimate.images for r in ran] == [100.0, 200.0] and all(r.calibration is None for r in ran)
+    assert other_k.calibration is None and other_method.calibration is None and other_k.estimate.images == 300.0
+    assert notes == ["lpld at full colour: image estimates of unmeasured configurations scaled x1.267, the "
+                     "image bytes its 2 run(s) store over their real-image estimate"]
 
 
 def test_plan_lists_without_sweeping_and_marks_unmeasured(tmp_path, capsys):
