@@ -7,12 +7,14 @@
 # protocol; 3 students each. Every budget's plan searches the earlier budgets' runs (--runs), so a configuration is
 # built once; a rerun skips finished runs. Then decoct report draws every run and the frontier per protocol and
 # student; the coreset family's random-real runs are the simple baseline at each budget.
-# Usage: OMP_NUM_THREADS=1 DECOCT_DATA=... TEACHER=DIR [OUT=DIR] [BUDGETS="50KB 150KB 400KB"]
+# Usage: OMP_NUM_THREADS=1 DECOCT_DATA=... TEACHER=DIR [OUT=DIR] [BUDGETS="50KB 150KB 400KB"] [PRUNE="1 10"]
+#        [LABEL_FORMATS="fp16 q4 top2-zero-fp16"]
 #        bash benchmarks/mini_frontier_c10.sh [coreset] [matching] [decoupled] [report]
 #   TEACHER: decoct squeeze --dataset cifar10 --config configs/decoupled/squeeze-convnet_bn-cifar10-mini.yaml
 #   --epochs 4 (benchmarks/mini_dwa_ablation.sh teacher). CPU time: hours (each AutoPalette-DM run ~30 min).
 set -euo pipefail
 B=${OUT:-runs/bench-frontier}; BUDGETS=${BUDGETS:-50KB 150KB 400KB}
+PRUNE=${PRUNE:-1 10}; LABEL_FORMATS=${LABEL_FORMATS:-fp16 q4 top2-zero-fp16}  # the decoupled family's label grid
 mkdir -p "$B"  # plan --runs reads it before the first sweep writes there
 COMMON=(--dataset cifar10 --runs "$B" --sweep --eval-runs 3 --device cpu --no-progress)
 T() { /usr/bin/time -f "  [%e s wall] $*" "$@"; }
@@ -24,8 +26,8 @@ for f in "${families[@]}"; do
                  --out "$B/coreset-$budget" ;;
       matching) T decoct plan "${COMMON[@]}" --family matching --budget "$budget" \
                   --methods dm dm+mediancut autopalette-dm --colors 0 64 --iterations 100 --out "$B/matching-$budget" ;;
-      decoupled) T decoct plan "${COMMON[@]}" --family decoupled --budget "$budget" --methods lpld --prune 1 10 \
-                   --label-formats fp16 q4 top2-zero-fp16 --teacher "${TEACHER:?set TEACHER}" --label-epochs 30 \
+      decoupled) T decoct plan "${COMMON[@]}" --family decoupled --budget "$budget" --methods lpld --prune $PRUNE \
+                   --label-formats $LABEL_FORMATS --teacher "${TEACHER:?set TEACHER}" --label-epochs 30 \
                    --label-batch 25 --iterations 500 --out "$B/decoupled-$budget" ;;
       report) ;;
       *) echo "unknown family '$f' (coreset matching decoupled report)" >&2; exit 2 ;;

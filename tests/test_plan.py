@@ -20,6 +20,7 @@ from decoct.plan import (
     fp16_store_bytes,
     make_plan,
     parse_budget,
+    plan_table,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,6 +149,11 @@ def test_plan_sweep_on_digits_fits_the_budget_and_resumes(tmp_path, capsys):
     factor = ran.actual_image_bytes / ran.estimate.images
     assert new.calibration == pytest.approx(factor) and new.config.ipc == 16
     assert new.estimate.images == pytest.approx(2 * factor * ran.estimate.images)
+    # a budget one byte below that run: it no longer fits (by its own bytes), so 4/class is listed instead
+    tight = make_plan("digits", "coreset", ran.actual_bytes - 1, ipcs=[4, 8], colors=[0], sample=8, runs=[out])
+    over = next(r for r in tight.rows if r.run == ran.run)
+    assert not over.fits and "| no (run over budget) |" in "\n".join(plan_table(tight))
+    assert [r.config.ipc for r in tight.rows if r.run is None and r.config.colors == 0] == [4]
 
 
 def test_unmeasured_image_estimates_are_scaled_by_the_runs_of_their_method_and_k():
