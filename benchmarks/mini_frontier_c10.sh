@@ -9,7 +9,9 @@
 # student; the coreset family's random-real runs are the simple baseline at each budget.
 # Usage: OMP_NUM_THREADS=1 DECOCT_DATA=... TEACHER=DIR [OUT=DIR] [BUDGETS="50KB 150KB 400KB"] [PRUNE="1 10"]
 #        [LABEL_FORMATS="fp16 q4 top2-zero-fp16"]
-#        bash benchmarks/mini_frontier_c10.sh [coreset] [matching] [decoupled] [report]
+#        bash benchmarks/mini_frontier_c10.sh [coreset] [coreset-soft] [matching] [decoupled] [report]
+#   coreset-soft: random real with the decoupled family's soft labels (same teacher, epochs, batch, pruning, format),
+#   LPLD's simple baseline at equal bytes; not in the default families.
 #   TEACHER: decoct squeeze --dataset cifar10 --config configs/decoupled/squeeze-convnet_bn-cifar10-mini.yaml
 #   --epochs 4 (benchmarks/mini_dwa_ablation.sh teacher). CPU time: hours (each AutoPalette-DM run ~30 min).
 set -euo pipefail
@@ -24,13 +26,16 @@ for f in "${families[@]}"; do
     case $f in
       coreset) T decoct plan "${COMMON[@]}" --family coreset --budget "$budget" --methods random --colors 0 64 16 \
                  --out "$B/coreset-$budget" ;;
+      coreset-soft) T decoct plan "${COMMON[@]}" --family coreset --labels soft --budget "$budget" --methods random \
+                      --colors 0 --prune $PRUNE --label-formats $LABEL_FORMATS --teacher "${TEACHER:?set TEACHER}" \
+                      --label-epochs 30 --label-batch 25 --out "$B/coreset-soft-$budget" ;;
       matching) T decoct plan "${COMMON[@]}" --family matching --budget "$budget" \
                   --methods dm dm+mediancut autopalette-dm --colors 0 64 --iterations 100 --out "$B/matching-$budget" ;;
       decoupled) T decoct plan "${COMMON[@]}" --family decoupled --budget "$budget" --methods lpld --prune $PRUNE \
                    --label-formats $LABEL_FORMATS --teacher "${TEACHER:?set TEACHER}" --label-epochs 30 \
                    --label-batch 25 --iterations 500 --out "$B/decoupled-$budget" ;;
       report) ;;
-      *) echo "unknown family '$f' (coreset matching decoupled report)" >&2; exit 2 ;;
+      *) echo "unknown family '$f' (coreset coreset-soft matching decoupled report)" >&2; exit 2 ;;
     esac
   done
 done
