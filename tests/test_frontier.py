@@ -118,3 +118,22 @@ def test_report_marks_the_frontier_and_stacks_images_palettes_labels(tmp_path, c
     palettes = 20 * (PLTE_OVERHEAD + 3 * 4)
     images = qm["storage"]["bytes_on_disk"]["images"] - palettes
     assert f"| q (fast) | {images:,} | {palettes:,} | 0 | {qm['storage']['bytes_on_disk']['total']:,} |" in md
+
+
+def test_plot_series_are_methods_with_their_group_and_baselines():
+    """One series per method (named with protocol and model once two groups are drawn), one per baseline
+    kind; points keep their order."""
+    from decoct.frontier import plot_series
+
+    def pt(run, method, protocol, kind="set"):
+        return dict(label=run, kind=kind, run=run, method=method, dataset="cifar10", protocol=protocol,
+                    model="convnet" if protocol == "fast" else "resnet18", bytes=1, mean=0.5, std=0.0)
+
+    one = [pt("a", "dm", "fast"), pt("b", "coreset-random", "fast"), pt("c", "dm", "fast"),
+           pt("a-base", None, "fast", kind="random")]
+    s = plot_series(one)
+    assert list(s) == ["dm", "coreset-random", "baseline: random real"]
+    assert [p["run"] for p in s["dm"]] == ["a", "c"]
+    two = plot_series([*one, pt("d", "lpld", "soft")])
+    assert list(two) == ["dm (fast, convnet)", "coreset-random (fast, convnet)", "baseline: random real",
+                         "lpld (soft, resnet18)"]

@@ -107,7 +107,8 @@ def frontier_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (*_group(r), "set", r["run"], int(r["bytes"]), float(r["mean"]), float(r["std"]))
         if key not in seen:  # one evaluation stored twice (with and without a baseline) is one point
             seen.add(key)
-            pts.append(dict(label=r["run"], kind="set", run=r["run"], dataset=r.get("dataset"),
+            pts.append(dict(label=r["run"], kind="set", run=r["run"], method=r.get("method", "?"),
+                            dataset=r.get("dataset"),
                             protocol=r.get("protocol"), model=r.get("model"), bytes=int(r["bytes"]),
                             mean=float(r["mean"]), std=float(r["std"])))
         if "baseline_mean" in r:
@@ -171,26 +172,45 @@ def _bytes_axis(ax: Any, values: list[int]) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:,.0f}"))
 
 
+MAX_LABELLED = 12
+"""With more sets than this, the plot names only the frontier's (the legend gives every point's method)."""
+
+
+def plot_series(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The plot's series, in first-seen order: one per method as the manifest names it (with the
+    protocol and model when the points span more than one comparison group) and one per baseline kind."""
+    many = len({_group(p) for p in points}) > 1
+    series: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        if p["kind"] != "set":
+            name = f"baseline: {p['kind']} real"
+        else:
+            name = str(p.get("method", "sets")) + (f" ({p['protocol']}, {p['model']})" if many else "")
+        series.setdefault(name, []).append(p)
+    return series
+
+
 def plot_accuracy_vs_bytes(points: list[dict[str, Any]], path: str | Path) -> Path:
-    """Accuracy (%) against bytes on disk (log axis over a decade or more): sets, each baseline kind as its
-    own series, and per comparison group the frontier as a dashed step line through its points, each ringed
-    (one colour per group)."""
+    """Accuracy (%) against bytes on disk (log axis over a decade or more): one series per method
+    (:func:`plot_series`; marker shape per comparison group), each baseline kind as its own series, and per
+    group the frontier as a dashed step line through its points, each ringed (one colour per group). Sets
+    are named beside their points, only the frontier's when there are more than :data:`MAX_LABELLED`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[dict[str, Any]]] = {}
-    for p in points:
-        series.setdefault("sets" if p["kind"] == "set" else f"baseline: {p['kind']} real", []).append(p)
-    markers = {"sets": "o"}
-    for name, pts in series.items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shapes = dict(zip(sorted({_group(p) for p in points}), "o^Dvs", strict=False))
+    sets = [p for p in points if p["kind"] == "set"]
+    for name, pts in plot_series(points).items():
+        base = pts[0]["kind"] != "set"
         ax.errorbar([p["bytes"] for p in pts], [100 * p["mean"] for p in pts], yerr=[100 * p["std"] for p in pts],
-                    fmt=markers.get(name, "s"), capsize=3, label=name, alpha=0.9 if name == "sets" else 0.7)
-        if name == "sets":
-            for p in pts:
-                ax.annotate(p["label"], (p["bytes"], 100 * p["mean"]), fontsize=7, xytext=(3, 3),
+                    fmt="x" if base else shapes.get(_group(pts[0]), "o"), capsize=3, label=name,
+                    alpha=0.7 if base else 0.9)
+        for p in pts if not base else []:
+            if len(sets) <= MAX_LABELLED or p.get("frontier"):
+                ax.annotate(p["label"], (p["bytes"], 100 * p["mean"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for p in points:
@@ -199,17 +219,18 @@ def plot_accuracy_vs_bytes(points: list[dict[str, Any]], path: str | Path) -> Pa
     datasets = {g[0] for g in groups}
     for i, (g, pts) in enumerate(sorted(groups.items())):
         pts = sorted(pts, key=lambda p: p["bytes"])
-        colour = "k" if len(groups) == 1 else f"C{(i + 2) % 10}"
+        colour, style = ("k", "--") if i % 2 == 0 else ("0.45", ":")  # grey tones: the methods have the colours
         name = ", ".join(g if len(datasets) > 1 else g[1:])
         ax.step([p["bytes"] for p in pts], [100 * p["mean"] for p in pts], where="post", color=colour,
-                linestyle="--", linewidth=1, label="frontier" + (f" ({name})" if len(groups) > 1 else ""))
+                linestyle=style, linewidth=1, label="frontier" + (f" ({name})" if len(groups) > 1 else ""))
         ax.scatter([p["bytes"] for p in pts], [100 * p["mean"] for p in pts], s=140, facecolors="none",
                    edgecolors=colour, linewidths=1.2)
     _bytes_axis(ax, [p["bytes"] for p in points])
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.set_xlabel("bytes on disk (images + palettes + labels counted by the protocol)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: many series cover points
     return _save(fig, path)
 
 
@@ -250,5 +271,5 @@ def plot_bytes_breakdown(breakdowns: list[dict[str, Any]], path: str | Path) -> 
     return _save(fig, path)
 
 
-__all__ = ["PLTE_OVERHEAD", "bytes_breakdown", "frontier_points", "frontier_table", "pareto_frontier",
-           "plot_accuracy_vs_bytes", "plot_bytes_breakdown", "run_breakdowns"]
+__all__ = ["MAX_LABELLED", "PLTE_OVERHEAD", "bytes_breakdown", "frontier_points", "frontier_table", "pareto_frontier",
+           "plot_accuracy_vs_bytes", "plot_bytes_breakdown", "plot_series", "run_breakdowns"]
