@@ -249,7 +249,7 @@ def test_sweep_steps_are_valid_decoct_commands(tmp_path):
     from decoct.plan import SweepOptions, build_steps, eval_step
 
     o = SweepOptions(out=tmp_path / "o", dataset="digits", iterations=5, eval_runs=1, eval_epochs=2,
-                     baseline="random", teacher=str(tmp_path / "t"), label_batch=8, device="cpu")
+                     baseline="random", teacher=str(tmp_path / "t"), label_batch=8, device="cpu", eval_model="mlp")
     cfgs = enumerate_configs("coreset", ["random", "herding"], [1], [0, 16], ["hard", "soft"], [1, 10],
                              ["fp16", "top2-spread-q4"], 3)
     cfgs += enumerate_configs("matching", ["dm", "dm+mediancut", "autopalette-dm"], [1, 2], [0, 64], ["hard"], [1],
@@ -265,6 +265,8 @@ def test_sweep_steps_are_valid_decoct_commands(tmp_path):
             args = _resolve(parser, argv)
             if path is not None:
                 assert Path(args.out) == path
+            else:
+                assert args.model == "mlp"
         cmds = [a[0] if a[0] != "distill" else f"distill {a[1]}" for _, a in steps]
         if cfg.labels == "soft":
             assert cmds[-1] == "relabel" and ("--prune" in steps[-1][1]) == (cfg.prune > 1)
@@ -297,3 +299,20 @@ def test_plan_takes_its_keys_from_a_config_file_and_set(tmp_path, capsys):
     assert "budget 2,048 B" in out and "random, 1/class, full colour" in out and "2/class" not in out
     assert main(["plan", "--config", str(cfg), "--set", "sample=1"]) == 2
     assert "sample" in capsys.readouterr().err
+
+
+def test_eval_result_takes_the_named_student_only(tmp_path):
+    """With a model named (plan --eval-model), only that student's evaluations count; without, the one with
+    the most students; unfinished and online-teacher files never."""
+    from decoct.plan import eval_result
+
+    def write(name, mean, n, partial=False):
+        (tmp_path / name).write_text(json.dumps(dict(mean=mean, std=0.0, accuracies=[mean] * n, partial=partial)))
+
+    write("eval-soft-resnet18-eauto.json", 0.30, 3)
+    write("eval-soft-convnet_bn-eauto.json", 0.40, 2)
+    write("eval-soft-convnet_bn-e50.json", 0.45, 5, partial=True)
+    write("eval-soft-online-convnet_bn-eauto.json", 0.50, 9)
+    assert eval_result(tmp_path, "soft")["mean"] == 0.30
+    assert eval_result(tmp_path, "soft", "convnet_bn")["mean"] == 0.40
+    assert eval_result(tmp_path, "soft", "resnet50") is None

@@ -484,10 +484,11 @@ def config_of_run(run: str | Path, family: str) -> tuple[PlanConfig, dict[str, A
     return cfg, m
 
 
-def eval_result(run: Path, protocol: str) -> dict[str, Any] | None:
-    """The finished ``eval-<protocol>-*.json`` of a run (not an online-teacher one) with the most students."""
+def eval_result(run: Path, protocol: str, model: str | None = None) -> dict[str, Any] | None:
+    """The finished ``eval-<protocol>-*.json`` of a run (not an online-teacher one) with the most students;
+    only ``eval-<protocol>-<model>-*.json`` when a student ``model`` is named."""
     best = None
-    for f in sorted(run.glob(f"eval-{protocol}-*.json")):
+    for f in sorted(run.glob(f"eval-{protocol}-{model + '-' if model else ''}*.json")):
         if f.name.startswith(f"eval-{protocol}-online"):
             continue
         try:
@@ -578,9 +579,10 @@ def make_plan(dataset: str, family: str, budget: int, *, methods: Sequence[str] 
               label_formats: Sequence[str] = ("fp16",), label_epochs: int | None = None,
               label_batch: int | None = None, runs: Sequence[str | Path] = (), protocol: str = "fast",
               keep: str = "largest", sample: int = 16, seed: int = 0, data_root: str | None = None,
-              download: bool = False, teacher: str | None = None) -> Plan:
+              download: bool = False, teacher: str | None = None, model: str | None = None) -> Plan:
     """Enumerate, estimate, fit and rank (module docstring). Rows: measured configurations first, by
-    accuracy (best first), then the unmeasured ones that fit, by estimated bytes (largest first).
+    accuracy (best first), then the unmeasured ones that fit, by estimated bytes (largest first). ``model``:
+    only evaluations of that student count (default: any, i.e. each protocol's own).
 
     ``keep="largest"`` lists, per recipe (everything but the image count), only the largest image count
     that fits: the same recipe with fewer images costs fewer bytes but is not expected to be more
@@ -637,7 +639,7 @@ def make_plan(dataset: str, family: str, budget: int, *, methods: Sequence[str] 
     # measured runs
     for run, cfg, manifest in matched:
         proto = protocol_for(cfg, protocol)
-        res = eval_result(run, proto)
+        res = eval_result(run, proto, model)
         row = rows.get(cfg.key())
         if row is None:
             if cfg.label_format == "unknown":
@@ -741,6 +743,7 @@ class SweepOptions:
     protocol: str = "fast"
     eval_runs: int = 3
     eval_epochs: int | None = None
+    eval_model: str | None = None
     baseline: str | None = None
     iterations: int | None = None
     teacher: str | None = None
@@ -815,6 +818,8 @@ def eval_step(cfg: PlanConfig, o: SweepOptions, run: Path | None = None) -> list
             "--seed", str(o.seed)]
     if o.eval_epochs:
         argv += ["--epochs", str(o.eval_epochs)]
+    if o.eval_model:
+        argv += ["--model", o.eval_model]
     if o.baseline:
         argv += ["--baseline", o.baseline]
     return argv + _common_flags(o)
@@ -852,9 +857,9 @@ def sweep(plan: Plan, o: SweepOptions, runner: Callable[[list[str]], int],
                     continue
                 run(argv + (["--resume"] if path.exists() and any(path.iterdir()) else []))
         proto = protocol_for(r.config, o.protocol)
-        if eval_result(final, proto) is None:
+        if eval_result(final, proto, o.eval_model) is None:
             partial = False
-            for f in final.glob(f"eval-{proto}-*.json"):
+            for f in final.glob(f"eval-{proto}-{o.eval_model + '-' if o.eval_model else ''}*.json"):
                 try:
                     partial = partial or bool(json.loads(f.read_text()).get("partial"))
                 except (OSError, ValueError):

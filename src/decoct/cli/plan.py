@@ -34,12 +34,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                          labels=args.labels, prunes=args.prune, label_formats=args.label_formats,
                          label_epochs=args.label_epochs, label_batch=args.label_batch, runs=run_dirs,
                          protocol=args.protocol, keep=args.keep, sample=args.sample, seed=args.seed,
-                         data_root=args.data_root, download=args.download, teacher=args.teacher)
+                         data_root=args.data_root, download=args.download, teacher=args.teacher,
+                         model=args.eval_model)
 
     plan = plan_now()
     if args.sweep:
         opts = SweepOptions(out=out, dataset=args.dataset, protocol=args.protocol, eval_runs=args.eval_runs,
-                            eval_epochs=args.eval_epochs, baseline=args.baseline, iterations=args.iterations,
+                            eval_epochs=args.eval_epochs, eval_model=args.eval_model, baseline=args.baseline,
+                            iterations=args.iterations,
                             teacher=args.teacher, label_batch=args.label_batch, seed=args.seed, device=args.device,
                             data_root=args.data_root)
         from decoct.cli import main
@@ -124,5 +126,8 @@ def register(cli: Any) -> None:
                    help="sweep: iterations of dm and of the recover methods (default: each command's)")
     p.add_argument("--eval-runs", type=int, default=3, help="sweep: students per evaluation")
     p.add_argument("--eval-epochs", type=int, default=None, help="sweep: student epochs (default: the protocol's)")
+    p.add_argument("--eval-model", default=None,
+                   help="student model of the sweep's evaluations, and the only one whose accuracies the plan "
+                        "ranks (default: each protocol's: ConvNet for classic/fast, ResNet-18 for soft)")
     p.add_argument("--baseline", default=None, choices=["random"],
                    help="sweep: also evaluate random real images of equal storage beside every set")
