@@ -193,6 +193,7 @@ def test_quickstart_redirected_to_a_file_leaves_a_small_readable_log(tmp_path, m
     assert rc == 0, text
     assert len(text.encode()) < 10_000 and "\r" not in text
     assert all(len(line) <= MAX_LINE for line in text.splitlines()), max(text.splitlines(), key=len)
+    assert text.startswith("quickstart: digits (8x8, bundled), DM, 5 iterations, IPC 2")  # before the data loads
     assert "dm: 20 images" in text and "improvement over random real" in text and "quickstart done" in text
     assert (tmp_path / "q" / "DONE").exists()
 

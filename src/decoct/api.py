@@ -303,6 +303,10 @@ def quickstart(out: str | Path = "runs/quickstart", method: str = "dm", ipc: int
     if method not in QUICKSTART_METHODS:
         raise ValueError(f"quickstart method {method!r} unknown; known: {', '.join(QUICKSTART_METHODS)}")
     t0 = time.perf_counter()
+    what = f"DM, {iterations} iterations" if method == "dm" else f"{method} selection"
+    print(f"quickstart: digits (8x8, bundled), {what}, IPC {ipc} -> {out}", flush=True)
+    print(f"then {runs} student{'s' if runs != 1 else ''} x {epochs} epochs on it and on random real images of "
+          "equal storage; 1-2 minutes on 2 idle CPU cores", flush=True)
     if method == "dm":
         from decoct.matching.dm import distill_dm
 
