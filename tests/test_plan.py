@@ -249,7 +249,8 @@ def test_sweep_steps_are_valid_decoct_commands(tmp_path):
     from decoct.plan import SweepOptions, build_steps, eval_step
 
     o = SweepOptions(out=tmp_path / "o", dataset="digits", iterations=5, eval_runs=1, eval_epochs=2,
-                     baseline="random", teacher=str(tmp_path / "t"), label_batch=8, device="cpu", eval_model="mlp")
+                     baseline="random", teacher=str(tmp_path / "t"), label_batch=8, device="cpu", eval_model="mlp",
+                     palette_warmup=7)
     cfgs = enumerate_configs("coreset", ["random", "herding"], [1], [0, 16], ["hard", "soft"], [1, 10],
                              ["fp16", "top2-spread-q4"], 3)
     cfgs += enumerate_configs("matching", ["dm", "dm+mediancut", "autopalette-dm"], [1, 2], [0, 64], ["hard"], [1],
@@ -273,6 +274,9 @@ def test_sweep_steps_are_valid_decoct_commands(tmp_path):
         if cfg.method == "autopalette-dm":
             argv = steps[0][1]
             assert argv[argv.index("--ipc") + 1] == str(cfg.base_ipc) and argv[argv.index("--palette") + 1] == "64"
+            assert argv[argv.index("--palette-warmup") + 1] == "7"  # without it DM's palette collapses
+        else:
+            assert all("--palette-warmup" not in a for _, a in steps)
         if cfg.colors and cfg.method != "autopalette-dm":
             assert cmds[-1 if cfg.labels == "hard" else -2] == "quantize"
     with pytest.raises(ValueError, match="--teacher"):
@@ -316,3 +320,10 @@ def test_eval_result_takes_the_named_student_only(tmp_path):
     assert eval_result(tmp_path, "soft")["mean"] == 0.30
     assert eval_result(tmp_path, "soft", "convnet_bn")["mean"] == 0.40
     assert eval_result(tmp_path, "soft", "resnet50") is None
+
+
+def test_the_sweeps_default_palette_warmup_is_two_epochs_at_batch_64():
+    from decoct.plan import default_palette_warmup
+
+    assert default_palette_warmup(50_000) == 1563  # the AutoPalette-DM presets' value
+    assert default_palette_warmup(1_797) == 57 and default_palette_warmup(64) == 2

@@ -204,3 +204,21 @@ def test_quantize_drops_label_files_it_cannot_use(tmp_path, capsys) -> None:
     assert labels == ["soft.safetensors"]  # the store's files are gone, soft labels stay
     st = DistilledSet.load(art).storage(art)
     assert st["bytes_on_disk"]["labels"] == (art / "labels" / "soft.safetensors").stat().st_size
+
+
+def test_colours_in_use_and_the_collapse_warning():
+    """Hand-made: image 0 is one flat colour, image 1 has 3 colours (one repeated), image 2 has all 16
+    pixels distinct; a 64-colour set averaging (1 + 3 + 16) / 3 = 6.67 < 8 colours is flagged, 16 colours
+    at K = 16 are not."""
+    from decoct.matching.palette.quantize import colours_in_use, palette_collapse_note
+
+    x = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    x[0] = 7
+    x[1, 0, 0, :2], x[1, 1, 1, 0] = 200, 50
+    x[2] = torch.arange(16, dtype=torch.uint8).view(1, 4, 4) * torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1)
+    assert colours_in_use(x).tolist() == [1, 3, 16]
+    assert colours_in_use(x.float() / 255).tolist() == [1, 3, 16]  # [0, 1] floats round to the same 8-bit colours
+    note = palette_collapse_note(x, 64, "use --palette-warmup")
+    assert note == ("warning: the palette collapsed: the images use 6.7 of their 64 colours on average (under 8); "
+                    "use --palette-warmup")
+    assert palette_collapse_note(x[2:], 16, "x") is None and palette_collapse_note(x, 0, "x") is None

@@ -561,6 +561,8 @@ class Plan:
     rows: list[PlanRow]
     sample: ImageBytes
     notes: list[str] = field(default_factory=list)
+    train_images: int = 0
+    """Images in the dataset's training split (the sweep's default palette warm-up is two epochs of it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(dataset=self.dataset, family=self.family, budget=self.budget, fit_sigmas=FIT_SIGMAS,
@@ -674,7 +676,7 @@ def make_plan(dataset: str, family: str, budget: int, *, methods: Sequence[str] 
                     best[k] = r
         listed = [r for r in listed if r.run is not None or best.get(r.config.key()[:1] + r.config.key()[2:]) is r]
     listed.sort(key=lambda r: (r.accuracy is None, -(r.accuracy or 0.0), -r.estimate.total, r.config.slug()))
-    return Plan(info.name, family, budget, listed, ib, notes)
+    return Plan(info.name, family, budget, listed, ib, notes, train_images=int(len(data.train.labels)))
 
 
 def calibrate(rows: Sequence[PlanRow], budget: int) -> list[str]:
@@ -748,10 +750,18 @@ class SweepOptions:
     iterations: int | None = None
     teacher: str | None = None
     label_batch: int | None = None
+    palette_warmup: int = 0
+    """``distill dm --palette-warmup`` of autopalette-dm configurations (0: none; DM's palette then collapses)."""
     seed: int = 0
     device: str = "auto"
     data_root: str | None = None
     extra: dict[str, list[str]] = field(default_factory=dict)
+
+
+def default_palette_warmup(train_images: int, batch: int = 64) -> int:
+    """Two epochs of the training set at ``batch`` real images per step: the AutoPalette code's
+    ``--use_warmup`` and decoct's AutoPalette-DM presets (1563 steps on CIFAR's 50,000 images)."""
+    return math.ceil(2 * train_images / batch)
 
 
 def _common_flags(o: SweepOptions) -> list[str]:
@@ -791,6 +801,8 @@ def build_steps(cfg: PlanConfig, o: SweepOptions) -> list[tuple[Path, list[str]]
                                       *seed, *common]))
         else:
             pal = ["--palette", str(cfg.colors)] if m == "autopalette-dm" else []
+            if pal and o.palette_warmup:
+                pal += ["--palette-warmup", str(o.palette_warmup)]
             ipc = cfg.base_ipc if m == "autopalette-dm" else cfg.ipc
             steps.append((img_final, ["distill", "dm", *ds, "--ipc", str(ipc), *pal, *it, "--out", str(img_final),
                                       *seed, *extra, *common]))
@@ -879,7 +891,7 @@ def write_plan(plan: Plan, out: Path) -> tuple[Path, Path]:
 
 
 __all__ = ["BUDGET_UNITS", "FAMILIES", "ImageBytes", "LABEL_FORMAT_RE", "LabelFormat", "Plan", "PlanConfig",
-           "PlanRow", "SOURCES", "SweepOptions", "build_steps", "calibrate", "config_of_run",
+           "PlanRow", "SOURCES", "SweepOptions", "build_steps", "calibrate", "default_palette_warmup", "config_of_run",
            "enumerate_configs", "estimate", "eval_result", "find_runs", "format_bytes", "fp16_store_bytes",
            "label_format", "make_plan", "measure_image_bytes", "parse_budget", "plan_table", "sweep",
            "write_plan"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from typing import Any
 
 
@@ -38,6 +39,15 @@ def cmd_distill_dm(args: argparse.Namespace) -> int:
     print(f"dm: {len(dset)} images ({dset.meta.get('images_per_class')} per class) -> {args.out}  "
           f"{st['bytes_on_disk']['total']:,} B on disk, {st['raw_bytes']['total']:,} B raw; "
           f"evaluate with: decoct evaluate {args.out}")
+    if dm_config.palette:  # not silent: without a warm-up DM's first step collapses a fresh palette network
+        from decoct.matching.palette.quantize import palette_collapse_note
+
+        warm = dm_config.palette_flags.get("palette_warmup")
+        hint = ("a longer --palette-warmup" if warm else "DM needs --palette-warmup (the AutoPalette-DM presets set "
+                "1563, two epochs of CIFAR at batch 64)")
+        note = palette_collapse_note(dset.images, dm_config.palette, hint)
+        if note:
+            print(note, file=sys.stderr)
     return 0
 
 

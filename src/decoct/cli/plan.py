@@ -14,6 +14,7 @@ from typing import Any
 def cmd_plan(args: argparse.Namespace) -> int:
     from decoct.plan import (
         SweepOptions,
+        default_palette_warmup,
         make_plan,
         parse_budget,
         plan_table,
@@ -41,7 +42,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.sweep:
         opts = SweepOptions(out=out, dataset=args.dataset, protocol=args.protocol, eval_runs=args.eval_runs,
                             eval_epochs=args.eval_epochs, eval_model=args.eval_model, baseline=args.baseline,
-                            iterations=args.iterations,
+                            iterations=args.iterations, palette_warmup=(
+                                args.palette_warmup if args.palette_warmup is not None
+                                else default_palette_warmup(plan.train_images)),
                             teacher=args.teacher, label_batch=args.label_batch, seed=args.seed, device=args.device,
                             data_root=args.data_root)
         from decoct.cli import main
@@ -126,6 +129,10 @@ def register(cli: Any) -> None:
                    help="sweep: iterations of dm and of the recover methods (default: each command's)")
     p.add_argument("--eval-runs", type=int, default=3, help="sweep: students per evaluation")
     p.add_argument("--eval-epochs", type=int, default=None, help="sweep: student epochs (default: the protocol's)")
+    p.add_argument("--palette-warmup", type=int, default=None,
+                   help="sweep: palette warm-up steps of autopalette-dm (distill dm --palette-warmup; default: two "
+                        "epochs of the training set at batch 64, as the AutoPalette-DM presets; 0 = none, which "
+                        "collapses DM's palette to 2-3 colours)")
     p.add_argument("--eval-model", default=None,
                    help="student model of the sweep's evaluations, and the only one whose accuracies the plan "
                         "ranks (default: each protocol's: ConvNet for classic/fast, ResNet-18 for soft)")

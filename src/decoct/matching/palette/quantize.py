@@ -188,6 +188,31 @@ def gather(indices: Tensor, palettes: Tensor) -> Tensor:
     return palettes[n, indices.long()].permute(0, 3, 1, 2).contiguous()
 
 
+def colours_in_use(images: Tensor) -> Tensor:
+    """Distinct colours of each image (N,) int64; ``images`` (N, C, H, W) in [0, 1] (rounded to 8 bits)
+    or uint8. A palette set's images use at most K each; far fewer means its palette collapsed."""
+    x = images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    flat = x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)  # (N, pixels, C)
+    return torch.tensor([len(torch.unique(im, dim=0)) for im in flat], dtype=torch.int64)
+
+
+COLLAPSE_FRACTION = 1 / 8
+"""A palette set whose images use on average fewer than ``K x COLLAPSE_FRACTION`` colours is flagged as
+collapsed (:func:`palette_collapse_note`): DM without a palette warm-up leaves 2-3 of 64 (docs/methods/autopalette.md)."""
+
+
+def palette_collapse_note(images: Tensor, k: int, hint: str) -> str | None:
+    """A one-line warning when ``images`` (N, C, H, W) use on average fewer than ``k x COLLAPSE_FRACTION``
+    colours of their ``k``-colour palettes, naming ``hint`` (what to change); None otherwise."""
+    if k <= 0 or len(images) == 0:
+        return None
+    mean = colours_in_use(images).float().mean().item()
+    if mean >= k * COLLAPSE_FRACTION:
+        return None
+    return (f"warning: the palette collapsed: the images use {mean:.1f} of their {k} colours on average "
+            f"(under {k * COLLAPSE_FRACTION:g}); {hint}")
+
+
 def quantize_float(x: Tensor, info: DatasetInfo, k: int, method: str = "mediancut",
                    **kwargs: Any) -> tuple[Tensor, Tensor]:
     """:func:`quantize` for normalised float images (what distillation optimises)."""
@@ -304,5 +329,5 @@ def quantize_grid(src: str | Path | None = None, *, colors: list[int], methods: 
     return out_l
 
 
-__all__ = ["QUANTIZERS", "gather", "quantize", "quantize_command", "quantize_float", "quantize_grid",
-           "quantize_set"]
+__all__ = ["COLLAPSE_FRACTION", "QUANTIZERS", "colours_in_use", "gather", "palette_collapse_note", "quantize",
+           "quantize_command", "quantize_float", "quantize_grid", "quantize_set"]
