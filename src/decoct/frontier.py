@@ -163,11 +163,12 @@ def frontier_table(points: list[dict[str, Any]], breakdowns: list[dict[str, Any]
 def _bytes_axis(ax: Any, values: list[int]) -> None:
     """A log byte axis when the points span a decade or more, else a linear one; whole bytes with
     thousands separators either way (matplotlib's log labels overlap on a narrow span)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     lo, hi = min(values, default=1), max(values, default=1)
     if lo > 0 and hi / lo >= 10:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1-2-5 labels: one decade has 3
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:,.0f}"))
 
