@@ -3,7 +3,7 @@
 Usage: python benchmarks/frontier_table.py ROOT [--budgets 50KB 150KB 400KB]
 
 ROOT is benchmarks/mini_frontier_c10.sh's OUT (runs two levels down, e.g. ROOT/matching-50KB/dm-ipc2). Every
-run that has an evaluation is a row: its configuration (as ``decoct plan`` names it), bytes on disk as its
+run that has a finished evaluation is a row (the one with the most students, as ``decoct plan`` picks it): its configuration (as ``decoct plan`` names it), bytes on disk as its
 protocol counts them, accuracy mean ± std over the students, and the smallest budget it fits. Beside it, the
 baseline: the most accurate random-real run (coreset ``random``, any colour count or label store) of the same
 protocol and student with at most its bytes, and the difference in points. Rows are grouped by protocol and
@@ -13,10 +13,9 @@ student (their accuracies are not comparable), bytes ascending.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from decoct.plan import FAMILIES, config_of_run, find_runs, parse_budget, protocol_for
+from decoct.plan import FAMILIES, config_of_run, eval_result, find_runs, parse_budget, protocol_for
 
 
 def rows_of(root: Path) -> list[dict]:
@@ -27,10 +26,8 @@ def rows_of(root: Path) -> list[dict]:
             continue
         cfg, _ = found
         proto = protocol_for(cfg, "fast")
-        for f in sorted(run.glob(f"eval-{proto}-*.json")):
-            r = json.loads(f.read_text())
-            if r.get("partial") or "mean" not in r or f.name.startswith(f"eval-{proto}-online"):
-                continue
+        r = eval_result(run, proto)  # the finished evaluation with the most students, as decoct plan ranks it
+        if r is not None:
             out.append(dict(run=str(run.relative_to(root)), cfg=cfg, protocol=proto, model=r["model"],
                             bytes=int(r["bytes_on_disk"]), mean=100 * r["mean"], std=100 * r["std"],
                             students=len(r["accuracies"])))

@@ -484,11 +484,16 @@ def config_of_run(run: str | Path, family: str) -> tuple[PlanConfig, dict[str, A
     return cfg, m
 
 
+def eval_files(run: Path, protocol: str, model: str | None = None) -> list[Path]:
+    """A run's ``eval-<protocol>-*.json`` files, sorted; only ``eval-<protocol>-<model>-*.json`` when a
+    student ``model`` is named (:func:`decoct.api.eval_filename` writes them)."""
+    return sorted(run.glob(f"eval-{protocol}-{model + '-' if model else ''}*.json"))
+
+
 def eval_result(run: Path, protocol: str, model: str | None = None) -> dict[str, Any] | None:
-    """The finished ``eval-<protocol>-*.json`` of a run (not an online-teacher one) with the most students;
-    only ``eval-<protocol>-<model>-*.json`` when a student ``model`` is named."""
+    """The finished :func:`eval_files` entry of a run (not an online-teacher one) with the most students."""
     best = None
-    for f in sorted(run.glob(f"eval-{protocol}-{model + '-' if model else ''}*.json")):
+    for f in eval_files(run, protocol, model):
         if f.name.startswith(f"eval-{protocol}-online"):
             continue
         try:
@@ -871,7 +876,7 @@ def sweep(plan: Plan, o: SweepOptions, runner: Callable[[list[str]], int],
         proto = protocol_for(r.config, o.protocol)
         if eval_result(final, proto, o.eval_model) is None:
             partial = False
-            for f in final.glob(f"eval-{proto}-{o.eval_model + '-' if o.eval_model else ''}*.json"):
+            for f in eval_files(final, proto, o.eval_model):
                 try:
                     partial = partial or bool(json.loads(f.read_text()).get("partial"))
                 except (OSError, ValueError):
@@ -892,6 +897,6 @@ def write_plan(plan: Plan, out: Path) -> tuple[Path, Path]:
 
 __all__ = ["BUDGET_UNITS", "FAMILIES", "ImageBytes", "LABEL_FORMAT_RE", "LabelFormat", "Plan", "PlanConfig",
            "PlanRow", "SOURCES", "SweepOptions", "build_steps", "calibrate", "default_palette_warmup", "config_of_run",
-           "enumerate_configs", "estimate", "eval_result", "find_runs", "format_bytes", "fp16_store_bytes",
+           "enumerate_configs", "estimate", "eval_files", "eval_result", "find_runs", "format_bytes", "fp16_store_bytes",
            "label_format", "make_plan", "measure_image_bytes", "parse_budget", "plan_table", "sweep",
            "write_plan"]
